@@ -1,0 +1,42 @@
+"""`python -m bowline_runtime serve|make-tiny-model`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bowline_runtime.config import build_parser, config_from_args
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="bowline-runtime", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve a model over the OpenAI API")
+    build_parser(serve)
+
+    tiny = sub.add_parser("make-tiny-model", help="write a small random-weight HF model folder")
+    tiny.add_argument("out_dir")
+    tiny.add_argument("--preset", default="tiny", choices=["tiny", "bench"])
+    tiny.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
+    tiny.add_argument("--seed", type=int, default=0)
+
+    args = parser.parse_args(argv)
+    if args.command == "make-tiny-model":
+        from bowline_runtime.tools.tiny_model import build_tiny_model
+
+        path = build_tiny_model(args.out_dir, preset=args.preset, arch=args.arch, seed=args.seed)
+        print(f"wrote {args.preset} {args.arch} model to {path}")
+        return
+
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    from bowline_runtime.api.server import run_server
+
+    sys.exit(run_server(config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""One validated engine/server configuration, built from command-line flags or environment variables.
+
+Every flag `--some-flag` can also be set as `BOWLINE_SOME_FLAG`, so a Kubernetes Deployment may use
+either args or env. The flag names are vLLM's and FastDeploy's, so reference commands work unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+ENV_PREFIX = "BOWLINE_"
+
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """What the engine and the server need to start. Field names are the flags' names with `_`."""
+
+    model: str
+    served_model_name: str | None = None
+    tokenizer: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"
+    dtype: DType = "auto"
+    load_format: Literal["auto", "dummy"] = "auto"
+    trust_remote_code: bool = False
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory: int | None = None  # bytes; default on CPU: 1 GiB
+    enable_prefix_caching: bool = False
+    enable_chunked_prefill: bool = True
+    seed: int = 0
+    chat_template: str | None = None
+    enable_logprob: bool = False
+    max_logprobs: int = 20
+    api_key: str | None = None
+    max_queue_len: int = 1024
+    shutdown_grace_period: float = 30.0
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
+    guided_decoding_any_whitespace: bool = False
+    log_level: str = "info"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_name(self) -> str:
+        """The name clients send as `model`: the served name, else the model path as given."""
+        return self.served_model_name or self.model
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
+        if self.block_size < 1:
+            raise ValueError(f"--block-size must be >= 1, got {self.block_size}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"--max-num-seqs must be >= 1, got {self.max_num_seqs}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"--max-model-len must be >= 1, got {self.max_model_len}")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    """The environment variable that sets a field, e.g. `max_model_len` -> `BOWLINE_MAX_MODEL_LEN`."""
+    return ENV_PREFIX + name.upper()
+
+
+_HELP = {
+    "model": "Hugging Face model folder (config.json, safetensors, tokenizer)",
+    "served_model_name": "name clients pass as `model` (default: the --model value)",
+    "tokenizer": "tokenizer folder, if not the model folder",
+    "device": "auto picks npu, then cuda, then cpu",
+    "dtype": "weights and activations dtype; auto takes the config's, float32 on CPU",
+    "load_format": "dummy: random weights from config.json (benchmarks at real shapes)",
+    "tensor_parallel_size": "shard the model over this many devices (processes)",
+    "max_model_len": "bound on prompt + output tokens (default: the model's position limit)",
+    "max_num_seqs": "most sequences in one batch",
+    "max_num_batched_tokens": "most tokens in one forward step (prefill chunking bound)",
+    "block_size": "KV-cache block size in tokens",
+    "gpu_memory_utilization": "fraction of accelerator memory for weights + KV cache",
+    "kv_cache_memory": "KV-cache size in bytes (CPU default: 1 GiB; overrides the utilization fraction)",
+    "enable_prefix_caching": "share full KV blocks between requests with the same prefix",
+    "chat_template": "Jinja chat template file (or inline template) overriding the tokenizer's",
+    "enable_logprob": "allow logprobs in responses",
+    "api_key": "require `Authorization: Bearer KEY` on /v1 routes",
+    "max_queue_len": "requests waiting beyond this get HTTP 429",
+    "shutdown_grace_period": "seconds to finish in-flight requests after SIGTERM",
+    "tool_call_parser": "parser for tool calls in generated text (e.g. hermes)",
+    "reasoning_parser": "parser splitting reasoning from content (e.g. qwen3, deepseek_r1)",
+    "guided_decoding_any_whitespace": "let guided JSON contain free whitespace (default: compact JSON)",
+}
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Add one flag per EngineConfig field; each defaults to its environment variable, then the field default."""
+    parser = parser or argparse.ArgumentParser(prog="bowline-runtime serve")
+    for f in fields(EngineConfig):
+        if f.name == "extra":
+            continue
+        env = env_name(f.name)
+        help_text = f"{_HELP.get(f.name, f.name.replace('_', ' '))} [env {env}]"
+        annotation = str(f.type)
+        if annotation == "bool":
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(_flag(f.name), default=None, help=help_text)
+    return parser
+
+
+def _coerce(annotation: str, raw: Any) -> Any:
+    if raw is None:
+        return None
+    if annotation == "bool":
+        return raw if isinstance(raw, bool) else str(raw).strip().lower() in {"1", "true", "yes", "on"}
+    if "int" in annotation and "float" not in annotation:
+        return int(raw)
+    if "float" in annotation:
+        return float(raw)
+    return raw
+
+
+def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> EngineConfig:
+    """Flags win over environment variables; both win over defaults. Bad values raise ValueError."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in fields(EngineConfig):
+        if f.name == "extra":
+            continue
+        raw = getattr(args, f.name, None)
+        if raw is None:
+            raw = environ.get(env_name(f.name))
+        if raw is None:
+            continue
+        try:
+            values[f.name] = _coerce(str(f.type), raw)
+        except ValueError as exc:
+            raise ValueError(f"{_flag(f.name)}: cannot read {raw!r} ({exc})") from None
+    if "model" not in values:
+        raise ValueError(f"--model is required (or set {env_name('model')})")
+    return EngineConfig(**values)

@@ -1,0 +1,206 @@
+"""Build small Hugging Face causal-LM folders with seeded random weights and a locally trained tokenizer.
+
+No model hub is reachable where Bowline is developed and tested, so every test and benchmark model is
+made here: a Llama- or Qwen2-architecture model with random weights and a byte-level BPE tokenizer
+trained with `tokenizers` on text this module generates. Same preset and seed, same files.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<think>",
+    "</think>",
+    "<tool_call>",
+    "</tool_call>",
+]
+
+# ChatML, as Qwen2.5/Qwen3 use it: tools are listed in the system turn and calls come back as
+# <tool_call>{json}</tool_call>; `enable_thinking=false` pre-fills an empty reasoning block.
+CHAT_TEMPLATE = """\
+{%- if tools %}
+{{- '<|im_start|>system\\n' }}
+{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}
+{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n<tools>' }}
+{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}
+{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}
+{%- elif messages[0].role == 'system' %}
+{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- for message in messages %}
+{%- if message.role == 'user' or (message.role == 'assistant' and not message.tool_calls) %}
+{{- '<|im_start|>' + message.role + '\\n' + (message.content or '') + '<|im_end|>\\n' }}
+{%- elif message.role == 'assistant' %}
+{{- '<|im_start|>assistant' }}
+{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}
+{%- for tool_call in message.tool_calls %}
+{%- set fn = tool_call.function if tool_call.function is defined else tool_call %}
+{{- '\\n<tool_call>\\n{\"name\": \"' + fn.name + '\", \"arguments\": ' }}
+{%- if fn.arguments is string %}{{- fn.arguments }}{%- else %}{{- fn.arguments | tojson }}{%- endif %}
+{{- '}\\n</tool_call>' }}
+{%- endfor %}
+{{- '<|im_end|>\\n' }}
+{%- elif message.role == 'tool' %}
+{{- '<|im_start|>user\\n<tool_response>\\n' + (message.content or '') + '\\n</tool_response><|im_end|>\\n' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+{{- '<|im_start|>assistant\\n' }}
+{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}
+{%- endif %}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Preset:
+    """A model shape. `bench` is the shape the CPU performance anchors were measured on."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    corpus_words: int
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(64, 2, 4, 2, 128, 2048, 2048, 20_000),
+    "bench": Preset(512, 8, 8, 4, 1536, 16000, 4096, 400_000),
+}
+
+_EN_WORDS = (
+    "the model serves tokens on a cluster of nodes and every request streams text back to the client "
+    "kubernetes operator deployment service pod replica scale ready health metrics latency throughput "
+    "hello world how are you today please write a short story about a boat a rope and a knot "
+    "json schema object array string number true false null name value key list function call tool "
+    "one two three four five six seven eight nine ten first second third answer question think"
+).split()
+_ZH_TEXT = (
+    "你好世界今天天气很好我们在集群上部署大语言模型服务每个请求都会流式返回文本"
+    "请写一个关于船绳子和结的小故事模型推理服务需要高吞吐低延迟和稳定的可用性"
+    "中文和英文都可以被正确地切分为词元不会出现未知字符北京上海广州深圳杭州"
+    "人工智能机器学习深度学习自然语言处理张量并行连续批处理键值缓存注意力机制"
+)
+_SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ai", "ou", "an")]
+_PUNCT = [" ", " ", " ", " ", ", ", ". ", "? ", "! ", "\n", ": ", "; ", " (", ") ", " \"", "\" ", " {", "} "]
+
+
+def generate_corpus(num_words: int, seed: int) -> list[str]:
+    """Deterministic mixed English/Chinese/pseudo-word text, rich enough to learn `vocab_size` merges."""
+    rng = random.Random(seed)
+    lines: list[str] = []
+    line: list[str] = []
+    for i in range(num_words):
+        kind = rng.random()
+        if kind < 0.45:
+            word = rng.choice(_EN_WORDS)
+        elif kind < 0.7:
+            start = rng.randrange(len(_ZH_TEXT) - 4)
+            word = _ZH_TEXT[start : start + rng.randint(1, 4)]
+        elif kind < 0.95:
+            word = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 4)))
+        else:
+            word = str(rng.randint(0, 10_000))
+        if rng.random() < 0.1:
+            word = word.capitalize()
+        line.append(word + rng.choice(_PUNCT))
+        if len(line) >= 16 or i == num_words - 1:
+            lines.append("".join(line))
+            line = []
+    return lines
+
+
+def train_tokenizer(preset: Preset, seed: int):
+    """Train a byte-level BPE tokenizer: every byte is in the alphabet, so no text is ever unknown."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=preset.vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(generate_corpus(preset.corpus_words, seed), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=preset.max_position_embeddings,
+    )
+
+
+def build_config(preset: Preset, arch: str, vocab_size: int, eos_ids: list[int], pad_id: int):
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=preset.hidden_size,
+        intermediate_size=preset.intermediate_size,
+        num_hidden_layers=preset.num_layers,
+        num_attention_heads=preset.num_heads,
+        num_key_value_heads=preset.num_kv_heads,
+        max_position_embeddings=preset.max_position_embeddings,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=pad_id,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+        # Wider than the usual 0.02 so random logits are well separated: greedy comparisons between
+        # implementations then rarely meet near-ties.
+        initializer_range=0.1,
+    )
+    if arch == "llama":
+        return LlamaConfig(**common, attention_bias=False)
+    if arch == "qwen2":
+        return Qwen2Config(**common, use_sliding_window=False)
+    raise ValueError(f"unknown architecture {arch!r}: choose llama or qwen2")
+
+
+def build_tiny_model(out_dir: str | Path, preset: str = "tiny", arch: str = "llama", seed: int = 0) -> Path:
+    """Write a complete Hugging Face model folder to `out_dir` and return its path."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
+    shape = PRESETS[preset]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = train_tokenizer(shape, seed)
+    eos_ids = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    config = build_config(shape, arch, shape.vocab_size, eos_ids, pad_id)
+    config.dtype = torch.float32
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    GenerationConfig(bos_token_id=pad_id, eos_token_id=eos_ids, pad_token_id=pad_id).save_pretrained(out)
+
+    tokenizer.save_pretrained(out)
+    _embed_chat_template(out)
+    return out
+
+
+def _embed_chat_template(out: Path) -> None:
+    """Keep the chat template inside tokenizer_config.json, where every loader looks for it."""
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    (out / "chat_template.jinja").unlink(missing_ok=True)

@@ -1,0 +1,55 @@
+"""The tiny-model builder writes a loadable, deterministic Hugging Face folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from bowline_runtime.tools.tiny_model import PRESETS, build_tiny_model
+
+
+def test_folder_has_every_file_and_loads(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for name in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"]:
+        assert (tiny_model_dir / name).is_file(), name
+    assert "chat_template" in json.loads((tiny_model_dir / "tokenizer_config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert model.config.model_type == "llama"
+    assert model.config.vocab_size == PRESETS["tiny"].vocab_size
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert len(tokenizer) == PRESETS["tiny"].vocab_size
+
+
+def test_chinese_and_english_round_trip_without_unknown_tokens(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for text in ["Hello, world! How are you?", "你好，世界！今天天气很好。", "混合 mixed 文本 text 🚀 ünïcode"]:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert tokenizer.unk_token_id is None or tokenizer.unk_token_id not in ids
+        assert tokenizer.decode(ids) == text
+
+
+def test_chat_template_renders_chatml(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_same_seed_same_files(tmp_path, tiny_model_dir):
+    again = build_tiny_model(tmp_path / "again", preset="tiny", arch="llama", seed=0)
+    for name in ["model.safetensors", "tokenizer.json", "config.json"]:
+        digest = [hashlib.sha256((d / name).read_bytes()).hexdigest() for d in (tiny_model_dir, again)]
+        assert digest[0] == digest[1], name
+
+
+def test_qwen2_arch_has_attention_bias(tiny_qwen2_dir):
+    config = json.loads((tiny_qwen2_dir / "config.json").read_text())
+    assert config["model_type"] == "qwen2"
