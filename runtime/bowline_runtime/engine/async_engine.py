@@ -1,0 +1,167 @@
+"""The asyncio face of the engine: requests enter at any time and stream their outputs back.
+
+The step loop runs in its own thread: torch releases the GIL inside its kernels, so the HTTP server's
+event loop keeps accepting, tokenising and streaming while a forward pass runs. Requests cross into
+the loop through a thread-safe queue; outputs come back through `loop.call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from bowline_runtime.config import EngineConfig
+from bowline_runtime.engine.outputs import EngineStats, RequestOutput
+from bowline_runtime.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger("bowline.engine")
+
+
+class EngineDeadError(RuntimeError):
+    """The step loop crashed; every pending request fails with this."""
+
+
+class AsyncEngine:
+    """Owns an LLMEngine and drives it from a background thread."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        from bowline_runtime.engine.llm_engine import LLMEngine
+
+        self.config = config
+        self.engine = LLMEngine(config)
+        self.tokenizer = self.engine.tokenizer
+        self.max_model_len = self.engine.max_model_len
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stop = threading.Event()
+        self._dead: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="bowline-engine", daemon=True)
+        self._thread.start()
+
+    # --- public API -------------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield cumulative snapshots until the request finishes.
+
+        Raises ValueError before the first yield when the request cannot be served (prompt over
+        max_model_len, ...). Closing or cancelling the iterator aborts the request and frees its blocks.
+        """
+        if self._dead is not None:
+            raise EngineDeadError(f"engine stopped: {self._dead!r}")
+        request_id = request_id or uuid.uuid4().hex
+        self.engine.check_request(prompt_token_ids, params)
+        if params.use_beam_search:
+            async for out in self._beam_search(prompt_token_ids, params, request_id, arrival_time):
+                yield out
+            return
+        loop = asyncio.get_running_loop()
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (loop, stream)
+        self._send("add", (request_id, prompt_token_ids, params, arrival_time or time.time()))
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                # Drain what else is ready: a slow consumer then skips intermediate snapshots.
+                while not item.finished and not stream.empty():
+                    nxt = stream.get_nowait()
+                    if isinstance(nxt, BaseException):
+                        raise nxt
+                    item = nxt
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._send("abort", request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self._send("abort", request_id)
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._dead is None and self._thread.is_alive()
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._streams) or self.engine.has_unfinished_requests()
+
+    async def shutdown(self) -> None:
+        self._stop.set()
+        self._wakeup.set()
+        await asyncio.to_thread(self._thread.join, 10)
+        self.engine.shutdown()
+
+    # --- beam search ------------------------------------------------------------------------------
+
+    async def _beam_search(self, prompt_token_ids, params, request_id, arrival_time):
+        from bowline_runtime.engine.beam_search import beam_search
+
+        async for out in beam_search(self, prompt_token_ids, params, request_id, arrival_time or time.time()):
+            yield out
+
+    # --- the engine thread ------------------------------------------------------------------------
+
+    def _send(self, kind: str, payload: Any) -> None:
+        self._inbox.put((kind, payload))
+        self._wakeup.set()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                request_id, prompt, params, arrival = payload
+                try:
+                    self.engine.add_request(request_id, prompt, params, arrival)
+                except Exception as exc:  # refused after all: report to that request only
+                    self._deliver(request_id, exc)
+            elif kind == "abort":
+                self.engine.abort_request(payload)
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        target = self._streams.get(request_id)
+        if target is None:
+            return
+        loop, stream = target
+        try:
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+        except RuntimeError:  # the request's loop is closed
+            pass
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_inbox()
+                if not self.engine.has_unfinished_requests():
+                    self._wakeup.wait(0.5)
+                    self._wakeup.clear()
+                    continue
+                for output in self.engine.step():
+                    self._deliver(output.request_id, output)
+        except BaseException as exc:  # noqa: BLE001 - anything here kills serving; tell every waiter
+            logger.exception("engine step loop crashed")
+            self._dead = exc
+            for request_id in list(self._streams):
+                self._deliver(request_id, EngineDeadError(f"engine stopped: {exc!r}"))
