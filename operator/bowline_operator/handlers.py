@@ -1,0 +1,117 @@
+"""kopf handlers: thin glue from API events to the pure modules and `kube`'s few API calls.
+
+Every handler is level-triggered: it reads what exists, renders what should exist, and patches only the
+difference, so replays (operator restarts, resumed objects, duplicate events) change nothing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from typing import Any
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+
+from . import kube
+from .diff import DEPLOYMENT_PRUNE
+from .render import API_VERSION, GROUP, KIND, PLURAL, VERSION, Owner, render_children
+from .status import compute_status, invalid_status, status_changed
+from .validation import validate_spec
+
+MANAGED_BY = {"app.kubernetes.io/managed-by": "bowline"}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    """Credentials for our own calls, and kopf settings that suit many small, quick reconciles."""
+    kube.load_credentials()
+    settings.execution.max_workers = 16
+    settings.posting.level = logging.WARNING  # Events for problems only; progress is in status
+    settings.persistence.finalizer = "serving.bowline.dev/finalizer"  # unused: no delete handlers, children are GC'd
+    settings.watching.server_timeout = 300
+    settings.networking.error_backoffs = [1, 2, 5, 10]
+
+
+def _write_status(namespace: str, name: str, old: dict[str, Any] | None, new: dict[str, Any]) -> None:
+    if status_changed(old, new):
+        kube.patch_status(API_VERSION, PLURAL, namespace, name, new)
+
+
+def reconcile_object(body: kopf.Body | dict[str, Any], logger: logging.Logger | logging.LoggerAdapter) -> str:
+    """Bring one InferenceService's children and status in line with its spec; returns what happened."""
+    meta, status = body.get("metadata", {}), dict(body.get("status") or {})
+    namespace, name, generation = meta["namespace"], meta["name"], meta.get("generation")
+    previous = status.get("conditions") or []
+    checked = validate_spec(body.get("spec"))
+    if not checked.ok:
+        message = "; ".join(checked.problems)
+        _write_status(namespace, name, status, invalid_status(checked.problems, generation, _now(), previous))
+        kopf.warn(dict(body), reason="InvalidSpec", message=message)
+        logger.warning("Invalid spec, nothing deployed: %s", message)
+        return "invalid"
+    assert checked.spec is not None
+    owner = Owner(name=name, namespace=namespace, uid=meta["uid"])
+    actions = []
+    deployment: dict[str, Any] | None = None
+    for child in render_children(owner, checked.spec):
+        live, action = kube.apply(child, DEPLOYMENT_PRUNE if child["kind"] == "Deployment" else None)
+        actions.append(f"{child['kind']} {action}")
+        if child["kind"] == "Deployment":
+            deployment = live
+    _write_status(namespace, name, status, compute_status(owner, checked.spec, generation, deployment, _now(), previous))
+    return ", ".join(actions)
+
+
+def _reconcile_handler(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+    try:
+        result = reconcile_object(body, logger)
+    except ApiException as error:
+        if error.status in kube.TRANSIENT:
+            raise kopf.TemporaryError(f"API answered {error.status}; will retry", delay=2) from error
+        raise kopf.PermanentError(f"API refused the change ({error.status}): {error.body}") from error
+    logger.info("Reconciled: %s", result)
+
+
+# One reconcile for every reason: creation, spec edits, and operator restarts (resume). kopf calls
+# on.update only for changes in spec/labels/annotations, never for our own status writes.
+reconcile = kopf.on.resume(GROUP, VERSION, PLURAL, backoff=2)(
+    kopf.on.update(GROUP, VERSION, PLURAL, backoff=2, field="spec")(
+        kopf.on.create(GROUP, VERSION, PLURAL, backoff=2)(_reconcile_handler)))
+
+
+def _owner_name(body: kopf.Body) -> str | None:
+    for ref in body.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("kind") == KIND and str(ref.get("apiVersion", "")).startswith(f"{GROUP}/") and ref.get("controller"):
+            return ref.get("name")
+    return None
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=MANAGED_BY)
+def deployment_event(body: kopf.Body, event: kopf.RawEvent, logger: logging.Logger, **_: Any) -> None:
+    """A child Deployment changed (rollout progress, pods ready, edits, deletion): re-level its parent.
+
+    Event handlers are not retried by kopf, so transient API errors are retried inside `kube`; a
+    persistent failure is logged and the next Deployment event (or resume) converges anyway.
+    """
+    parent_name = _owner_name(body)
+    if parent_name is None:
+        return
+    namespace = body["metadata"]["namespace"]
+    try:
+        parent = kube.get(API_VERSION, PLURAL, namespace, parent_name)
+        if parent is None or parent.get("metadata", {}).get("deletionTimestamp"):
+            return  # the parent is gone; garbage collection removes this child
+        reconcile_object(parent, logger)
+    except ApiException as error:
+        logger.error("Could not update InferenceService %s/%s from its Deployment: %s", namespace, parent_name, error)
+
+
+@kopf.on.probe(id="reconciling")
+def probe(**_: Any) -> str:
+    """Reported at the --liveness endpoint, next to kopf's own checks that its watch loops run."""
+    return "ok"

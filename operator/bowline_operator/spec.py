@@ -1,0 +1,91 @@
+"""Pydantic models of the InferenceService spec: the CRD schema's shape and per-field bounds, in Python.
+
+The CRD's openAPIV3Schema is what the API server enforces; these models enforce the same per-field
+rules inside the operator (clusters without CEL or with an old CRD still get clear errors) and give
+the renderer typed, defaulted values instead of nested dict lookups. Cross-field rules live in
+`validation.py` next to their CEL twins.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SOURCE_PATTERN = re.compile(r"^(pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?|hostPath:///.*|hf://[^/]+/[^/]+|/.*)$")
+
+# Flags the operator sets itself; `engine.extraArgs` may not repeat them (the CRD's CEL rule says the same).
+MANAGED_FLAGS = ("model", "served-model-name", "host", "port", "device", "tensor-parallel-size", "max-model-len")
+MANAGED_FLAG_PATTERN = re.compile(r"^--(" + "|".join(MANAGED_FLAGS) + r")(=.*)?$")
+
+
+class _Model(BaseModel):
+    # camelCase in YAML, snake_case in Python; unknown fields are ignored as the API server prunes them.
+    model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True,
+                              alias_generator=lambda name: re.sub(r"_([a-z])", lambda m: m.group(1).upper(), name))
+
+
+class ModelSpec(_Model):
+    source: str = Field(min_length=1, max_length=1024)
+    served_model_name: str | None = Field(default=None, min_length=1, max_length=256)
+    revision: str | None = None
+    cache_size_limit: str | int | None = None
+    hf_token_secret_name: str | None = None
+
+    @field_validator("source")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if not SOURCE_PATTERN.match(value):
+            raise ValueError("must be pvc://CLAIM/PATH, hostPath:///DIR, hf://ORG/NAME or an absolute path in the image")
+        return value
+
+
+class AcceleratorSpec(_Model):
+    type: Literal["gpu", "npu", "cpu"]
+    vendor: Literal["nvidia", "amd", "ascend"] | None = None
+    count: int | None = Field(default=None, ge=1, le=64)
+    resource_name: str | None = None
+    runtime_class_name: str | None = None
+
+
+class EngineSpec(_Model):
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] | None = None
+    max_num_seqs: int | None = Field(default=None, ge=1)
+    max_num_batched_tokens: int | None = Field(default=None, ge=1)
+    memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    block_size: int | None = Field(default=None, ge=1, le=1024)
+    enable_prefix_caching: bool | None = None
+    extra_args: list[str] = Field(default_factory=list, max_length=64)
+
+
+class RuntimeSpec(_Model):
+    image: str | None = None
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    port: int = Field(default=8000, ge=1, le=65535)
+    env: list[dict[str, Any]] = Field(default_factory=list)
+    resources: dict[str, Any] = Field(default_factory=dict)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    affinity: dict[str, Any] | None = None
+    pod_annotations: dict[str, str] = Field(default_factory=dict)
+    pod_labels: dict[str, str] = Field(default_factory=dict)
+    service_account_name: str | None = None
+    scheduler_name: str | None = None
+    run_as_root: bool = False
+    startup_timeout_seconds: int = Field(default=1800, ge=60)
+
+
+class InferenceServiceSpec(_Model):
+    model: ModelSpec
+    accelerator: AcceleratorSpec
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    max_model_len: int | None = Field(default=None, ge=1)
+    replicas: int = Field(default=1, ge=0)
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+
+
+def parse_spec(spec: dict[str, Any]) -> InferenceServiceSpec:
+    """Parse a spec dict (as stored in the API server) into the typed model; raises pydantic.ValidationError."""
+    return InferenceServiceSpec.model_validate(spec)

@@ -1,0 +1,72 @@
+"""Spec validation: the CRD's per-field schema (via `spec.py`) plus its cross-field CEL rules, in Python.
+
+The API server enforces the same rules with `x-kubernetes-validations`, but clusters without CEL (or
+objects created before the CRD was upgraded) reach the operator unchecked. An invalid spec must end as
+`Valid=False` with a message a user can act on, never as a half-created Deployment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from .spec import MANAGED_FLAG_PATTERN, InferenceServiceSpec, parse_spec
+
+
+@dataclass(frozen=True, slots=True)
+class Validated:
+    """The outcome of validation: a typed spec, or the problems that prevent rendering it."""
+
+    spec: InferenceServiceSpec | None
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return self.spec is not None and not self.problems
+
+
+def cross_field_problems(spec: InferenceServiceSpec) -> list[str]:
+    """The CRD's x-kubernetes-validations rules, one message each (the messages are the CRD's own)."""
+    problems: list[str] = []
+    acc = spec.accelerator
+    if acc.type != "cpu":
+        if acc.count is None:
+            problems.append("accelerator.count is required when accelerator.type is gpu or npu")
+        else:
+            if spec.tensor_parallel_size > acc.count:
+                problems.append("tensorParallelSize must not exceed accelerator.count")
+            if acc.count % spec.tensor_parallel_size != 0:
+                problems.append("tensorParallelSize must divide accelerator.count")
+    if acc.type == "cpu" and acc.resource_name is not None:
+        problems.append("accelerator.resourceName applies to gpu and npu only")
+    if acc.vendor is not None and not (
+        (acc.type == "gpu" and acc.vendor in ("nvidia", "amd")) or (acc.type == "npu" and acc.vendor == "ascend")
+    ):
+        problems.append("accelerator.vendor must be nvidia or amd for gpu, ascend for npu, and unset for cpu")
+    eng = spec.engine
+    if eng.max_num_batched_tokens is not None and eng.max_num_seqs is not None and eng.max_num_batched_tokens < eng.max_num_seqs:
+        problems.append("engine.maxNumBatchedTokens must be at least engine.maxNumSeqs")
+    if any(MANAGED_FLAG_PATTERN.match(arg) for arg in eng.extra_args):
+        problems.append("engine.extraArgs must not set flags the operator manages; use the matching spec field")
+    return problems
+
+
+def _field_problems(error: ValidationError) -> list[str]:
+    """pydantic's errors as `spec.path: message`, the way `kubectl apply` reports schema errors."""
+    out = []
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"])
+        out.append(f"spec.{path}: {item['msg']}" if path else f"spec: {item['msg']}")
+    return out
+
+
+def validate_spec(raw: dict[str, Any] | None) -> Validated:
+    """Check a raw spec dict against the schema and the cross-field rules; never raises."""
+    try:
+        spec = parse_spec(raw or {})
+    except ValidationError as error:
+        return Validated(None, tuple(_field_problems(error)))
+    problems = cross_field_problems(spec)
+    return Validated(spec if not problems else None, tuple(problems))
