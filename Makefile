@@ -19,7 +19,16 @@ $(BIN)/.installed: runtime/pyproject.toml operator/pyproject.toml requirements-t
 	$(BIN)/pip install --disable-pip-version-check -q -e runtime -e operator -r requirements-test.txt
 	touch $@
 
-install: $(BIN)/.installed ## create .venv and install runtime, operator and test tools
+install: $(BIN)/.installed $(VENV)-helm/.installed ## create .venv (and .venv-helm) and install runtime, operator and test tools
+
+# Real Helm for the chart tests: helm-sdkpy needs Python >= 3.12, so it gets a small venv of its own.
+PYTHON_HELM ?= $(shell hack/find-python312.sh)
+
+$(VENV)-helm/.installed: requirements-helm.txt
+	@test -n "$(PYTHON_HELM)" || { echo "WARNING: no Python >= 3.12 found (set PYTHON_HELM=...): the Helm chart tests will skip"; exit 0; } \
+	  && { test -x $(VENV)-helm/bin/python || $(PYTHON_HELM) -m venv $(VENV)-helm; } \
+	  && $(VENV)-helm/bin/pip install --disable-pip-version-check -q -r requirements-helm.txt \
+	  && touch $@
 
 $(MODEL)/config.json: | $(BIN)/.installed
 	$(BIN)/python -m bowline_runtime make-tiny-model $(MODEL) --preset tiny
@@ -45,5 +54,32 @@ lint: install ## ruff over the Python code
 bench: install ## engine and server benchmarks against baselines (not part of make test)
 	$(BIN)/python -m bench.run
 
+# Images are tagged as the operator's defaults expect: $(REGISTRY)/bowline-NAME:$(IMAGE_TAG).
+REGISTRY     ?= ghcr.io/bowline-dev
+IMAGE_TAG    ?= $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' operator/bowline_operator/__init__.py)
+IMAGES       ?= runtime-cpu runtime-cuda runtime-ascend operator
+DOCKER       ?= docker
+KIND         ?= kind
+KIND_CLUSTER ?= bowline
+
+images: ## build the images in images/ (pick some with IMAGES="runtime-cpu operator")
+	set -e; for image in $(IMAGES); do \
+	  $(DOCKER) build -f images/$$image/Dockerfile -t $(REGISTRY)/bowline-$$image:$(IMAGE_TAG) . ; \
+	done
+
+kind-up: ## create the kind cluster that `make e2e` uses
+	$(KIND) get clusters 2>/dev/null | grep -qx $(KIND_CLUSTER) || $(KIND) create cluster --name $(KIND_CLUSTER) --wait 180s
+
+kind-down:
+	$(KIND) delete cluster --name $(KIND_CLUSTER)
+
+e2e: install ## build runtime-cpu and operator, load them into kind, run tests/e2e (needs docker, kind, kubectl)
+	$(MAKE) images IMAGES="runtime-cpu operator"
+	$(KIND) load docker-image --name $(KIND_CLUSTER) $(REGISTRY)/bowline-runtime-cpu:$(IMAGE_TAG) $(REGISTRY)/bowline-operator:$(IMAGE_TAG)
+	KIND_CLUSTER=$(KIND_CLUSTER) $(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
+
+helm-lint: install ## lint charts/bowline with real Helm (no cluster needed)
+	$(VENV)-helm/bin/python hack/helm.py lint charts/bowline
+
 clean:
-	rm -rf $(VENV) models bench/results .pytest_cache
+	rm -rf $(VENV) $(VENV)-helm models bench/results .pytest_cache
