@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         clusterwide=not args.namespaces,
         namespaces=args.namespaces,
         standalone=args.standalone,
-        peering_name=args.peering,
+        peering_name=None if args.standalone else args.peering,
         priority=args.priority,
         liveness_endpoint=args.liveness or None,
     ))

@@ -1,0 +1,160 @@
+"""A kmock Kubernetes emulator with the few API-server behaviours the operator relies on, run in a thread.
+
+kmock 0.8 stores objects but stamps no uid/resourceVersion/generation; kopf's JSON-patch `test` on
+resourceVersion and the owner references need them, and observedGeneration needs generation to move on
+spec changes. The emulator runs its own event loop in a background thread so tests (and the benchmark)
+can use the ordinary synchronous `kubernetes` client while the operator runs as a real subprocess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import itertools
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import kmock
+import yaml
+from kmock._internal import enums
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+ISVC = "serving.bowline.dev/v1alpha1/inferenceservices"
+
+
+class BowlineEmulator(kmock.KubernetesEmulator):
+    """Stamps metadata like an API server: uid, creationTimestamp, resourceVersion, generation."""
+
+    _counter = itertools.count(1)
+
+    async def _handle(self, request: Any) -> Any:
+        if request.resource is not None and request.data is not None:
+            if request.action == enums.action.CREATE and isinstance(request.data, dict):
+                meta = request.data.setdefault("metadata", {})
+                meta.setdefault("uid", str(uuid.uuid4()))
+                meta.setdefault("creationTimestamp", datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+                meta["resourceVersion"] = str(next(self._counter))
+                meta["generation"] = 1
+                if request.namespace and "namespace" not in meta:
+                    meta["namespace"] = request.namespace
+            elif request.action == enums.action.UPDATE and request.name is not None:
+                key = (request.resource, request.namespace, request.name)
+                live = self.objects[key] if key in self.objects else None
+                if live is not None and not live.deleted:
+                    self._stamp_update(request, live)
+        return await super()._handle(request)
+
+    def _stamp_update(self, request: Any, live: Any) -> None:
+        rv = str(next(self._counter))
+        generation = live.get("metadata", {}).get("generation", 1)
+        is_status = getattr(request, "subresource", None) == "status"
+        if isinstance(request.data, dict):
+            spec_changes = "spec" in request.data and not is_status and request.data["spec"] != live.get("spec")
+            meta = request.data.setdefault("metadata", {})
+            meta["resourceVersion"] = rv
+            if spec_changes:
+                meta["generation"] = generation + 1
+        elif isinstance(request.data, list):  # JSON patch: stamp after the client's own `test` ops
+            spec_changes = any(str(op.get("path", "")).startswith("/spec") for op in request.data) and not is_status
+            request.data.append({"op": "add", "path": "/metadata/resourceVersion", "value": rv})
+            if spec_changes:
+                request.data.append({"op": "add", "path": "/metadata/generation", "value": generation + 1})
+
+
+class EmulatorThread:
+    """Owns the emulator's event loop and HTTP server on a background thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.stopping: asyncio.Event | None = None
+        self.kmock: BowlineEmulator | None = None
+        self.url = ""
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._serve())
+
+    async def _serve(self) -> None:
+        self.stopping = asyncio.Event()
+        async with BowlineEmulator() as emulator, kmock.Server(emulator) as server:
+            emulator.resources.load_bundled()
+            emulator.resources[ISVC] = kmock.ResourceInfo(
+                kind="InferenceService", namespaced=True, subresources={"status", "scale"},
+                shortnames={"infsvc"}, categories={"bowline"},
+                verbs={"get", "list", "watch", "create", "patch", "update", "delete"})
+            self.kmock, self.url = emulator, str(server.url).rstrip("/")
+            self.ready.set()
+            await self.stopping.wait()
+
+    def start(self) -> EmulatorThread:
+        self.thread.start()
+        if not self.ready.wait(15):
+            raise RuntimeError("kmock emulator did not start")
+        return self
+
+    def stop(self) -> None:
+        if self.stopping is not None:
+            self.loop.call_soon_threadsafe(self.stopping.set)
+        self.thread.join(10)
+
+    def call(self, fn: Any) -> Any:
+        """Run `fn()` on the emulator's loop (kmock's reaction DSL is not thread-safe)."""
+        async def wrapper() -> Any:
+            return fn()
+        return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(10)
+
+    def watch_requests(self, resource_fragment: str) -> int:
+        """How many watch requests for a resource the emulator has received so far."""
+        assert self.kmock is not None
+        return sum(1 for r in list(self.kmock)
+                   if "watch=" in str(r.url) and resource_fragment in str(r.url.path))
+
+    def write_kubeconfig(self, path: Path) -> Path:
+        config = {
+            "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+            "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
+            "users": [{"name": "emulator", "user": {"token": "test"}}],
+            "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "emulator"}}],
+        }
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+
+def start_operator(kubeconfig: Path, log_path: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """`python -m bowline_operator` as a real process against the emulator, cluster-wide, no peering."""
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "bowline_operator", "--standalone", "--liveness", "", *extra],
+        env=env, stdout=log_path.open("ab"), stderr=subprocess.STDOUT)
+
+
+def stop_operator(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def wait_for(predicate: Any, timeout: float = 15.0, interval: float = 0.05, what: str = "condition") -> Any:
+    """Poll until `predicate()` returns something truthy; that value is returned."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as error:  # the object may not exist yet
+            last_error = error
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}" + (f" (last error: {last_error})" if last_error else ""))
