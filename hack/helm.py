@@ -86,12 +86,14 @@ def lint(chart: str) -> list[str]:
 
 
 async def render_cases(chart: str, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Install each case {release, namespace, values} into one emulator: its manifest and notes, or its error."""
+    """Install each case {release, namespace, values}: its manifest and notes, or Helm's error."""
     import helm_sdkpy as helm
 
     results = []
-    async with emulated_cluster() as kubeconfig:
-        for case in cases:
+    for case in cases:
+        # A fresh emulator per case: kmock's "already exists" answer (reason `Object Already Exists`) is not
+        # one Helm recognises, so a second install of the same CRDs would fail.
+        async with emulated_cluster() as kubeconfig:
             config = helm.Configuration(namespace=case["namespace"], kubeconfig=kubeconfig)
             try:
                 release = await helm.Install(config).run(case["release"], chart, values=case.get("values") or None,
