@@ -1,0 +1,100 @@
+"""Engine text → chat message parts: content, reasoning_content and tool_calls.
+
+This is the one place where generated text is interpreted for chat. Without parsers every token
+is `content`. Tool-call parsing (`--tool-call-parser`, `tools`, `tool_choice`) and reasoning
+parsing (`--reasoning-parser`) plug in here through `make_output_processor`: a processor sees
+each choice's text as it grows (`delta`) and once finished (`final`), and may rename the finish
+reason (`tool_calls`). The chat route never looks inside the text itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from bowline_runtime.api.errors import bad_request
+from bowline_runtime.api.protocol import ChatCompletionRequest, DeltaToolCall, ToolCall
+from bowline_runtime.config import EngineConfig
+
+
+@dataclass(slots=True)
+class MessageParts:
+    """A finished choice's message fields."""
+
+    content: str | None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class DeltaParts:
+    """What one streamed chunk adds; all None means nothing to send yet (a parser holding text back)."""
+
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
+
+    def is_empty(self) -> bool:
+        return self.content is None and self.reasoning_content is None and self.tool_calls is None
+
+
+class ChatOutputProcessor:
+    """The default: the text is the content. One instance per choice (parsers keep state)."""
+
+    def __init__(self, request: ChatCompletionRequest, tokenizer: Any, config: EngineConfig) -> None:
+        self.request = request
+        self.tokenizer = tokenizer
+        self.config = config
+
+    def delta(self, previous_text: str, current_text: str, new_token_ids: list[int]) -> DeltaParts:
+        """The parts to stream for text that grew from `previous_text` to `current_text`."""
+        added = current_text[len(previous_text) :]
+        return DeltaParts(content=added) if added else DeltaParts()
+
+    def final(self, text: str, token_ids: list[int]) -> MessageParts:
+        return MessageParts(content=text)
+
+    def finish_reason(self, engine_reason: str | None) -> str | None:
+        """"abort" never reaches a client that is still listening; the rest pass through."""
+        return engine_reason
+
+
+def check_tool_choice(request: ChatCompletionRequest, config: EngineConfig) -> None:
+    """Tools go into the chat template either way; acting on tool calls needs a parser.
+
+    As in vLLM: with `tools`, a tool_choice of "auto" (the default), "required" or a named
+    function needs `--tool-call-parser`; "none" only shows the tools to the model.
+    """
+    if not request.tools:
+        if request.tool_choice not in (None, "none"):
+            raise bad_request("tool_choice needs tools", "tool_choice")
+        return
+    choice = request.tool_choice or "auto"
+    if choice != "none" and not config.tool_call_parser:
+        raise bad_request(
+            f'tool_choice "{choice if isinstance(choice, str) else choice.function.name}" needs the server to run '
+            'with --tool-call-parser (e.g. hermes); send tool_choice "none" to only show the tools to the model',
+            "tool_choice",
+        )
+    if not isinstance(choice, str):
+        names = {t.function.name for t in request.tools}
+        if choice.function.name not in names:
+            raise bad_request(f"tool_choice names {choice.function.name!r}, which is not in tools", "tool_choice")
+
+
+def make_output_processor(request: ChatCompletionRequest, tokenizer: Any, config: EngineConfig) -> ChatOutputProcessor:
+    """The processor for one choice of this request.
+
+    Extension point for tool-call and reasoning parsers: return a subclass of
+    ChatOutputProcessor chosen by `config.tool_call_parser` / `config.reasoning_parser`.
+    """
+    check_tool_choice(request, config)
+    if config.tool_call_parser or config.reasoning_parser:
+        try:
+            from bowline_runtime.parsers import make_chat_output_processor  # type: ignore[attr-defined]
+        except ImportError:
+            raise bad_request(
+                "this server was started with --tool-call-parser/--reasoning-parser, but this build has no parsers"
+            ) from None
+        return make_chat_output_processor(request, tokenizer, config)
+    return ChatOutputProcessor(request, tokenizer, config)

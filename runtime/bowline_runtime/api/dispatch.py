@@ -1,0 +1,58 @@
+"""The request lifecycle shared by chat and completions: admit, run, stream or answer, always clean up."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+
+from bowline_runtime.api.generation import Generation, race_disconnect
+from bowline_runtime.api.state import ServerState
+from bowline_runtime.api.streaming import SSEResponse
+from bowline_runtime.engine.outputs import RequestOutput
+from bowline_runtime.engine.sampling_params import SamplingParams
+
+
+class Call(Protocol):
+    """A validated request of one route family, able to format its own stream and response."""
+
+    id: str
+    params: SamplingParams
+
+    def events(self, gen: Generation, first: tuple[int, RequestOutput] | None) -> AsyncIterator[str]: ...
+
+    def response(self, gen: Generation) -> BaseModel: ...
+
+
+async def run_call(state: ServerState, raw_request: Request, call: Call, prompts: list[list[int]], *, stream: bool) -> Response:
+    """Admit (429 when full), start the engine work and wait for its first output — engine refusals
+    become 400s here, before any header is sent — then stream, or wait for the end.
+
+    A client that disconnects at any point cancels the engine work (see race_disconnect and
+    SSEResponse); the admission ticket is released on every path.
+    """
+    try:
+        ticket = state.admission.enter()
+    except Exception:
+        state.metrics.reject("queue_full")
+        raise
+    gen = Generation(state.engine, prompts, call.params, call.id, state.metrics)
+
+    async def cleanup() -> None:
+        await gen.aclose()
+        ticket.release()
+
+    try:
+        gen.start()
+        first = await race_disconnect(raw_request, gen.next())
+        if stream:
+            return SSEResponse(call.events(gen, first), cleanup)
+        await race_disconnect(raw_request, gen.run_to_end())
+    except BaseException:
+        await cleanup()
+        raise
+    await cleanup()
+    return JSONResponse(call.response(gen).model_dump())

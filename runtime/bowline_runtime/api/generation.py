@@ -1,0 +1,160 @@
+"""One HTTP request's engine work: one engine request per prompt, merged into one stream, metered,
+and always closed — so a client that goes away aborts its sequences and frees their KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from bowline_runtime.api.metrics import RequestMetrics, ServerMetrics
+from bowline_runtime.engine.outputs import CompletionOutput, RequestOutput
+from bowline_runtime.engine.sampling_params import SamplingParams
+
+T = TypeVar("T")
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before the answer was ready."""
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # After the body has been read, the next ASGI message is http.disconnect (or nothing, until the
+    # response is sent), so this only returns when the client has gone.
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def race_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
+    """Await `awaitable`, cancelling it if the client disconnects first (then raise ClientDisconnected).
+
+    Cancelling the engine iteration aborts the request in the engine; without this, a client that
+    gives up on a non-streaming request would keep its sequences (and KV blocks) busy to the end.
+    """
+    task = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        raise ClientDisconnected()
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+def select_best(outputs: list[CompletionOutput], params: SamplingParams) -> list[CompletionOutput]:
+    """The n returned choices: with best_of > n, the n most likely candidates, re-indexed 0..n-1.
+
+    Beam search's outputs come best first from the engine (its ranking includes the length penalty).
+    """
+    if len(outputs) <= params.n:
+        return outputs
+    if params.use_beam_search:
+        chosen = outputs[: params.n]
+    else:
+        chosen = sorted(outputs, key=lambda o: o.cumulative_logprob, reverse=True)[: params.n]
+    for i, out in enumerate(chosen):
+        out.index = i
+    return chosen
+
+
+class Generation:
+    """Drives `engine.generate` for each prompt and yields (prompt index, snapshot) as they come.
+
+    Snapshots are cumulative, so a consumer that falls behind loses nothing. `aclose()` cancels
+    every engine iteration still running, which aborts those requests in the engine.
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        request_id: str,
+        metrics: ServerMetrics,
+        arrival_time: float | None = None,
+    ) -> None:
+        self.engine = engine
+        self.prompts = prompts
+        self.params = params
+        self.request_id = request_id
+        self.arrival_time = arrival_time or time.time()
+        self.latest: list[RequestOutput | None] = [None] * len(prompts)
+        self._meters: list[RequestMetrics] = [metrics.request(self.arrival_time, len(p)) for p in prompts]
+        self._queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue()
+        self._tasks: list[asyncio.Task] = []
+        self._remaining = len(prompts)
+        self._closed = False
+
+    def _engine_request_id(self, i: int) -> str:
+        return self.request_id if len(self.prompts) == 1 else f"{self.request_id}-{i}"
+
+    async def _pump(self, i: int) -> None:
+        try:
+            async for out in self.engine.generate(
+                self.prompts[i], self.params, request_id=self._engine_request_id(i), arrival_time=self.arrival_time
+            ):
+                self.latest[i] = out
+                self._meters[i].observe_tokens(sum(len(o.token_ids) for o in out.outputs))
+                self._queue.put_nowait((i, out))
+            self._queue.put_nowait(None)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, who turns it into an error body
+            self._queue.put_nowait(exc)
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._pump(i), name=f"gen-{self.request_id}-{i}") for i in range(len(self.prompts))]
+
+    async def next(self) -> tuple[int, RequestOutput] | None:
+        """The next snapshot from any prompt, or None when all have finished. Engine errors re-raise here."""
+        while self._remaining:
+            item = await self._queue.get()
+            if item is None:
+                self._remaining -= 1
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            return item
+        return None
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        while (item := await self.next()) is not None:
+            yield item
+
+    async def run_to_end(self) -> list[RequestOutput]:
+        """Consume everything; the final snapshot of each prompt."""
+        while await self.next() is not None:
+            pass
+        return [out for out in self.latest if out is not None]
+
+    async def aclose(self) -> None:
+        """Abort whatever is still running and record each prompt's metrics once."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for meter, out in zip(self._meters, self.latest, strict=True):
+            if out is None:
+                meter.finish(0, ["abort"])
+                continue
+            outputs = out.outputs
+            meter.finish(
+                sum(len(o.token_ids) for o in outputs),
+                [o.finish_reason if out.finished else "abort" for o in outputs],
+            )
