@@ -15,6 +15,7 @@ from typing import Any
 from bowline_runtime.api.errors import bad_request
 from bowline_runtime.api.protocol import ChatCompletionRequest, DeltaToolCall, ToolCall
 from bowline_runtime.config import EngineConfig
+from bowline_runtime.engine.sampling_params import SamplingParams
 
 
 @dataclass(slots=True)
@@ -82,19 +83,32 @@ def check_tool_choice(request: ChatCompletionRequest, config: EngineConfig) -> N
             raise bad_request(f"tool_choice names {choice.function.name!r}, which is not in tools", "tool_choice")
 
 
-def make_output_processor(request: ChatCompletionRequest, tokenizer: Any, config: EngineConfig) -> ChatOutputProcessor:
+def prepare_params(
+    request: ChatCompletionRequest, params: SamplingParams, prompt_ids: list[int], tokenizer: Any, config: EngineConfig
+) -> SamplingParams:
+    """The request's SamplingParams adjusted by the parsers (bowline_runtime.parsers): tool_choice
+    required/named becomes a guided grammar, special tokens stay in the text for the parsers, the
+    reasoning budget is fitted to the prompt. Without parsers, unchanged."""
+    check_tool_choice(request, config)
+    if not (config.tool_call_parser or config.reasoning_parser):
+        return params
+    from bowline_runtime.parsers import prepare_chat_params
+
+    return prepare_chat_params(request, params, prompt_ids, tokenizer, config)
+
+
+def make_output_processor(
+    request: ChatCompletionRequest, tokenizer: Any, config: EngineConfig, prompt_ids: list[int] | None = None
+) -> ChatOutputProcessor:
     """The processor for one choice of this request.
 
     Extension point for tool-call and reasoning parsers: return a subclass of
     ChatOutputProcessor chosen by `config.tool_call_parser` / `config.reasoning_parser`.
+    `prompt_ids` lets a reasoning parser see whether the prompt opened a `<think>` block.
     """
     check_tool_choice(request, config)
     if config.tool_call_parser or config.reasoning_parser:
-        try:
-            from bowline_runtime.parsers import make_chat_output_processor  # type: ignore[attr-defined]
-        except ImportError:
-            raise bad_request(
-                "this server was started with --tool-call-parser/--reasoning-parser, but this build has no parsers"
-            ) from None
-        return make_chat_output_processor(request, tokenizer, config)
+        from bowline_runtime.parsers import make_chat_output_processor
+
+        return make_chat_output_processor(request, tokenizer, config, prompt_ids)
     return ChatOutputProcessor(request, tokenizer, config)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from bowline_runtime.api.chat_output import ChatOutputProcessor, make_output_processor
+from bowline_runtime.api.chat_output import ChatOutputProcessor, make_output_processor, prepare_params
 from bowline_runtime.api.dispatch import run_call
 from bowline_runtime.api.generation import Generation, select_best
 from bowline_runtime.api.logprobs import chat_logprobs
@@ -55,7 +55,7 @@ class ChatCall:
         self.id = random_id("chatcmpl")
         self.created = int(time.time())
         self.processors: list[ChatOutputProcessor] = [
-            make_output_processor(req, state.engine.tokenizer, state.config) for _ in range(params.n)
+            make_output_processor(req, state.engine.tokenizer, state.config, prompt_ids) for _ in range(params.n)
         ]
 
     def _logprobs(self, entries):
@@ -177,6 +177,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw_request: Reque
     check_token_ids(prompt_ids, limits.vocab_size, "messages")
     check_length(len(prompt_ids), body.output_limit, limits.max_model_len)
     params = build_sampling_params(body, limits, max_tokens=body.output_limit, logprobs=logprobs)
+    params = prepare_params(body, params, prompt_ids, engine.tokenizer, state.config)
     check_stream_compatible(body, params)
     call = ChatCall(state, body, prompt_ids, params)
     return await run_call(state, raw_request, call, [prompt_ids], stream=body.stream)

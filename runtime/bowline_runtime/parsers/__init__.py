@@ -35,7 +35,23 @@ __all__ = [
     "ThinkReasoningParser",
     "ToolCall",
     "get_reasoning_parser",
+    "make_chat_output_processor",
+    "prepare_chat_params",
     "get_tool_parser",
     "prompt_opens_reasoning",
     "tool_call_grammar",
 ]
+
+
+def make_chat_output_processor(request, tokenizer, config, prompt_ids=None):
+    """See parsers.chat_output (imported lazily: it needs the API layer, the parsers do not)."""
+    from bowline_runtime.parsers.chat_output import make_chat_output_processor as make
+
+    return make(request, tokenizer, config, prompt_ids)
+
+
+def prepare_chat_params(request, params, prompt_ids, tokenizer, config):
+    """See parsers.chat_output.prepare_chat_params."""
+    from bowline_runtime.parsers.chat_output import prepare_chat_params as prepare
+
+    return prepare(request, params, prompt_ids, tokenizer, config)
