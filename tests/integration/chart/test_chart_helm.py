@@ -363,3 +363,21 @@ def test_notes_tell_how_to_apply_and_call_an_inference_service(rendered: dict[st
     isvc = yaml.safe_load("\n".join(line[2:] for line in manifest.splitlines()))
     jsonschema.Draft4Validator(crd_schemas()[("serving.bowline.dev/v1alpha1", "InferenceService")]).validate(isvc)
     assert "team-a, team-b" in rendered["namespaced"]["notes"]
+
+
+def test_grafana_dashboard_queries_only_series_the_runtime_exports(rendered: dict[str, dict[str, Any]]) -> None:
+    import re
+
+    from bowline_runtime.api.metrics import ServerMetrics
+
+    exposed = set()
+    for line in ServerMetrics("tiny", lambda: None).render().decode().splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            base = name.removesuffix("_total")
+            series = {"counter": {f"{base}_total"}, "histogram": {f"{name}_bucket", f"{name}_count", f"{name}_sum"}}
+            exposed |= series.get(kind, {name})
+    [dashboard_json] = one(rendered["monitoring"]["docs"], "ConfigMap")["data"].values()
+    queried = set(re.findall(r"vllm:[a-z0-9_]+", dashboard_json))
+    assert len(queried) >= 8
+    assert queried <= exposed, queried - exposed
