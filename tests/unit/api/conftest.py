@@ -1,0 +1,56 @@
+"""An in-process app over the FakeEngine, driven by Starlette's TestClient (lifespan included)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from bowline_runtime.api.app import build_app
+from bowline_runtime.config import EngineConfig
+
+from .fake_engine import FakeEngine
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+def wait_ready(client: TestClient, timeout: float = 10.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if client.get("/health").status_code == 200:
+            return
+        time.sleep(0.01)
+    raise AssertionError("app never became ready")
+
+
+@pytest.fixture
+def make_client(tokenizer) -> Iterator[Callable[..., tuple[TestClient, FakeEngine]]]:
+    """make_client(**config_overrides) -> (ready client, its fake engine)."""
+    stack = []
+
+    def make(engine: FakeEngine | None = None, **overrides) -> tuple[TestClient, FakeEngine]:
+        engine = engine or FakeEngine(tokenizer)
+        config = EngineConfig(model="/models/tiny", served_model_name=MODEL, **overrides)
+        client = TestClient(build_app(config, engine_factory=lambda _: engine))
+        client.__enter__()
+        stack.append(client)
+        wait_ready(client)
+        return client, engine
+
+    yield make
+    for client in stack:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client) -> TestClient:
+    return make_client(enable_logprob=True)[0]
