@@ -45,7 +45,8 @@ async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
         try:
             result = fn()
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
-            loop.call_soon_threadsafe(lambda: future.done() or future.set_exception(exc))
+            error = exc  # `exc` is unbound after the except block; the callback runs later
+            loop.call_soon_threadsafe(lambda: future.done() or future.set_exception(error))
         else:
             loop.call_soon_threadsafe(lambda: future.done() or future.set_result(result))
 

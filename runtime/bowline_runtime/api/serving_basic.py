@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse, Response
 
 from bowline_runtime import __version__
 from bowline_runtime.api.metrics import CONTENT_TYPE
-from bowline_runtime.api.prompts import render_chat
+from bowline_runtime.api.prompts import check_token_ids, render_chat
 from bowline_runtime.api.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -16,7 +16,6 @@ from bowline_runtime.api.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from bowline_runtime.api.prompts import check_token_ids
 from bowline_runtime.api.state import get_state
 
 router = APIRouter()

@@ -6,7 +6,7 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from bowline_runtime.api.chat_output import ChatOutputProcessor, make_output_processor, prepare_params
 from bowline_runtime.api.dispatch import run_call

@@ -6,10 +6,9 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from fastapi.testclient import TestClient
-
 from bowline_runtime.api.app import build_app
 from bowline_runtime.config import EngineConfig
+from fastapi.testclient import TestClient
 
 from .fake_engine import FakeEngine
 

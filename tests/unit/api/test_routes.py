@@ -171,10 +171,9 @@ def test_completion_stream_echo_and_token_ids(client, tokenizer):
 
 
 def test_health_is_503_while_loading_then_200(tokenizer):
-    from fastapi.testclient import TestClient
-
     from bowline_runtime.api.app import build_app
     from bowline_runtime.config import EngineConfig
+    from fastapi.testclient import TestClient
 
     factory = BlockingFactory(FakeEngine(tokenizer))
     with TestClient(build_app(EngineConfig(model="m"), engine_factory=factory)) as client:
@@ -214,3 +213,26 @@ def test_metrics_use_vllm_names(client):
                  "vllm:e2e_request_latency_seconds_bucket", "vllm:prompt_tokens_total", "vllm:generation_tokens_total"):
         assert name in text, name
     assert 'vllm:generation_tokens_total{model_name="tiny"} 2.0' in text
+
+
+def test_a_failed_load_is_reported_and_signalled():
+    from fastapi.testclient import TestClient
+
+    from bowline_runtime.api.app import build_app
+    from bowline_runtime.config import EngineConfig
+
+    failures = []
+
+    def broken(_):
+        raise OSError("no config.json in /models/x")
+
+    with TestClient(build_app(EngineConfig(model="m"), engine_factory=broken, on_load_failure=failures.append)) as client:
+        import time
+
+        deadline = time.time() + 5
+        while not failures and time.time() < deadline:
+            time.sleep(0.01)
+        assert failures and isinstance(failures[0], OSError)
+        resp = client.get("/health")
+        assert resp.status_code == 503 and "no config.json" in resp.json()["status"]
+        assert "no config.json" in error_of(client.post("/v1/completions", json={"prompt": "a"}), 503)["message"]

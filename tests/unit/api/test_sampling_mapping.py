@@ -4,7 +4,6 @@ and what cannot be honoured is refused with the field named."""
 from __future__ import annotations
 
 import pytest
-
 from bowline_runtime.api.errors import APIError
 from bowline_runtime.api.protocol import ChatCompletionRequest, CompletionRequest
 from bowline_runtime.api.sampling import ServerLimits, build_sampling_params, check_stream_compatible
