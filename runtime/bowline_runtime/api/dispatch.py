@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel
 
 from bowline_runtime.api.generation import Generation, race_disconnect
@@ -55,4 +55,4 @@ async def run_call(state: ServerState, raw_request: Request, call: Call, prompts
         await cleanup()
         raise
     await cleanup()
-    return JSONResponse(call.response(gen).model_dump())
+    return Response(call.response(gen).model_dump_json(), media_type="application/json")

@@ -97,6 +97,18 @@ def describe_validation_errors(errors: Sequence[Mapping[str, Any]]) -> tuple[str
     return text or "invalid request", first_param
 
 
+def to_api_error(exc: BaseException) -> APIError:
+    """What the client should see for an exception raised while serving (also used in-band in streams)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ValueError):  # the engine's and SamplingParams' refusals are written for users
+        return APIError(str(exc), 400)
+    if type(exc).__name__ == "EngineDeadError":
+        return APIError("the engine has stopped; the server log has the details", 503)
+    logger.error("unhandled error while serving", exc_info=exc)
+    return APIError("internal server error; the server log has the details", 500)
+
+
 async def _on_api_error(_: Request, exc: APIError) -> JSONResponse:
     return exc.response()
 
@@ -116,8 +128,7 @@ async def _on_http_exception(_: Request, exc: StarletteHTTPException) -> JSONRes
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unhandled error serving %s %s", request.method, request.url.path)
-    return APIError("internal server error; the server log has the details", 500).response()
+    return to_api_error(exc).response()
 
 
 def install_error_handlers(app: FastAPI) -> None:

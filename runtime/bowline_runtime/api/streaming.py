@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from bowline_runtime.api.errors import APIError
+from bowline_runtime.api.errors import to_api_error
 
 logger = logging.getLogger("bowline.api")
 
@@ -37,14 +37,8 @@ class SSEResponse(StreamingResponse):
         try:
             async for payload in self._events:
                 yield sse_event(payload)
-        except APIError as exc:
-            # Headers are gone already: report in-band, as vLLM does, then end the stream normally.
-            yield sse_event(exc.body().model_dump_json())
-        except ValueError as exc:
-            yield sse_event(APIError(str(exc), 400).body().model_dump_json())
-        except Exception:
-            logger.exception("stream failed")
-            yield sse_event(APIError("internal server error; the server log has the details", 500).body().model_dump_json())
+        except Exception as exc:  # noqa: BLE001 - headers are gone: report in-band, as vLLM does
+            yield sse_event(to_api_error(exc).body().model_dump_json())
         yield DONE
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -236,3 +236,19 @@ def test_a_failed_load_is_reported_and_signalled():
         resp = client.get("/health")
         assert resp.status_code == 503 and "no config.json" in resp.json()["status"]
         assert "no config.json" in error_of(client.post("/v1/completions", json={"prompt": "a"}), 503)["message"]
+
+
+class _CrashingEngine(FakeEngine):
+    """Fails after the first snapshot, the way a dying engine loop does."""
+
+    async def generate(self, prompt_token_ids, params, request_id=None, arrival_time=None):
+        async for out in super().generate(prompt_token_ids, params, request_id, arrival_time):
+            yield out
+            raise type("EngineDeadError", (RuntimeError,), {})("step loop crashed")
+
+
+def test_engine_failure_mid_stream_is_reported_in_band_then_done(make_client, tokenizer):
+    client, _ = make_client(engine=_CrashingEngine(tokenizer))
+    chunks = sse_payloads(client.post("/v1/completions", json={"prompt": "a", "max_tokens": 4, "stream": True}))
+    assert chunks[-1]["error"]["type"] == "service_unavailable" and "Traceback" not in chunks[-1]["error"]["message"]
+    error_of(client.post("/v1/completions", json={"prompt": "a", "max_tokens": 4}), 503)
