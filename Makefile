@@ -83,3 +83,6 @@ helm-lint: install ## lint charts/bowline with real Helm (no cluster needed)
 
 clean:
 	rm -rf $(VENV) $(VENV)-helm models bench/results .pytest_cache
+
+bench-operator: install ## operator: 200 InferenceServices against the emulated API (time to children+status, peak RSS)
+	$(BIN)/python bench/operator_bench.py

@@ -25,7 +25,7 @@ def covers(live: Any, want: Any) -> bool:
     if isinstance(want, dict):
         return isinstance(live, dict) and all(k in live and covers(live[k], v) for k, v in want.items())
     if isinstance(want, list):
-        return isinstance(live, list) and len(live) == len(want) and all(covers(h, w) for h, w in zip(live, want))
+        return isinstance(live, list) and len(live) == len(want) and all(covers(h, w) for h, w in zip(live, want, strict=True))
     return live == want
 
 

@@ -67,10 +67,22 @@ class BowlineEmulator(kmock.KubernetesEmulator):
                 request.data.append({"op": "add", "path": "/metadata/generation", "value": generation + 1})
 
 
+class ForgetfulEmulator(BowlineEmulator):
+    """Keeps no request history: kmock matches each request against all past ones (quadratic), which
+    at benchmark scale measures kmock instead of the operator. Request assertions are unavailable."""
+
+    async def _handle(self, request: Any) -> Any:
+        try:
+            return await super()._handle(request)
+        finally:
+            self._requests.clear()
+
+
 class EmulatorThread:
     """Owns the emulator's event loop and HTTP server on a background thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, emulator_cls: type[BowlineEmulator] = BowlineEmulator) -> None:
+        self.emulator_cls = emulator_cls
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.stopping: asyncio.Event | None = None
@@ -84,7 +96,7 @@ class EmulatorThread:
 
     async def _serve(self) -> None:
         self.stopping = asyncio.Event()
-        async with BowlineEmulator() as emulator, kmock.Server(emulator) as server:
+        async with self.emulator_cls() as emulator, kmock.Server(emulator) as server:
             emulator.resources.load_bundled()
             emulator.resources[ISVC] = kmock.ResourceInfo(
                 kind="InferenceService", namespaced=True, subresources={"status", "scale"},

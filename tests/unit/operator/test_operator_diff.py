@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import copy
 
-from operator_crd_tools import apply_defaults, example, schema
-
 from bowline_operator.diff import DEPLOYMENT_PRUNE, merge_patch
 from bowline_operator.render import Owner, render_deployment
 from bowline_operator.validation import validate_spec
+from operator_crd_tools import apply_defaults, example, schema
 
 OWNER = Owner(name="svc", namespace="ml", uid="u")
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from operator_crd_tools import apply_defaults, example, schema
-
 from bowline_operator.render import Owner, render_children
 from bowline_operator.validation import validate_spec
+from operator_crd_tools import apply_defaults, example, schema
 
 OWNER = Owner(name="svc", namespace="ml", uid="1234-abcd")
 

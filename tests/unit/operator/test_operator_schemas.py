@@ -6,10 +6,9 @@ import copy
 
 import kubernetes_validate
 import pytest
-from operator_crd_tools import EXAMPLES, apply_defaults, cel_failures, example, load_crd, schema, schema_errors
-
 from bowline_operator.render import Owner, render_children
 from bowline_operator.validation import validate_spec
+from operator_crd_tools import EXAMPLES, apply_defaults, cel_failures, example, load_crd, schema, schema_errors
 
 K8S_VERSION = "1.33"
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from operator_crd_tools import apply_defaults, example, schema
-
 from bowline_operator.render import Owner
 from bowline_operator.status import compute_status, invalid_status, status_changed
 from bowline_operator.validation import validate_spec
+from operator_crd_tools import apply_defaults, example, schema
 
 OWNER = Owner(name="tiny", namespace="ml", uid="u")
 SPEC = validate_spec(apply_defaults(schema(), example("cpu-tiny"))["spec"]).spec
