@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Protocol
 
@@ -9,7 +10,8 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from bowline_runtime.api.generation import Generation, race_disconnect
+from bowline_runtime.api.errors import APIError, to_api_error
+from bowline_runtime.api.generation import ClientDisconnected, Generation, race_disconnect
 from bowline_runtime.api.state import ServerState
 from bowline_runtime.api.streaming import SSEResponse
 from bowline_runtime.engine.outputs import RequestOutput
@@ -51,8 +53,11 @@ async def run_call(state: ServerState, raw_request: Request, call: Call, prompts
         if stream:
             return SSEResponse(call.events(gen, first), cleanup)
         await race_disconnect(raw_request, gen.run_to_end())
-    except BaseException:
+    except (APIError, ClientDisconnected, asyncio.CancelledError):
         await cleanup()
         raise
+    except Exception as exc:  # engine refusals (ValueError) and failures become OpenAI error bodies here
+        await cleanup()
+        raise to_api_error(exc) from None
     await cleanup()
     return Response(call.response(gen).model_dump_json(), media_type="application/json")

@@ -216,10 +216,9 @@ def test_metrics_use_vllm_names(client):
 
 
 def test_a_failed_load_is_reported_and_signalled():
-    from fastapi.testclient import TestClient
-
     from bowline_runtime.api.app import build_app
     from bowline_runtime.config import EngineConfig
+    from fastapi.testclient import TestClient
 
     failures = []
 
