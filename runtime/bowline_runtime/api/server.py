@@ -28,6 +28,11 @@ class _Server(uvicorn.Server):
             self.state.draining = True
             logger.info("stop signal received: finishing in-flight requests (up to %ss)", self.config.timeout_graceful_shutdown)
         super().handle_exit(sig, frame)
+        # uvicorn re-raises a captured signal once it has stopped, so the process would die "by
+        # SIGTERM" (exit -15) after a clean drain; Kubernetes and supervisors expect 0 for that.
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()
 
 
 def run_server(config: EngineConfig) -> int:
