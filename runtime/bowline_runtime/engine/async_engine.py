@@ -62,7 +62,7 @@ class AsyncEngine:
         if self._dead is not None:
             raise EngineDeadError(f"engine stopped: {self._dead!r}")
         request_id = request_id or uuid.uuid4().hex
-        self.engine.check_request(prompt_token_ids, params)
+        prepared = self.engine.check_request(prompt_token_ids, params)
         if params.use_beam_search:
             async for out in self._beam_search(prompt_token_ids, params, request_id, arrival_time):
                 yield out
@@ -70,7 +70,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (loop, stream)
-        self._send("add", (request_id, prompt_token_ids, params, arrival_time or time.time()))
+        self._send("add", (request_id, prepared, arrival_time or time.time()))
         finished = False
         try:
             while True:
@@ -132,9 +132,9 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
-                request_id, prompt, params, arrival = payload
+                request_id, prepared, arrival = payload
                 try:
-                    self.engine.add_request(request_id, prompt, params, arrival)
+                    self.engine.add_request(request_id, prepared, arrival)
                 except Exception as exc:  # refused after all: report to that request only
                     self._deliver(request_id, exc)
             elif kind == "abort":

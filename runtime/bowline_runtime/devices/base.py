@@ -1,0 +1,50 @@
+"""The one interface through which the engine talks to hardware. Nothing else names a vendor."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+
+class Device(ABC):
+    """A kind of accelerator (or the CPU): how to address it, measure it and join ranks over it."""
+
+    #: torch device type, e.g. "cpu", "cuda", "npu"
+    type: str
+    #: torch.distributed backend for tensor parallelism on this device
+    dist_backend: str
+    #: environment variable that restricts which devices a process sees (None for CPU)
+    visible_devices_env: str | None = None
+
+    @classmethod
+    @abstractmethod
+    def is_available(cls) -> bool:
+        """Whether this machine has such a device (and its torch extension imports)."""
+
+    @abstractmethod
+    def device_count(self) -> int: ...
+
+    def torch_device(self, rank: int = 0) -> torch.device:
+        """The torch device a tensor-parallel rank runs on."""
+        return torch.device(self.type, rank) if self.type != "cpu" else torch.device("cpu")
+
+    @abstractmethod
+    def memory_info(self, rank: int = 0) -> tuple[int, int]:
+        """(free, total) bytes of the memory the KV cache would live in."""
+
+    def synchronize(self) -> None:
+        """Wait for queued kernels; a no-op on the CPU."""
+
+    def set_device(self, rank: int) -> None:
+        """Bind this process to its rank's device."""
+
+    def supported_dtypes(self) -> tuple[torch.dtype, ...]:
+        return (torch.float32, torch.bfloat16, torch.float16)
+
+    def default_dtype(self) -> torch.dtype:
+        """The dtype `--dtype auto` means when the model's config does not say."""
+        return torch.bfloat16
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"

@@ -1,0 +1,54 @@
+"""Incremental detokenisation and stop-string matching across token boundaries.
+
+Decoding only a short window of recent tokens per step keeps this O(1) per token; text is released
+only when it is complete UTF-8 and cannot be the start of a stop string, so a streamed client never
+sees characters that are later retracted.
+"""
+
+from __future__ import annotations
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, stop: list[str], include_stop: bool, skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.include_stop = include_stop
+        self.skip_special_tokens = skip_special_tokens
+        self.holdback = max((len(s) for s in self.stop), default=1) - 1
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.text = ""  # all decoded text so far (after a stop: cut)
+        self.emitted = 0  # how much of `text` may be shown
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def add_token(self, token_id: int) -> str | None:
+        """Feed one generated token; returns the stop string matched (text already cut), else None."""
+        self.ids.append(token_id)
+        prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        new_text = self._decode(self.ids[self.prefix_offset :])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return None  # an incomplete character: wait for the next token
+        delta = new_text[len(prefix_text) :]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        prev_len = len(self.text)
+        self.text += delta
+        # A stop string may straddle the previous text's end; the earliest match wins.
+        matches = [(idx, stop) for stop in self.stop if (idx := self.text.find(stop, max(0, prev_len - len(stop) + 1))) != -1]
+        if matches:
+            idx, stop = min(matches)
+            self.text = self.text[: idx + len(stop)] if self.include_stop else self.text[:idx]
+            self.emitted = len(self.text)
+            return stop
+        self.emitted = max(self.emitted, len(self.text) - self.holdback)
+        return None
+
+    def finish(self) -> None:
+        """No more tokens: everything decoded may be shown."""
+        self.emitted = len(self.text)
+
+    @property
+    def visible_text(self) -> str:
+        return self.text[: self.emitted]

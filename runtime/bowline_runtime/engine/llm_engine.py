@@ -1,0 +1,328 @@
+"""The synchronous engine: admits requests, steps the batch, turns sampled tokens into outputs.
+
+One `step()` = schedule -> one forward over the packed batch -> batched sampling -> stop checks and
+incremental detokenisation -> outputs for every request that moved. The async front runs it in a loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from bowline_runtime.config import EngineConfig
+from bowline_runtime.devices import get_device
+from bowline_runtime.engine.block_manager import BlockManager
+from bowline_runtime.engine.detokenizer import IncrementalDetokenizer
+from bowline_runtime.engine.model_runner import ModelRunner, StepPlan, prepare_step
+from bowline_runtime.engine.outputs import CompletionOutput, EngineStats, RequestOutput, TokenLogprob
+from bowline_runtime.engine.sampler import Sampler, token_logprobs
+from bowline_runtime.engine.sampling_params import SamplingParams
+from bowline_runtime.engine.scheduler import Scheduler
+from bowline_runtime.engine.sequence import Sequence, SeqStatus
+from bowline_runtime.engine.worker import TensorParallelGroup
+from bowline_runtime.models import loader
+
+logger = logging.getLogger("bowline.engine")
+
+CPU_DEFAULT_KV_BYTES = 1 << 30
+
+
+@dataclass(slots=True)
+class PreparedRequest:
+    """A request that passed every check, with what it needs precomputed (outside the step loop)."""
+
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    bad_word_ids: list[list[int]]
+    constraint_factory: Any = None
+
+
+@dataclass(slots=True)
+class _Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    arrival_time: float
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = get_device(config.device)
+        hf_config = loader.load_config(config.model, config.trust_remote_code)
+        self.hf_config = hf_config
+        self.max_model_len = self._resolve_max_model_len(hf_config)
+        self.dtype = loader.resolve_dtype(config.dtype, hf_config, self.device)
+        self.tokenizer = loader.load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
+        self.eos_token_ids = loader.eos_token_ids(config.model, hf_config, self.tokenizer)
+        self.vocab_size = hf_config.vocab_size
+        self.tp = TensorParallelGroup(config, self.device, self.dtype)
+        t0 = time.perf_counter()
+        self.runner: ModelRunner = self.tp.start_driver()
+        logger.info(
+            "loaded %s (%s, %s, %s weights) on %s x%d in %.1f s",
+            config.model, type(self.runner.model).__name__, self.dtype, config.load_format,
+            self.device.type, config.tensor_parallel_size, time.perf_counter() - t0,
+        )
+        self.block_size = config.block_size
+        num_blocks = self._num_kv_blocks()
+        self.tp.allocate_kv_cache(num_blocks * self.block_size)
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB per rank)",
+            num_blocks, self.block_size, num_blocks * self.block_size,
+            num_blocks * self.block_size * self.runner.kv_bytes_per_token(self.tp.num_kv_heads_local) / 2**20,
+        )
+        self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
+        max_batched = config.max_num_batched_tokens or max(2048, config.max_num_seqs)
+        if max_batched < config.max_num_seqs:
+            raise ValueError(
+                f"--max-num-batched-tokens ({max_batched}) must be at least --max-num-seqs ({config.max_num_seqs})"
+            )
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_batched)
+        self.sampler = Sampler(min(self.vocab_size, len(self.tokenizer)), self.eos_token_ids)
+        self.requests: dict[str, _Request] = {}
+        self._seq_ids = itertools.count()
+
+    # --- start-up checks ---------------------------------------------------------------------------
+
+    def _resolve_max_model_len(self, hf_config) -> int:
+        limit = loader.max_position_limit(hf_config)
+        wanted = self.config.max_model_len
+        if wanted is None:
+            if limit is None:
+                raise ValueError("the model config gives no position limit: set --max-model-len")
+            return limit
+        if limit is not None and wanted > limit:
+            raise ValueError(
+                f"--max-model-len {wanted} exceeds the model's position limit of {limit} "
+                f"(max_position_embeddings in config.json); use at most {limit}"
+            )
+        return wanted
+
+    def _num_kv_blocks(self) -> int:
+        per_token = self.runner.kv_bytes_per_token(self.tp.num_kv_heads_local)
+        if self.device.type == "cpu" or self.config.kv_cache_memory:
+            budget = self.config.kv_cache_memory or CPU_DEFAULT_KV_BYTES
+        else:
+            free, total = self.device.memory_info(0)
+            budget = int(total * self.config.gpu_memory_utilization) - (total - free)
+        # More blocks than max_num_seqs full-length sequences could ever use would only waste memory.
+        useful = self.config.max_num_seqs * -(-self.max_model_len // self.block_size) + 1
+        num_blocks = min(budget // (per_token * self.block_size), useful)
+        if num_blocks * self.block_size < self.max_model_len:
+            raise ValueError(
+                f"the KV cache fits {num_blocks * self.block_size} tokens, fewer than --max-model-len "
+                f"{self.max_model_len}: raise --gpu-memory-utilization / --kv-cache-memory or lower --max-model-len"
+            )
+        return int(num_blocks)
+
+    # --- requests -----------------------------------------------------------------------------------
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> PreparedRequest:
+        """Refuse what cannot be served, with a message for the user (ValueError); precompute the rest."""
+        n_prompt = len(prompt_token_ids)
+        if n_prompt == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        bad_ids = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad_ids:
+            raise ValueError(f"prompt token ids out of range [0, {self.vocab_size}): {bad_ids[:5]}")
+        if n_prompt >= self.max_model_len:
+            raise ValueError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but the prompt has "
+                f"{n_prompt} tokens; shorten the prompt"
+            )
+        if params.max_tokens is not None and n_prompt + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but {n_prompt} prompt "
+                f"tokens plus max_tokens {params.max_tokens} is {n_prompt + params.max_tokens}; "
+                "lower max_tokens or shorten the prompt"
+            )
+        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+            raise ValueError(f"logprobs must be at most {self.config.max_logprobs}, got {params.logprobs}")
+        for token_id in list(params.stop_token_ids) + list((params.logit_bias or {}).keys()):
+            if not 0 <= token_id < self.vocab_size:
+                raise ValueError(f"token id {token_id} is outside the vocabulary [0, {self.vocab_size})")
+        bad_word_ids = [list(ids) for ids in params.bad_words_token_ids if ids]
+        for word in params.bad_words:
+            for variant in {word, " " + word.lstrip()}:
+                ids = self.tokenizer.encode(variant, add_special_tokens=False)
+                if ids and ids not in bad_word_ids:
+                    bad_word_ids.append(ids)
+        return PreparedRequest(list(prompt_token_ids), params, bad_word_ids, self._compile_constraint(params))
+
+    def _compile_constraint(self, params: SamplingParams):
+        if params.guided is None and params.reasoning_max_tokens is None:
+            return None
+        try:
+            from bowline_runtime.guided import compile_constraint
+        except ImportError as exc:
+            raise ValueError("guided decoding is not available in this build") from exc
+        return compile_constraint(params, self.tokenizer, self.vocab_size)
+
+    def add_request(self, request_id: str, prepared: PreparedRequest, arrival_time: float | None = None) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params = prepared.params
+        arrival = arrival_time or time.time()
+        seqs = []
+        for index in range(params.num_candidates):
+            seq = Sequence(
+                seq_id=next(self._seq_ids),
+                request_id=request_id,
+                index=index,
+                token_ids=list(prepared.prompt_token_ids),
+                num_prompt_tokens=len(prepared.prompt_token_ids),
+                params=params,
+                arrival_time=arrival,
+            )
+            if params.seed is not None:
+                seq.generator = torch.Generator().manual_seed(params.seed + 7919 * index)
+            if prepared.constraint_factory is not None:
+                seq.constraint = prepared.constraint_factory()
+            seq.bad_word_ids = prepared.bad_word_ids
+            seq.detokenizer = IncrementalDetokenizer(
+                self.tokenizer, params.stop, params.include_stop_str_in_output, params.skip_special_tokens
+            )
+            if params.logprobs is not None:
+                seq.logprobs = []
+            if params.prompt_logprobs is not None:
+                seq.prompt_logprobs = [None]
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = _Request(request_id, list(prepared.prompt_token_ids), params, seqs, arrival)
+
+    def abort_request(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_free_blocks=self.block_manager.num_free_blocks,
+            num_total_blocks=self.block_manager.num_blocks,
+        )
+
+    # --- the step -------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        plan = prepare_step(batch, self.block_size)
+        logits = self.tp.execute(plan.step)
+        now = time.time()
+        to_sample: list[Sequence] = []
+        rows: list[int] = []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens, strict=True)):
+            if plan.prompt_rows[i] is not None:
+                self._record_prompt_logprobs(seq, logits, plan, i)
+            seq.num_computed_tokens += n
+            self.block_manager.register_full_blocks(seq)
+            if plan.sample_rows[i] >= 0:
+                to_sample.append(seq)
+                rows.append(plan.sample_rows[i])
+        touched: dict[str, _Request] = {}
+        if to_sample:
+            result = self.sampler(logits[rows], to_sample)
+            for seq, token_id, lp in zip(to_sample, result.token_ids, result.logprobs, strict=True):
+                self._append_token(seq, token_id, lp, now)
+                if seq.request_id in self.requests:
+                    touched[seq.request_id] = self.requests[seq.request_id]
+        outputs = []
+        for request in touched.values():
+            finished = all(s.is_finished for s in request.seqs)
+            outputs.append(self._snapshot(request, finished))
+            if finished:
+                del self.requests[request.request_id]
+        return outputs
+
+    def _record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, plan: StepPlan, i: int) -> None:
+        first_row, first_pos, count = plan.prompt_rows[i]
+        lps = torch.log_softmax(logits[first_row : first_row + count].float()[:, : self.sampler.vocab_size], dim=-1)
+        k = seq.params.prompt_logprobs or 0
+        for j in range(count):
+            target = seq.token_ids[first_pos + j + 1]
+            seq.prompt_logprobs.append(token_logprobs(lps[j], target, k))
+
+    def _append_token(self, seq: Sequence, token_id: int, lp: TokenLogprob | None, now: float) -> None:
+        params = seq.params
+        seq.token_ids.append(token_id)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        if lp is not None:
+            seq.cumulative_logprob += lp.logprob
+            if seq.logprobs is not None:
+                seq.logprobs.append(lp)
+        if seq.constraint is not None:
+            seq.constraint.accept_token(token_id)
+
+        reason: str | None = None
+        if token_id in params.stop_token_ids and seq.num_output_tokens > params.min_tokens - 1:
+            reason, seq.stop_reason = "stop", token_id
+            if params.include_stop_str_in_output:
+                seq.detokenizer.add_token(token_id)
+        elif token_id in self.eos_token_ids and not params.ignore_eos:
+            reason = "stop"
+        else:
+            matched = seq.detokenizer.add_token(token_id)
+            if matched is not None and seq.num_output_tokens >= params.min_tokens:
+                reason, seq.stop_reason = "stop", matched
+            elif seq.constraint is not None and seq.constraint.is_finished():
+                reason = "stop"
+        if reason is None:
+            if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+                reason = "length"
+            elif seq.num_tokens >= self.max_model_len:
+                reason = "length"
+        if reason is not None:
+            seq.finish_reason = reason
+            seq.detokenizer.finish()
+            self.scheduler.finish(seq)
+
+    def _snapshot(self, request: _Request, finished: bool) -> RequestOutput:
+        outputs = []
+        for seq in request.seqs:
+            outputs.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=seq.detokenizer.visible_text,
+                    token_ids=list(seq.output_token_ids),
+                    logprobs=None if seq.logprobs is None else list(seq.logprobs),
+                    cumulative_logprob=seq.cumulative_logprob,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                )
+            )
+        first = request.seqs[0]
+        firsts = [s.first_token_time for s in request.seqs if s.first_token_time is not None]
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=outputs,
+            finished=finished,
+            prompt_logprobs=None if first.prompt_logprobs is None else list(first.prompt_logprobs),
+            arrival_time=request.arrival_time,
+            first_token_time=min(firsts) if firsts else None,
+            num_cached_tokens=first.num_cached_tokens,
+        )
+
+    def shutdown(self) -> None:
+        self.tp.shutdown()
+
+
+__all__ = ["LLMEngine", "PreparedRequest", "SeqStatus"]

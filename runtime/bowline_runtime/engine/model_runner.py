@@ -1,0 +1,156 @@
+"""Runs one forward pass over a scheduled batch: packs tokens, builds attention metadata, keeps the KV cache.
+
+`prepare_step` (pure) turns a ScheduledBatch into a StepInput of plain tensors; the same StepInput is
+broadcast to every tensor-parallel rank, each of which calls `ModelRunner.execute` on its shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from bowline_runtime.engine.scheduler import ScheduledBatch
+from bowline_runtime.models.attention import AttentionMetadata, PrefillSpan
+
+
+@dataclass(slots=True)
+class StepInput:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    slot_mapping: torch.Tensor  # [T]
+    num_decodes: int
+    decode_slots: torch.Tensor | None  # [nd, L]
+    decode_lens: torch.Tensor | None  # [nd]
+    prefills: list[tuple[int, int, int, torch.Tensor | None]]  # (q_start, q_end, context_len, context slots)
+    keep: torch.Tensor  # [K] packed positions whose logits are needed
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """Rank 0's bookkeeping for a step: which kept logits rows belong to which sequence."""
+
+    step: StepInput
+    sample_rows: list[int]  # row in logits -> sampled for batch.seqs[i] (-1: no sample this step)
+    prompt_rows: list[tuple[int, int, int] | None]  # per seq: (first row, first position, count) of prompt logprobs
+
+
+def _slots(block_table: list[int], start: int, end: int, block_size: int) -> torch.Tensor:
+    pos = torch.arange(start, end)
+    table = torch.tensor(block_table, dtype=torch.long)
+    return table[pos // block_size] * block_size + pos % block_size
+
+
+def prepare_step(batch: ScheduledBatch, block_size: int) -> StepPlan:
+    ids: list[int] = []
+    positions: list[torch.Tensor] = []
+    slots: list[torch.Tensor] = []
+    keep: list[int] = []
+    sample_rows: list[int] = []
+    prompt_rows: list[tuple[int, int, int] | None] = []
+    prefills: list[tuple[int, int, int, torch.Tensor | None]] = []
+    decode_tables: list[torch.Tensor] = []
+    decode_lens: list[int] = []
+
+    cursor = 0
+    for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens, strict=True)):
+        start = seq.num_computed_tokens
+        end = start + n
+        ids.extend(seq.token_ids[start:end])
+        positions.append(torch.arange(start, end))
+        slots.append(_slots(seq.block_table, start, end, block_size))
+        if i < batch.num_decodes:
+            decode_tables.append(_slots(seq.block_table, 0, end, block_size))
+            decode_lens.append(end)
+        else:
+            context = None if start == 0 else _slots(seq.block_table, 0, end, block_size)
+            prefills.append((cursor, cursor + n, end, context))
+        wants_prompt = seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1
+        if wants_prompt:
+            count = min(end, seq.num_prompt_tokens - 1) - start
+            prompt_rows.append((len(keep), start, count))
+            keep.extend(range(cursor, cursor + count))
+        else:
+            prompt_rows.append(None)
+        if end == seq.num_tokens:  # the chunk reaches the end: sample the next token
+            sample_rows.append(len(keep))
+            keep.append(cursor + n - 1)
+        else:
+            sample_rows.append(-1)
+        cursor += n
+
+    decode_slots = lens = None
+    if decode_tables:
+        max_len = max(decode_lens)
+        decode_slots = torch.zeros(len(decode_tables), max_len, dtype=torch.long)
+        for row, table in enumerate(decode_tables):
+            decode_slots[row, : table.numel()] = table
+        lens = torch.tensor(decode_lens)
+    step = StepInput(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        positions=torch.cat(positions),
+        slot_mapping=torch.cat(slots),
+        num_decodes=batch.num_decodes,
+        decode_slots=decode_slots,
+        decode_lens=lens,
+        prefills=prefills,
+        keep=torch.tensor(keep, dtype=torch.long),
+    )
+    return StepPlan(step, sample_rows, prompt_rows)
+
+
+class ModelRunner:
+    """Holds a (possibly sharded) model and its KV cache on one device."""
+
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, is_driver: bool) -> None:
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.is_driver = is_driver
+        config = model.config
+        self.num_layers = config.num_hidden_layers
+        heads = config.num_attention_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def kv_bytes_per_token(self, num_kv_heads_local: int) -> int:
+        return 2 * self.num_layers * num_kv_heads_local * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+    def allocate_kv_cache(self, num_slots: int, num_kv_heads_local: int) -> None:
+        # Zeroed, not empty: padded context slots are read (then masked), and NaN * 0 would still be NaN.
+        shape = (num_slots, num_kv_heads_local, self.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(self.num_layers)
+        ]
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> torch.Tensor | None:
+        dev = self.device
+        decode_mask = None
+        if step.num_decodes:
+            max_len = step.decode_slots.shape[1]
+            valid = torch.arange(max_len).unsqueeze(0) < step.decode_lens.unsqueeze(1)
+            decode_mask = torch.zeros(valid.shape, dtype=self.dtype).masked_fill(~valid, float("-inf"))
+            decode_mask = decode_mask.view(step.num_decodes, 1, 1, max_len).to(dev)
+        meta = AttentionMetadata(
+            slot_mapping=step.slot_mapping.to(dev),
+            num_decodes=step.num_decodes,
+            decode_slots=None if step.decode_slots is None else step.decode_slots.to(dev),
+            decode_mask=decode_mask,
+            prefills=[
+                PrefillSpan(a, b, ctx, None if slots is None else slots.to(dev)) for a, b, ctx, slots in step.prefills
+            ],
+            kv_caches=self.kv_caches,
+        )
+        keep = step.keep if self.is_driver else step.keep[:0]
+        out = self.model(
+            input_ids=step.input_ids.to(dev).unsqueeze(0),
+            position_ids=step.positions.to(dev).unsqueeze(0),
+            use_cache=False,
+            logits_to_keep=keep.to(dev),
+            attn_meta=meta,
+        )
+        return out.logits[0] if self.is_driver else None

@@ -1,0 +1,114 @@
+"""Continuous batching: each step's batch is the running decodes plus as much waiting prefill as fits.
+
+Bounds: --max-num-seqs sequences, --max-num-batched-tokens tokens per step (long prompts are
+chunked across steps), and free KV blocks. When a running sequence cannot grow, the newest one is
+preempted (its blocks freed, it goes back to the front of the queue and is recomputed later):
+requests wait for memory, they never fail for lack of it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from bowline_runtime.engine.block_manager import BlockManager
+from bowline_runtime.engine.sequence import Sequence, SeqStatus
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    """Decodes first (one token each), then prefill chunks; `num_tokens[i]` tokens for `seqs[i]`."""
+
+    seqs: list[Sequence]
+    num_tokens: list[int]
+    num_decodes: int
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.max_num_batched_tokens
+        decodes: list[Sequence] = []
+        prefills: list[tuple[Sequence, int]] = []
+
+        # 1. Running sequences keep going; the newest give way when blocks run out.
+        running = list(self.running)
+        kept: list[Sequence] = []
+        while running:
+            seq = running.pop(0)
+            if seq.is_prefilling:
+                kept.append(seq)
+                continue
+            while not self.block_manager.can_append(seq):
+                if running:
+                    self._preempt(running.pop())
+                else:
+                    break
+            if not self.block_manager.can_append(seq):
+                self._preempt(seq)
+                continue
+            self.block_manager.append_slots(seq)
+            decodes.append(seq)
+            kept.append(seq)
+            budget -= 1
+        self.running = kept
+
+        # 2. Partially prefilled running sequences continue their chunks.
+        for seq in self.running:
+            if seq.is_prefilling and budget > 0:
+                n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+                prefills.append((seq, n))
+                budget -= n
+
+        # 3. Admit waiting sequences while sequences, tokens and blocks allow.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.block_manager.can_allocate(seq):
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            prefills.append((seq, n))
+            budget -= n
+
+        seqs = decodes + [s for s, _ in prefills]
+        counts = [1] * len(decodes) + [n for _, n in prefills]
+        return ScheduledBatch(seqs, counts, len(decodes))
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks and queue it first in line for recomputation."""
+        self.block_manager.deallocate(seq)
+        seq.status = SeqStatus.WAITING
+        if seq in self.running:
+            self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence and free its blocks at once."""
+        if seq.status is SeqStatus.RUNNING and seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.block_table:
+            self.block_manager.deallocate(seq)
+        seq.status = SeqStatus.FINISHED

@@ -1,0 +1,134 @@
+"""Tensor-parallel ranks: rank 0 (the driver) schedules and samples; ranks 1..N-1 run its forward passes.
+
+Each rank is a process holding one shard of the weights and of the KV cache. Every step the driver
+broadcasts the StepInput (a few small tensors) over torch.distributed, then all ranks run the same
+forward; the sharded layers' all-reduces keep them in step. The backend comes from the device layer
+(gloo on CPU, nccl on CUDA, hccl on NPU).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from bowline_runtime.config import EngineConfig
+from bowline_runtime.devices import Device, get_device
+from bowline_runtime.engine.model_runner import ModelRunner, StepInput
+from bowline_runtime.models import loader
+from bowline_runtime.models.tensor_parallel import check_divisible, shard_model
+
+logger = logging.getLogger("bowline.worker")
+
+_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _threads_per_rank(device: Device, world_size: int) -> None:
+    """On CPU the ranks share the cores: give each its fair part instead of oversubscribing."""
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+
+
+def build_runner(config: EngineConfig, device: Device, dtype: torch.dtype, rank: int, world_size: int) -> ModelRunner:
+    hf_config = loader.load_config(config.model, config.trust_remote_code)
+    check_divisible(hf_config, world_size)
+    model = loader.load_model(config.model, hf_config, dtype, config.load_format, config.trust_remote_code)
+    shard_model(model, rank, world_size)
+    torch_device = device.torch_device(rank)
+    model.to(torch_device)
+    return ModelRunner(model, torch_device, dtype, is_driver=rank == 0)
+
+
+def _worker_main(config: EngineConfig, rank: int, world_size: int, port: int, dtype: torch.dtype) -> None:
+    device = get_device(config.device)
+    device.set_device(rank)
+    _threads_per_rank(device, world_size)
+    dist.init_process_group(
+        device.dist_backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=_TIMEOUT
+    )
+    runner = build_runner(config, device, dtype, rank, world_size)
+    box: list = [None]
+    dist.broadcast_object_list(box, src=0)
+    num_slots, kv_heads = box[0]
+    runner.allocate_kv_cache(num_slots, kv_heads)
+    while True:
+        dist.broadcast_object_list(box, src=0)
+        step = box[0]
+        if step is None:
+            break
+        runner.execute(step)
+    dist.destroy_process_group()
+
+
+class TensorParallelGroup:
+    """The driver's handle on all ranks; with size 1 it is just the local model runner."""
+
+    def __init__(self, config: EngineConfig, device: Device, dtype: torch.dtype) -> None:
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.world_size = config.tensor_parallel_size
+        self.procs: list[mp.Process] = []
+        self.runner: ModelRunner | None = None
+        hf_config = loader.load_config(config.model, config.trust_remote_code)
+        check_divisible(hf_config, self.world_size)
+        kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+        self.num_kv_heads_local = kv_heads // self.world_size
+        if device.type != "cpu" and self.world_size > device.device_count():
+            raise ValueError(
+                f"--tensor-parallel-size {self.world_size} needs {self.world_size} {device.type} devices, "
+                f"but {device.device_count()} are visible"
+                + (f" (check {device.visible_devices_env})" if device.visible_devices_env else "")
+            )
+
+    def start_driver(self) -> ModelRunner:
+        if self.world_size > 1:
+            port = _free_port()
+            ctx = mp.get_context("spawn")
+            for rank in range(1, self.world_size):
+                proc = ctx.Process(
+                    target=_worker_main, args=(self.config, rank, self.world_size, port, self.dtype),
+                    name=f"bowline-tp-rank{rank}", daemon=True,
+                )
+                proc.start()
+                self.procs.append(proc)
+            self.device.set_device(0)
+            _threads_per_rank(self.device, self.world_size)
+            dist.init_process_group(
+                self.device.dist_backend, init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                world_size=self.world_size, timeout=_TIMEOUT,
+            )
+        self.runner = build_runner(self.config, self.device, self.dtype, 0, self.world_size)
+        return self.runner
+
+    def allocate_kv_cache(self, num_slots: int) -> None:
+        if self.world_size > 1:
+            dist.broadcast_object_list([(num_slots, self.num_kv_heads_local)], src=0)
+        self.runner.allocate_kv_cache(num_slots, self.num_kv_heads_local)
+
+    def execute(self, step: StepInput) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.broadcast_object_list([step], src=0)
+        return self.runner.execute(step)
+
+    def shutdown(self) -> None:
+        if self.world_size > 1 and dist.is_initialized():
+            try:
+                dist.broadcast_object_list([None], src=0)
+            finally:
+                for proc in self.procs:
+                    proc.join(timeout=10)
+                    if proc.is_alive():
+                        proc.terminate()
+                dist.destroy_process_group()

@@ -1,0 +1,112 @@
+"""Paged attention plugged into transformers' own model code through its AttentionInterface.
+
+transformers computes projections, rotary embeddings and MLPs; this function receives each layer's
+new queries/keys/values for a *packed* batch (all sequences' new tokens side by side in one row),
+writes the keys/values into the block-based KV cache and attends over each sequence's cached context.
+Decodes (one new token each) are attended in one batched product; prefill chunks one sequence at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+ATTN_IMPLEMENTATION = "bowline"
+
+
+@dataclass(slots=True)
+class PrefillSpan:
+    """One sequence's prefill chunk: queries [q_start, q_end) of the packed row, context length after it."""
+
+    q_start: int
+    q_end: int
+    context_len: int
+    context_slots: torch.Tensor | None  # cache slots of positions [0, context_len); None: no cached prefix
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Where this step's tokens go in the cache and what each sequence attends to. Built once per step."""
+
+    slot_mapping: torch.Tensor  # [T] cache slot of every new token
+    num_decodes: int  # the first num_decodes tokens are single-token decodes
+    decode_slots: torch.Tensor | None  # [num_decodes, max_len] cache slots of each decode's context
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_len] additive mask (0 or -inf)
+    prefills: list[PrefillSpan] = field(default_factory=list)
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per layer [slots, Hkv, D]
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    attn_meta: AttentionMetadata | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention signature: query [1, H, T, D], key/value [1, Hkv, T, D] -> [1, T, H, D]."""
+    if attn_meta is None:
+        raise RuntimeError("paged attention needs `attn_meta`; run the model through bowline's ModelRunner")
+    k_cache, v_cache = attn_meta.kv_caches[module.layer_idx]
+    q = query[0].transpose(0, 1)  # [T, H, D]
+    k = key[0].transpose(0, 1)  # [T, Hkv, D]
+    v = value[0].transpose(0, 1)
+    k_cache.index_copy_(0, attn_meta.slot_mapping, k)
+    v_cache.index_copy_(0, attn_meta.slot_mapping, v)
+
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    out = torch.empty_like(q)
+    nd = attn_meta.num_decodes
+    if nd:
+        out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, attn_meta, scaling, num_kv_heads)
+    for span in attn_meta.prefills:
+        qs = q[span.q_start : span.q_end].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
+        if span.context_slots is None:
+            ks = k[span.q_start : span.q_end].transpose(0, 1).unsqueeze(0)
+            vs = v[span.q_start : span.q_end].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling, enable_gqa=True)
+        else:
+            ks = k_cache[span.context_slots].transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
+            vs = v_cache[span.context_slots].transpose(0, 1).unsqueeze(0)
+            q_len = span.q_end - span.q_start
+            offset = span.context_len - q_len
+            rows = torch.arange(q_len).unsqueeze(1) + offset
+            allowed = torch.arange(span.context_len).unsqueeze(0) <= rows  # causal with the cached prefix
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scaling, enable_gqa=True)
+        out[span.q_start : span.q_end] = o[0].transpose(0, 1)
+    return out.unsqueeze(0), None
+
+
+def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, scaling, num_kv_heads: int) -> torch.Tensor:
+    """All decodes at once: grouped-query scores against each sequence's gathered context."""
+    nd, num_heads, head_dim = q.shape
+    group = num_heads // num_kv_heads
+    keys = k_cache[meta.decode_slots]  # [nd, L, Hkv, D]
+    values = v_cache[meta.decode_slots]
+    qg = q.view(nd, num_kv_heads, group, head_dim)  # [nd, Hkv, G, D]
+    scores = torch.matmul(qg, keys.permute(0, 2, 3, 1))  # [nd, Hkv, G, L]
+    scores.mul_(scaling if scaling is not None else head_dim**-0.5)
+    scores.add_(meta.decode_mask)
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, values.transpose(1, 2))  # [nd, Hkv, G, D]
+    return out.reshape(nd, num_heads, head_dim)
+
+
+def _no_mask(*args, **kwargs) -> None:
+    """Masks are built per step by the runner, not by transformers."""
+    return None
+
+
+def register() -> None:
+    """Make `attn_implementation="bowline"` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _no_mask)

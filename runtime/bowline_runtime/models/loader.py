@@ -1,0 +1,113 @@
+"""Load a Hugging Face causal LM (or random weights from its config) onto a device, ready for paged attention."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bowline_runtime.models import attention
+
+logger = logging.getLogger("bowline.models")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(requested: str, hf_config, device) -> torch.dtype:
+    """`auto`: the checkpoint's dtype when the device supports it (float32 on CPU, where it is fastest)."""
+    if requested != "auto":
+        dtype = _DTYPES[requested]
+    elif device.type == "cpu":
+        dtype = torch.float32
+    else:
+        config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        if isinstance(config_dtype, str):
+            config_dtype = _DTYPES.get(config_dtype)
+        dtype = config_dtype if config_dtype in _DTYPES.values() else device.default_dtype()
+        if dtype == torch.float32:
+            dtype = device.default_dtype()
+    if dtype not in device.supported_dtypes():
+        raise ValueError(f"--dtype {requested} resolves to {dtype}, which the {device.type} device does not support")
+    return dtype
+
+
+def load_config(model_path: str, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    if not Path(model_path).exists() and not model_path.count("/") == 1:
+        raise ValueError(f"--model {model_path!r}: no such folder")
+    return AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+
+
+def load_model(model_path: str, hf_config, dtype: torch.dtype, load_format: str, trust_remote_code: bool) -> nn.Module:
+    """Build the model with `attn_implementation="bowline"`; `dummy` draws random weights from the config."""
+    from transformers import AutoModelForCausalLM
+
+    attention.register()
+    if load_format == "dummy":
+        with torch.device("cpu"):
+            model = AutoModelForCausalLM.from_config(
+                hf_config, dtype=dtype, attn_implementation=attention.ATTN_IMPLEMENTATION,
+                trust_remote_code=trust_remote_code,
+            )
+        _init_dummy(model, seed=0)
+    elif load_format == "auto":
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, config=hf_config, dtype=dtype, attn_implementation=attention.ATTN_IMPLEMENTATION,
+            trust_remote_code=trust_remote_code,
+        )
+    else:
+        raise ValueError(f"--load-format {load_format!r}: choose auto or dummy")
+    model.eval().requires_grad_(False)
+    return model
+
+
+def _init_dummy(model: nn.Module, seed: int) -> None:
+    """Seeded small-normal weights, unit norms: the arithmetic of a real checkpoint without the download."""
+    gen = torch.Generator().manual_seed(seed)
+    std = getattr(model.config, "initializer_range", 0.02)
+    for name, param in model.named_parameters():
+        if param.dim() == 1 and "norm" in name:
+            param.data.fill_(1.0)
+        elif param.dim() == 1:
+            param.data.zero_()
+        else:
+            param.data.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32) * std)
+
+
+def max_position_limit(hf_config) -> int | None:
+    for attr in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(hf_config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def load_tokenizer(path: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def eos_token_ids(model_path: str, hf_config, tokenizer) -> set[int]:
+    """Every id that ends generation: generation_config's, the config's and the tokenizer's EOS."""
+    ids: set[int] = set()
+    for source in (_generation_config_eos(model_path), getattr(hf_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, list):
+            ids.update(i for i in source if isinstance(i, int))
+    return ids
+
+
+def _generation_config_eos(model_path: str):
+    path = Path(model_path) / "generation_config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("eos_token_id")
+    except (OSError, ValueError):
+        return None
