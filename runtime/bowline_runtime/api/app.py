@@ -57,14 +57,13 @@ async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
 def _describe(engine: Any, config: EngineConfig) -> str:
     """One start-up line: what was loaded, where, and how much KV cache was reserved."""
     inner = getattr(engine, "engine", None)
-    device = next(
-        (str(d) for d in (getattr(engine, "device", None), getattr(inner, "device", None)) if d is not None),
-        config.device,
-    )
+    found = next((d for d in (getattr(engine, "device", None), getattr(inner, "device", None)) if d is not None), None)
+    device = (getattr(found, "name", None) or getattr(found, "type", None) or str(found)) if found is not None else config.device
+    dtype = str(getattr(inner, "dtype", None) or config.dtype).removeprefix("torch.")
     stats = engine.stats()
     block_size = config.block_size
     return (
-        f"loaded {config.model} as {config.model_name!r} on {device} (dtype {config.dtype}, "
+        f"loaded {config.model} as {config.model_name!r} on {device} (dtype {dtype}, "
         f"tensor-parallel {config.tensor_parallel_size}); max_model_len {engine.max_model_len}; KV cache "
         f"{stats.num_total_blocks} blocks x {block_size} tokens = {stats.num_total_blocks * block_size} tokens"
     )

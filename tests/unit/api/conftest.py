@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from api_fakes import MODEL, FakeEngine, wait_ready
 from bowline_runtime.api.app import build_app
 from bowline_runtime.config import EngineConfig
 from fastapi.testclient import TestClient
-
-from .fake_engine import FakeEngine
-
-MODEL = "tiny"
 
 
 @pytest.fixture(scope="session")
@@ -20,15 +16,6 @@ def tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tiny_model_dir))
-
-
-def wait_ready(client: TestClient, timeout: float = 10.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if client.get("/health").status_code == 200:
-            return
-        time.sleep(0.01)
-    raise AssertionError("app never became ready")
 
 
 @pytest.fixture

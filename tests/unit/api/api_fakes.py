@@ -9,10 +9,22 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import time
 from typing import Any
 
 from bowline_runtime.engine.outputs import CompletionOutput, EngineStats, RequestOutput, TokenLogprob
 from bowline_runtime.engine.sampling_params import SamplingParams
+
+MODEL = "tiny"
+
+
+def wait_ready(client, timeout: float = 10.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if client.get("/health").status_code == 200:
+            return
+        time.sleep(0.01)
+    raise AssertionError("app never became ready")
 
 
 class FakeEngine:

@@ -7,8 +7,7 @@ import time
 
 import httpx
 import openai
-
-from .conftest import MODEL, metric
+from api_server import MODEL, metric
 
 PROMPTS = ["hello world", "the model serves", "kubernetes operator", "one two three", "json schema object"]
 

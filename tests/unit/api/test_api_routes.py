@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from .conftest import MODEL
-from .fake_engine import BlockingFactory, FakeEngine
+from api_fakes import MODEL, BlockingFactory, FakeEngine, wait_ready
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hello!"}]}
 
@@ -181,8 +179,6 @@ def test_health_is_503_while_loading_then_200(tokenizer):
         err = error_of(client.post("/v1/completions", json={"prompt": "a"}), 503)
         assert "loading" in err["message"]
         factory.release.set()
-        from .conftest import wait_ready
-
         wait_ready(client)
 
 

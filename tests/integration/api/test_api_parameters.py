@@ -6,8 +6,7 @@ import json
 import re
 
 import pytest
-
-from .conftest import MODEL
+from api_server import MODEL
 
 PROMPT = "the model serves tokens on a cluster"
 MESSAGES = [{"role": "user", "content": "hello world how are you today"}]

@@ -9,8 +9,7 @@ import time
 
 import httpx
 import pytest
-
-from .conftest import MODEL, ServerProcess, error_of
+from api_server import MODEL, ServerProcess, error_of
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import openai
 import pytest
-
-from .conftest import MODEL, error_of
+from api_server import MODEL, error_of
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from .conftest import MODEL, error_of
+from api_server import MODEL, error_of
 
 FASTDEPLOY_CHAT = '{\n  "messages": [\n    {"role": "user", "content": "Hello!"}\n  ]\n}'
 FASTDEPLOY_LOGPROBS_INVALID = '{\n  "messages": [\n    {"role": "user", "content": "Hello!"}\n  ],\n  "logprobs": true, "top_logprobs": 0,\n}'
