@@ -37,6 +37,9 @@ class AsyncEngine:
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
+        self.vocab_size = self.engine.vocab_size
+        self.device = self.engine.device
+        self.dtype = self.engine.dtype
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}

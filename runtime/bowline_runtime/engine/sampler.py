@@ -125,7 +125,9 @@ class Sampler:
                     prefix = word[:-1]
                     if not prefix or out[len(out) - len(prefix) :] == prefix:
                         logits[row, word[-1]] = _NEG_INF
-            if seq.num_output_tokens < p.min_tokens:
+            # A finished grammar allows only EOS: min_tokens must not take that away too.
+            finished_constraint = seq.constraint is not None and seq.constraint.is_finished()
+            if seq.num_output_tokens < p.min_tokens and not finished_constraint:
                 stop_ids = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
                 if stop_ids:
                     logits[row, stop_ids] = _NEG_INF
