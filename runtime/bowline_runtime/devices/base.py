@@ -42,6 +42,10 @@ class Device(ABC):
     def supported_dtypes(self) -> tuple[torch.dtype, ...]:
         return (torch.float32, torch.bfloat16, torch.float16)
 
+    def optimize_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Swap in this device's faster kernels for standard layers, in place; default: nothing to do."""
+        return model
+
     def default_dtype(self) -> torch.dtype:
         """The dtype `--dtype auto` means when the model's config does not say."""
         return torch.bfloat16

@@ -119,7 +119,7 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_slots: int, num_kv_heads_local: int) -> None:
         # Zeroed, not empty: padded context slots are read (then masked), and NaN * 0 would still be NaN.
-        shape = (num_slots, num_kv_heads_local, self.head_dim)
+        shape = (num_kv_heads_local, num_slots, self.head_dim)  # head-major: see models.attention
         self.kv_caches = [
             (torch.zeros(shape, dtype=self.dtype, device=self.device),
              torch.zeros(shape, dtype=self.dtype, device=self.device))
@@ -134,7 +134,7 @@ class ModelRunner:
             max_len = step.decode_slots.shape[1]
             valid = torch.arange(max_len).unsqueeze(0) < step.decode_lens.unsqueeze(1)
             decode_mask = torch.zeros(valid.shape, dtype=self.dtype).masked_fill(~valid, float("-inf"))
-            decode_mask = decode_mask.view(step.num_decodes, 1, 1, max_len).to(dev)
+            decode_mask = decode_mask.view(1, step.num_decodes, 1, max_len).to(dev)
         meta = AttentionMetadata(
             slot_mapping=step.slot_mapping.to(dev),
             num_decodes=step.num_decodes,

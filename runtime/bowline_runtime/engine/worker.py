@@ -47,6 +47,7 @@ def build_runner(config: EngineConfig, device: Device, dtype: torch.dtype, rank:
     shard_model(model, rank, world_size)
     torch_device = device.torch_device(rank)
     model.to(torch_device)
+    device.optimize_model(model)
     return ModelRunner(model, torch_device, dtype, is_driver=rank == 0)
 
 

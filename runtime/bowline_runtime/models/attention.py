@@ -33,9 +33,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot of every new token
     num_decodes: int  # the first num_decodes tokens are single-token decodes
     decode_slots: torch.Tensor | None  # [num_decodes, max_len] cache slots of each decode's context
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_len] additive mask (0 or -inf)
+    decode_mask: torch.Tensor | None  # [1, num_decodes, 1, max_len] additive mask (0 or -inf)
     prefills: list[PrefillSpan] = field(default_factory=list)
-    kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per layer [slots, Hkv, D]
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per layer [Hkv, slots, D]
 
 
 def paged_attention(
@@ -52,50 +52,56 @@ def paged_attention(
     """transformers' attention signature: query [1, H, T, D], key/value [1, Hkv, T, D] -> [1, T, H, D]."""
     if attn_meta is None:
         raise RuntimeError("paged attention needs `attn_meta`; run the model through bowline's ModelRunner")
-    k_cache, v_cache = attn_meta.kv_caches[module.layer_idx]
-    q = query[0].transpose(0, 1)  # [T, H, D]
-    k = key[0].transpose(0, 1)  # [T, Hkv, D]
-    v = value[0].transpose(0, 1)
-    k_cache.index_copy_(0, attn_meta.slot_mapping, k)
-    v_cache.index_copy_(0, attn_meta.slot_mapping, v)
+    k_cache, v_cache = attn_meta.kv_caches[module.layer_idx]  # [Hkv, slots, D]
+    q = query[0]  # [H, T, D]
+    k = key[0]  # [Hkv, T, D]
+    v = value[0]
+    k_cache.index_copy_(1, attn_meta.slot_mapping, k)
+    v_cache.index_copy_(1, attn_meta.slot_mapping, v)
 
-    num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    out = torch.empty_like(q)
+    num_heads, num_tokens, head_dim = q.shape
+    out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
     nd = attn_meta.num_decodes
     if nd:
-        out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, attn_meta, scaling, num_kv_heads)
+        out[:nd] = _decode_attention(q[:, :nd], k_cache, v_cache, attn_meta, scaling)
     for span in attn_meta.prefills:
-        qs = q[span.q_start : span.q_end].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
+        qs = q[:, span.q_start : span.q_end].unsqueeze(0)  # [1, H, q, D]
         if span.context_slots is None:
-            ks = k[span.q_start : span.q_end].transpose(0, 1).unsqueeze(0)
-            vs = v[span.q_start : span.q_end].transpose(0, 1).unsqueeze(0)
+            ks = k[:, span.q_start : span.q_end].unsqueeze(0)
+            vs = v[:, span.q_start : span.q_end].unsqueeze(0)
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling, enable_gqa=True)
         else:
-            ks = k_cache[span.context_slots].transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
-            vs = v_cache[span.context_slots].transpose(0, 1).unsqueeze(0)
+            ks = k_cache.index_select(1, span.context_slots).unsqueeze(0)  # [1, Hkv, ctx, D]
+            vs = v_cache.index_select(1, span.context_slots).unsqueeze(0)
             q_len = span.q_end - span.q_start
             offset = span.context_len - q_len
-            rows = torch.arange(q_len).unsqueeze(1) + offset
-            allowed = torch.arange(span.context_len).unsqueeze(0) <= rows  # causal with the cached prefix
+            rows = torch.arange(q_len, device=q.device).unsqueeze(1) + offset
+            allowed = torch.arange(span.context_len, device=q.device).unsqueeze(0) <= rows  # causal with the prefix
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scaling, enable_gqa=True)
         out[span.q_start : span.q_end] = o[0].transpose(0, 1)
     return out.unsqueeze(0), None
 
 
-def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, scaling, num_kv_heads: int) -> torch.Tensor:
-    """All decodes at once: grouped-query scores against each sequence's gathered context."""
-    nd, num_heads, head_dim = q.shape
+def _decode_attention(q: torch.Tensor, k_cache, v_cache, meta: AttentionMetadata, scaling) -> torch.Tensor:
+    """All decodes at once: grouped-query scores against each sequence's gathered context.
+
+    The cache is head-major ([Hkv, slots, D]), so the gathered context is [Hkv, nd, L, D] and both
+    products run as batched matmuls over (Hkv, nd) with no copy of the context beyond the gather.
+    """
+    num_heads, nd, head_dim = q.shape
+    num_kv_heads = k_cache.shape[0]
     group = num_heads // num_kv_heads
-    keys = k_cache[meta.decode_slots]  # [nd, L, Hkv, D]
-    values = v_cache[meta.decode_slots]
-    qg = q.view(nd, num_kv_heads, group, head_dim)  # [nd, Hkv, G, D]
-    scores = torch.matmul(qg, keys.permute(0, 2, 3, 1))  # [nd, Hkv, G, L]
+    flat = meta.decode_slots.reshape(-1)
+    max_len = meta.decode_slots.shape[1]
+    keys = k_cache.index_select(1, flat).view(num_kv_heads, nd, max_len, head_dim)
+    values = v_cache.index_select(1, flat).view(num_kv_heads, nd, max_len, head_dim)
+    qg = q.view(num_kv_heads, group, nd, head_dim).transpose(1, 2)  # [Hkv, nd, G, D]
+    scores = torch.matmul(qg, keys.transpose(-1, -2))  # [Hkv, nd, G, L]
     scores.mul_(scaling if scaling is not None else head_dim**-0.5)
     scores.add_(meta.decode_mask)
     probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs, values.transpose(1, 2))  # [nd, Hkv, G, D]
-    return out.reshape(nd, num_heads, head_dim)
+    out = torch.matmul(probs, values)  # [Hkv, nd, G, D]
+    return out.permute(1, 0, 2, 3).reshape(nd, num_heads, head_dim)
 
 
 def _no_mask(*args, **kwargs) -> None:

@@ -16,7 +16,10 @@ from torch import nn
 
 
 class RowParallelLinear(nn.Module):
-    """y = all_reduce(x_local @ W_local^T) + b: the bias is added once, after the sum."""
+    """y = all_reduce(x_local @ W_local^T) + b: the bias is added once, after the sum.
+
+    The local product is a plain nn.Linear (`inner`), so device layers can swap in faster kernels.
+    """
 
     def __init__(self, linear: nn.Linear, rank: int, world_size: int) -> None:
         super().__init__()
@@ -24,11 +27,14 @@ class RowParallelLinear(nn.Module):
         if in_features % world_size:
             raise ValueError(f"{in_features} input features do not split over tensor-parallel size {world_size}")
         shard = in_features // world_size
-        self.weight = nn.Parameter(linear.weight.data[:, rank * shard : (rank + 1) * shard].contiguous(), False)
+        self.inner = nn.Linear(shard, linear.out_features, bias=False, device=linear.weight.device,
+                               dtype=linear.weight.dtype)
+        self.inner.weight.data.copy_(linear.weight.data[:, rank * shard : (rank + 1) * shard])
+        self.inner.requires_grad_(False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.data.clone(), False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.nn.functional.linear(x, self.weight)
+        y = self.inner(x)
         dist.all_reduce(y)
         if self.bias is not None:
             y = y + self.bias
