@@ -31,11 +31,22 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         config = config_from_args(args)
+        _check_parser_names(config)
     except ValueError as exc:
         parser.error(str(exc))
     from bowline_runtime.api.server import run_server
 
     sys.exit(run_server(config))
+
+
+def _check_parser_names(config) -> None:
+    """Refuse an unknown --tool-call-parser / --reasoning-parser now, not at the first request."""
+    from bowline_runtime.parsers import get_reasoning_parser, get_tool_parser
+
+    if config.tool_call_parser:
+        get_tool_parser(config.tool_call_parser)
+    if config.reasoning_parser:
+        get_reasoning_parser(config.reasoning_parser)
 
 
 if __name__ == "__main__":
