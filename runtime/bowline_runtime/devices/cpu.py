@@ -12,7 +12,13 @@ from bowline_runtime.devices.base import Device
 _PACK_BATCH_HINT = 16
 
 
+# Set to 0 to keep plain nn.Linear (for before/after benchmarks, or a torch build whose oneDNN misbehaves).
+PACKED_LINEAR_ENV = "BOWLINE_CPU_PACKED_LINEAR"
+
+
 def _onednn_linear_available() -> bool:
+    if os.environ.get(PACKED_LINEAR_ENV, "1").strip().lower() in {"0", "false", "no", "off"}:
+        return False
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
