@@ -24,8 +24,11 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
-    def add_token(self, token_id: int) -> str | None:
-        """Feed one generated token; returns the stop string matched (text already cut), else None."""
+    def add_token(self, token_id: int, check_stop: bool = True) -> str | None:
+        """Feed one generated token; returns the stop string matched (text already cut), else None.
+
+        `check_stop=False` (below min_tokens) decodes without looking for stop strings.
+        """
         self.ids.append(token_id)
         prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
         new_text = self._decode(self.ids[self.prefix_offset :])
@@ -36,7 +39,8 @@ class IncrementalDetokenizer:
         prev_len = len(self.text)
         self.text += delta
         # A stop string may straddle the previous text's end; the earliest match wins.
-        matches = [(idx, stop) for stop in self.stop if (idx := self.text.find(stop, max(0, prev_len - len(stop) + 1))) != -1]
+        stops = self.stop if check_stop else []
+        matches = [(idx, stop) for stop in stops if (idx := self.text.find(stop, max(0, prev_len - len(stop) + 1))) != -1]
         if matches:
             idx, stop = min(matches)
             self.text = self.text[: idx + len(stop)] if self.include_stop else self.text[:idx]

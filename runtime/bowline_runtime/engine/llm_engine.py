@@ -62,7 +62,7 @@ class LLMEngine:
         self.tokenizer = loader.load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
         self.eos_token_ids = loader.eos_token_ids(config.model, hf_config, self.tokenizer)
         self.vocab_size = hf_config.vocab_size
-        self.tp = TensorParallelGroup(config, self.device, self.dtype)
+        self.tp = TensorParallelGroup(config, self.device, self.dtype, hf_config)
         t0 = time.perf_counter()
         self.runner: ModelRunner = self.tp.start_driver()
         logger.info(
@@ -271,16 +271,17 @@ class LLMEngine:
         if seq.constraint is not None:
             seq.constraint.accept_token(token_id)
 
+        # The sampler masks EOS and stop tokens below min_tokens, so reaching them here is final.
         reason: str | None = None
-        if token_id in params.stop_token_ids and seq.num_output_tokens > params.min_tokens - 1:
+        if token_id in params.stop_token_ids:
             reason, seq.stop_reason = "stop", token_id
             if params.include_stop_str_in_output:
-                seq.detokenizer.add_token(token_id)
+                seq.detokenizer.add_token(token_id, check_stop=False)
         elif token_id in self.eos_token_ids and not params.ignore_eos:
             reason = "stop"
         else:
-            matched = seq.detokenizer.add_token(token_id)
-            if matched is not None and seq.num_output_tokens >= params.min_tokens:
+            matched = seq.detokenizer.add_token(token_id, check_stop=seq.num_output_tokens >= params.min_tokens)
+            if matched is not None:
                 reason, seq.stop_reason = "stop", matched
             elif seq.constraint is not None and seq.constraint.is_finished():
                 reason = "stop"

@@ -75,14 +75,13 @@ def _worker_main(config: EngineConfig, rank: int, world_size: int, port: int, dt
 class TensorParallelGroup:
     """The driver's handle on all ranks; with size 1 it is just the local model runner."""
 
-    def __init__(self, config: EngineConfig, device: Device, dtype: torch.dtype) -> None:
+    def __init__(self, config: EngineConfig, device: Device, dtype: torch.dtype, hf_config) -> None:
         self.config = config
         self.device = device
         self.dtype = dtype
         self.world_size = config.tensor_parallel_size
         self.procs: list[mp.Process] = []
         self.runner: ModelRunner | None = None
-        hf_config = loader.load_config(config.model, config.trust_remote_code)
         check_divisible(hf_config, self.world_size)
         kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
         self.num_kv_heads_local = kv_heads // self.world_size

@@ -297,3 +297,13 @@ def test_beam_search_beats_or_equals_greedy_likelihood(engine):
     assert len(best.token_ids) == 8
     assert best.cumulative_logprob >= greedy.cumulative_logprob - 1e-4
     assert beams.outputs[0].cumulative_logprob >= beams.outputs[1].cumulative_logprob - 1e-6
+
+
+def test_stop_strings_wait_for_min_tokens(engine):
+    ids = engine.tokenizer.encode(PROMPTS[0])
+    full = run(generate(engine, ids, temperature=0, max_tokens=24, ignore_eos=True)).outputs[0]
+    stop = full.text[1:4]
+    early = full.text.index(stop)
+    out = run(generate(engine, ids, temperature=0, max_tokens=24, ignore_eos=True, stop=[stop], min_tokens=12)).outputs[0]
+    assert len(out.token_ids) >= 12
+    assert out.text.startswith(full.text[: early + len(stop)])  # the early occurrence was not cut
