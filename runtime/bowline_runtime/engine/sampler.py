@@ -65,8 +65,8 @@ def exponential_race(probs: torch.Tensor, generators: list[torch.Generator | Non
     """Sample one token per row; rows with a generator draw their noise from it alone."""
     noise = torch.empty_like(probs).exponential_()
     for row, gen in enumerate(generators):
-        if gen is not None:
-            noise[row].exponential_(generator=gen)
+        if gen is not None:  # a CPU generator: draw on the CPU, then move (same numbers on every device)
+            noise[row] = torch.empty(probs.shape[-1], dtype=probs.dtype).exponential_(generator=gen).to(probs.device)
     return (probs / noise).argmax(dim=-1)
 
 
@@ -94,15 +94,17 @@ class Sampler:
         raw = logits
         logits = self._process(logits.clone(), seqs)
         params = [s.params for s in seqs]
-        greedy = torch.tensor([p.greedy for p in params])
+        dev = logits.device
+        greedy = torch.tensor([p.greedy for p in params], device=dev)
         sampled = logits.argmax(dim=-1)
         scaled = logits
         if not bool(greedy.all()):
-            temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params]).unsqueeze(1)
+            temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=dev)
+            temperature = temperature.unsqueeze(1)
             scaled = logits / temperature
-            top_k = torch.tensor([p.top_k for p in params])
-            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
-            min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32)
+            top_k = torch.tensor([p.top_k for p in params], device=dev)
+            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
+            min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
             if bool((top_k > 0).any() | (top_p < 1).any() | (min_p > 0).any()):
                 scaled = apply_top_k_top_p_min_p(scaled, top_k, top_p, min_p)
             drawn = exponential_race(torch.softmax(scaled, dim=-1), [s.generator for s in seqs])
@@ -117,8 +119,9 @@ class Sampler:
         for row, seq in enumerate(seqs):
             p = seq.params
             if p.logit_bias:
-                ids = torch.tensor(list(p.logit_bias.keys()))
-                logits[row].index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype))
+                ids = torch.tensor(list(p.logit_bias.keys()), device=logits.device)
+                bias = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+                logits[row].index_add_(0, ids, bias)
             if seq.bad_word_ids:
                 out = seq.output_token_ids
                 for word in seq.bad_word_ids:
@@ -143,20 +146,21 @@ class Sampler:
 
     def _penalise(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         rows, vocab = logits.shape
-        counts = torch.zeros(rows, vocab)
-        seen = torch.zeros(rows, vocab, dtype=torch.bool)
+        dev = logits.device
+        counts = torch.zeros(rows, vocab, device=dev)
+        seen = torch.zeros(rows, vocab, dtype=torch.bool, device=dev)
         for row, seq in enumerate(seqs):
-            out = torch.tensor(seq.output_token_ids, dtype=torch.long)
+            out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=dev)
             if out.numel():
-                counts[row].index_add_(0, out, torch.ones(out.numel()))
-            seen[row, torch.tensor(seq.token_ids, dtype=torch.long)] = True
+                counts[row].index_add_(0, out, torch.ones(out.numel(), device=dev))
+            seen[row, torch.tensor(seq.token_ids, dtype=torch.long, device=dev)] = True
         return apply_penalties(
             logits,
             counts,
             seen,
-            torch.tensor([s.params.repetition_penalty for s in seqs]),
-            torch.tensor([s.params.frequency_penalty for s in seqs]),
-            torch.tensor([s.params.presence_penalty for s in seqs]),
+            torch.tensor([s.params.repetition_penalty for s in seqs], device=dev),
+            torch.tensor([s.params.frequency_penalty for s in seqs], device=dev),
+            torch.tensor([s.params.presence_penalty for s in seqs], device=dev),
         )
 
     def _logprobs(self, raw, processed, scaled, seqs, token_ids) -> list[TokenLogprob | None]:
