@@ -3,7 +3,7 @@
 This is the one place where generated text is interpreted for chat. Without parsers every token
 is `content`. Tool-call parsing (`--tool-call-parser`, `tools`, `tool_choice`) and reasoning
 parsing (`--reasoning-parser`) plug in here through `make_output_processor`: a processor sees
-each choice's text as it grows (`delta`) and once finished (`final`), and may rename the finish
+each choice's text as it grows (`delta`, told when it is the last one) and once finished (`final`), and may rename the finish
 reason (`tool_calls`). The chat route never looks inside the text itself.
 """
 
@@ -47,8 +47,12 @@ class ChatOutputProcessor:
         self.tokenizer = tokenizer
         self.config = config
 
-    def delta(self, previous_text: str, current_text: str, new_token_ids: list[int]) -> DeltaParts:
-        """The parts to stream for text that grew from `previous_text` to `current_text`."""
+    def delta(self, previous_text: str, current_text: str, new_token_ids: list[int], finished: bool = False) -> DeltaParts:
+        """The parts to stream for text that grew from `previous_text` to `current_text`.
+
+        `finished` marks the choice's last delta: a processor that holds text back (a tag that may
+        still be completing) must release it then, so the streamed parts join to `final()`'s.
+        """
         added = current_text[len(previous_text) :]
         return DeltaParts(content=added) if added else DeltaParts()
 

@@ -132,9 +132,9 @@ class ChatCall:
                 if done[i]:
                     continue
                 proc = self.processors[i]
-                parts = proc.delta(prev_text[i], out.text, out.token_ids[sent_ids[i] :])
-                prev_text[i] = out.text
                 finished = out.finish_reason is not None
+                parts = proc.delta(prev_text[i], out.text, out.token_ids[sent_ids[i] :], finished=finished)
+                prev_text[i] = out.text
                 if parts.is_empty() and not finished:
                     continue  # nothing visible yet (partial character or a stop string being matched)
                 new_ids = out.token_ids[sent_ids[i] :]

@@ -91,22 +91,28 @@ class ParsingChatOutputProcessor(ChatOutputProcessor):
         self._stream_tools = self._tool_cls() if self._tool_cls else None
         self._called = False
 
-    def delta(self, previous_text: str, current_text: str, new_token_ids: list[int]) -> DeltaParts:
+    def delta(self, previous_text: str, current_text: str, new_token_ids: list[int], finished: bool = False) -> DeltaParts:
         added = current_text[len(previous_text) :]
-        if not added:
+        if not added and not finished:
             return DeltaParts()
-        reasoning, content = None, added
+        reasoning, content = "", added
         if self._stream_reasoning is not None:
             piece = self._stream_reasoning.feed(added)
-            reasoning, content = piece.reasoning or None, piece.content
+            reasoning, content = piece.reasoning, piece.content
+            if finished:  # a held-back `</thi` or `<thi` is text after all
+                tail = self._stream_reasoning.finish()
+                reasoning, content = reasoning + tail.reasoning, content + tail.content
         calls = None
-        if self._stream_tools is not None and content:
+        if self._stream_tools is not None:
             piece = self._stream_tools.feed(content)
-            content = piece.content
-            if piece.tool_calls:
-                calls = [_delta_tool_call(p) for p in piece.tool_calls]
+            content, pieces = piece.content, piece.tool_calls
+            if finished:  # an unclosed call is parsed if complete, else released as content
+                tail = self._stream_tools.finish()
+                content, pieces = content + tail.content, pieces + tail.tool_calls
+            if pieces:
+                calls = [_delta_tool_call(p) for p in pieces]
                 self._called = True
-        return DeltaParts(content=content or None, reasoning_content=reasoning, tool_calls=calls)
+        return DeltaParts(content=content or None, reasoning_content=reasoning or None, tool_calls=calls)
 
     def final(self, text: str, token_ids: list[int]) -> MessageParts:
         reasoning, content = None, text

@@ -145,7 +145,8 @@ class HermesToolParser:
         return out
 
     def finish(self) -> ToolDelta:
-        """End of output: an unclosed call is closed if its body is complete JSON."""
+        """End of output: what was held back. An unclosed call is closed if its body is complete
+        JSON; otherwise its text is content, as `extract` reports an output without calls."""
         out = ToolDelta()
         if self._in_call:
             self._close_call(self._buffer, out, unclosed=True)
@@ -178,7 +179,7 @@ class HermesToolParser:
         self._in_call = False
         parsed = split_call(body)
         if parsed is None:
-            if not self._name_sent:
+            if unclosed or not self._name_sent:
                 out.content += self.start + body + ("" if unclosed else self.end)
             return
         name, args = parsed

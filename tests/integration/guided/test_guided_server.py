@@ -185,3 +185,40 @@ def test_named_tool_choice_calls_that_function(server):
     calls = response.choices[0].message.tool_calls
     assert [c.function.name for c in calls] == ["add"]
     jsonschema.validate(json.loads(calls[0].function.arguments), PARAMS["add"])
+
+
+def _assemble(stream) -> tuple[str | None, list[tuple[str, str]], str | None]:
+    content, calls, finish = "", {}, None
+    for chunk in stream:
+        for c in chunk.choices:
+            finish = c.finish_reason or finish
+            content += c.delta.content or ""
+            for piece in c.delta.tool_calls or []:
+                call = calls.setdefault(piece.index, ["", ""])
+                call[0] += piece.function.name or ""
+                call[1] += piece.function.arguments or ""
+    return content or None, [tuple(calls[i]) for i in sorted(calls)], finish
+
+
+@pytest.mark.parametrize(
+    ("extra", "content", "calls"),
+    [
+        # The output ends with what may be the start of `<tool_call>`: held back, then flushed.
+        ({"guided_regex": r"Use <tool_ca"}, "Use <tool_ca", []),
+        # A call cut off before its JSON is complete is text, streamed or not.
+        ({"guided_grammar": '%llguidance {}\nstart: <tool_call> "\\n{\\"name\\": \\"ad"'}, '<tool_call>\n{"name": "ad', []),
+        # A call cut before `</tool_call>` whose JSON is complete is a call.
+        (
+            {"guided_grammar": '%llguidance {}\nstart: <tool_call> "\\n{\\"name\\": \\"add\\", \\"arguments\\": {\\"a\\": 1}}"'},
+            None,
+            [("add", '{"a": 1}')],
+        ),
+    ],
+)
+def test_stream_ending_inside_a_tag_delivers_the_same_message(server, extra, content, calls):
+    client = server.client()
+    kwargs = dict(model="tiny", messages=MESSAGES, tools=TOOLS, max_tokens=40, seed=0, extra_body=extra)
+    whole = client.chat.completions.create(**kwargs).choices[0]
+    whole_calls = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls or []]
+    assert (whole.message.content, whole_calls) == (content, calls)
+    assert _assemble(client.chat.completions.create(stream=True, **kwargs)) == (content, calls, whole.finish_reason)
