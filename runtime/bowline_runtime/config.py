@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 ENV_PREFIX = "BOWLINE_"
 
@@ -126,10 +126,22 @@ def _coerce(annotation: str, raw: Any) -> Any:
     if annotation == "bool":
         return raw if isinstance(raw, bool) else str(raw).strip().lower() in {"1", "true", "yes", "on"}
     if "int" in annotation and "float" not in annotation:
-        return int(raw)
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError("expected an integer") from None
     if "float" in annotation:
-        return float(raw)
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError("expected a number") from None
     return raw
+
+
+def _choices(name: str) -> tuple[Any, ...]:
+    """The allowed values of a Literal-typed field (--dtype, --load-format); () for the rest."""
+    hint = get_type_hints(EngineConfig)[name]
+    return get_args(hint) if get_origin(hint) is Literal else ()
 
 
 def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> EngineConfig:
@@ -139,15 +151,18 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
     for f in fields(EngineConfig):
         if f.name == "extra":
             continue
-        raw = getattr(args, f.name, None)
+        raw, source = getattr(args, f.name, None), _flag(f.name)
         if raw is None:
-            raw = environ.get(env_name(f.name))
+            raw, source = environ.get(env_name(f.name)), env_name(f.name)
         if raw is None:
             continue
         try:
             values[f.name] = _coerce(str(f.type), raw)
+            choices = _choices(f.name)
+            if choices and values[f.name] not in choices:
+                raise ValueError(f"choose one of {list(choices)}")
         except ValueError as exc:
-            raise ValueError(f"{_flag(f.name)}: cannot read {raw!r} ({exc})") from None
+            raise ValueError(f"{source}: cannot read {raw!r} ({exc})") from None
     if "model" not in values:
         raise ValueError(f"--model is required (or set {env_name('model')})")
     return EngineConfig(**values)
