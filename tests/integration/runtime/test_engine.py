@@ -7,7 +7,6 @@ import time
 
 import pytest
 import torch
-
 from bowline_runtime.config import EngineConfig
 from bowline_runtime.engine.async_engine import AsyncEngine
 from bowline_runtime.engine.sampling_params import SamplingParams

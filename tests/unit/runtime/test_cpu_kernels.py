@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from bowline_runtime.devices.cpu import PACKED_LINEAR_ENV, CpuDevice, OneDnnLinear, _onednn_linear_available
 
 pytestmark = pytest.mark.skipif(not _onednn_linear_available(), reason="this torch build has no oneDNN linear")
