@@ -124,7 +124,14 @@ def _coerce(annotation: str, raw: Any) -> Any:
     if raw is None:
         return None
     if annotation == "bool":
-        return raw if isinstance(raw, bool) else str(raw).strip().lower() in {"1", "true", "yes", "on"}
+        if isinstance(raw, bool):
+            return raw
+        word = str(raw).strip().lower()
+        if word in {"1", "true", "yes", "on"}:
+            return True
+        if word in {"0", "false", "no", "off", ""}:
+            return False
+        raise ValueError("expected true or false")
     if "int" in annotation and "float" not in annotation:
         try:
             return int(raw)

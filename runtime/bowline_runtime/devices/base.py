@@ -33,10 +33,10 @@ class Device(ABC):
     def memory_info(self, rank: int = 0) -> tuple[int, int]:
         """(free, total) bytes of the memory the KV cache would live in."""
 
-    def synchronize(self) -> None:
+    def synchronize(self) -> None:  # noqa: B027 - a deliberate no-op default (the CPU has no queue)
         """Wait for queued kernels; a no-op on the CPU."""
 
-    def set_device(self, rank: int) -> None:
+    def set_device(self, rank: int) -> None:  # noqa: B027 - a deliberate no-op default (one CPU device)
         """Bind this process to its rank's device."""
 
     def supported_dtypes(self) -> tuple[torch.dtype, ...]:

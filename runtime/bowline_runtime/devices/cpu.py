@@ -66,7 +66,7 @@ class CpuDevice(Device):
         """Pack every float32/bfloat16 Linear for oneDNN (where this torch build has it)."""
         if not _onednn_linear_available():
             return model
-        for name, module in list(model.named_modules()):
+        for module in list(model.modules()):
             for child_name, child in list(module.named_children()):
                 if type(child) is torch.nn.Linear and child.weight.dtype in (torch.float32, torch.bfloat16):
                     setattr(module, child_name, OneDnnLinear(child))

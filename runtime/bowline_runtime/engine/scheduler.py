@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from bowline_runtime.engine.block_manager import BlockManager
-from bowline_runtime.engine.sequence import Sequence, SeqStatus
+from bowline_runtime.engine.sequence import SeqStatus, Sequence
 
 
 @dataclass(slots=True)

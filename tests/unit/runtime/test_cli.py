@@ -65,3 +65,13 @@ def test_model_from_the_environment_counts(model_dir):
     result = serve("--port", "x", env={"BOWLINE_MODEL": str(model_dir)})
     assert result.returncode == 2
     assert "--port: cannot read 'x'" in result.stderr and "--model is required" not in result.stderr
+
+
+def test_misspelt_boolean_env_is_refused_not_read_as_false():
+    from bowline_runtime.config import build_parser, config_from_args
+
+    args = build_parser().parse_args(["--model", "m"])
+    with pytest.raises(ValueError, match="BOWLINE_ENABLE_LOGPROB.*expected true or false"):
+        config_from_args(args, {"BOWLINE_ENABLE_LOGPROB": "ture"})
+    assert config_from_args(args, {"BOWLINE_ENABLE_LOGPROB": "off"}).enable_logprob is False
+    assert config_from_args(args, {"BOWLINE_ENABLE_LOGPROB": "Yes"}).enable_logprob is True
