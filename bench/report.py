@@ -26,9 +26,15 @@ def _s(v: float | None) -> str:
     return "–" if v is None else f"{v:.2f}"
 
 
+WORKLOAD_ORDER = ["short", "mixed"]
+
+
+def _rank(order: list[str], name: str) -> int:
+    return order.index(name) if name in order else len(order)
+
+
 def _sort_key(p: dict) -> tuple:
-    sys_rank = SYSTEM_ORDER.index(p["system"]) if p["system"] in SYSTEM_ORDER else len(SYSTEM_ORDER)
-    return (p["workload"], sys_rank, p["concurrency"])
+    return (_rank(WORKLOAD_ORDER, p["workload"]), _rank(SYSTEM_ORDER, p["system"]), p["concurrency"])
 
 
 def markdown_table(points: list[dict]) -> str:
@@ -129,6 +135,7 @@ def write_plot(path: Path, points: list[dict]) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return False
     fig, (ax_tps, ax_ttft) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -136,7 +143,7 @@ def write_plot(path: Path, points: list[dict]) -> bool:
     styles = {"short": "-", "mixed": "--"}
     concs = sorted({p["concurrency"] for p in points})
     for system in SYSTEM_ORDER:
-        for workload in sorted({p["workload"] for p in points}):
+        for workload in sorted({p["workload"] for p in points}, key=lambda w: _rank(WORKLOAD_ORDER, w)):
             pts = sorted((p for p in points if p["system"] == system and p["workload"] == workload),
                          key=lambda p: p["concurrency"])
             if not pts:
@@ -161,6 +168,9 @@ def write_plot(path: Path, points: list[dict]) -> bool:
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
     ax_ttft.set_yscale("log")
+    ax_ttft.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax_ttft.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax_ttft.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax_tps.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
