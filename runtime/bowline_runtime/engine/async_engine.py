@@ -144,14 +144,21 @@ class AsyncEngine:
                 self.engine.abort_request(payload)
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        target = self._streams.get(request_id)
-        if target is None:
-            return
-        loop, stream = target
-        try:
-            loop.call_soon_threadsafe(stream.put_nowait, item)
-        except RuntimeError:  # the request's loop is closed
-            pass
+        self._deliver_many([(request_id, item)])
+
+    def _deliver_many(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """Hand a step's outputs to their requests with one wake-up per event loop, not one per request:
+        each wake-up is a syscall and a GIL hand-over that the next forward pass waits behind."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput | BaseException]]] = {}
+        for request_id, item in items:
+            target = self._streams.get(request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # that loop is closed
+                pass
 
     def _run(self) -> None:
         try:
@@ -161,10 +168,13 @@ class AsyncEngine:
                     self._wakeup.wait(0.5)
                     self._wakeup.clear()
                     continue
-                for output in self.engine.step():
-                    self._deliver(output.request_id, output)
+                self._deliver_many([(output.request_id, output) for output in self.engine.step()])
         except BaseException as exc:  # noqa: BLE001 - anything here kills serving; tell every waiter
             logger.exception("engine step loop crashed")
             self._dead = exc
-            for request_id in list(self._streams):
-                self._deliver(request_id, EngineDeadError(f"engine stopped: {exc!r}"))
+            self._deliver_many([(rid, EngineDeadError(f"engine stopped: {exc!r}")) for rid in list(self._streams)])
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput | BaseException]]) -> None:
+    for stream, item in batch:
+        stream.put_nowait(item)

@@ -21,8 +21,8 @@ class StepInput:
     positions: torch.Tensor  # [T]
     slot_mapping: torch.Tensor  # [T]
     num_decodes: int
-    decode_slots: torch.Tensor | None  # [nd, L]
-    decode_lens: torch.Tensor | None  # [nd]
+    decode_blocks: torch.Tensor | None  # [nd, max_blocks] block tables, padded with block 0
+    decode_lens: torch.Tensor | None  # [nd] context lengths
     prefills: list[tuple[int, int, int, torch.Tensor | None]]  # (q_start, q_end, context_len, context slots)
     keep: torch.Tensor  # [K] packed positions whose logits are needed
 
@@ -50,7 +50,7 @@ def prepare_step(batch: ScheduledBatch, block_size: int) -> StepPlan:
     sample_rows: list[int] = []
     prompt_rows: list[tuple[int, int, int] | None] = []
     prefills: list[tuple[int, int, int, torch.Tensor | None]] = []
-    decode_tables: list[torch.Tensor] = []
+    decode_tables: list[list[int]] = []
     decode_lens: list[int] = []
 
     cursor = 0
@@ -61,7 +61,7 @@ def prepare_step(batch: ScheduledBatch, block_size: int) -> StepPlan:
         positions.append(torch.arange(start, end))
         slots.append(_slots(seq.block_table, start, end, block_size))
         if i < batch.num_decodes:
-            decode_tables.append(_slots(seq.block_table, 0, end, block_size))
+            decode_tables.append(seq.block_table[: -(-end // block_size)])
             decode_lens.append(end)
         else:
             context = None if start == 0 else _slots(seq.block_table, 0, end, block_size)
@@ -80,19 +80,17 @@ def prepare_step(batch: ScheduledBatch, block_size: int) -> StepPlan:
             sample_rows.append(-1)
         cursor += n
 
-    decode_slots = lens = None
+    decode_blocks = lens = None
     if decode_tables:
-        max_len = max(decode_lens)
-        decode_slots = torch.zeros(len(decode_tables), max_len, dtype=torch.long)
-        for row, table in enumerate(decode_tables):
-            decode_slots[row, : table.numel()] = table
+        width = max(len(t) for t in decode_tables)
+        decode_blocks = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long)
         lens = torch.tensor(decode_lens)
     step = StepInput(
         input_ids=torch.tensor(ids, dtype=torch.long),
         positions=torch.cat(positions),
         slot_mapping=torch.cat(slots),
         num_decodes=batch.num_decodes,
-        decode_slots=decode_slots,
+        decode_blocks=decode_blocks,
         decode_lens=lens,
         prefills=prefills,
         keep=torch.tensor(keep, dtype=torch.long),
@@ -103,8 +101,11 @@ def prepare_step(batch: ScheduledBatch, block_size: int) -> StepPlan:
 class ModelRunner:
     """Holds a (possibly sharded) model and its KV cache on one device."""
 
-    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, is_driver: bool) -> None:
+    def __init__(
+        self, model: nn.Module, device: torch.device, dtype: torch.dtype, is_driver: bool, block_size: int
+    ) -> None:
         self.model = model
+        self.block_size = block_size
         self.device = device
         self.dtype = dtype
         self.is_driver = is_driver
@@ -131,14 +132,15 @@ class ModelRunner:
         dev = self.device
         decode_mask = None
         if step.num_decodes:
-            max_len = step.decode_slots.shape[1]
+            max_len = step.decode_blocks.shape[1] * self.block_size
             valid = torch.arange(max_len).unsqueeze(0) < step.decode_lens.unsqueeze(1)
             decode_mask = torch.zeros(valid.shape, dtype=self.dtype).masked_fill(~valid, float("-inf"))
             decode_mask = decode_mask.view(1, step.num_decodes, 1, max_len).to(dev)
         meta = AttentionMetadata(
             slot_mapping=step.slot_mapping.to(dev),
             num_decodes=step.num_decodes,
-            decode_slots=None if step.decode_slots is None else step.decode_slots.to(dev),
+            decode_blocks=None if step.decode_blocks is None else step.decode_blocks.to(dev),
+            block_size=self.block_size,
             decode_mask=decode_mask,
             prefills=[
                 PrefillSpan(a, b, ctx, None if slots is None else slots.to(dev)) for a, b, ctx, slots in step.prefills

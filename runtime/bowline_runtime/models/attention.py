@@ -32,7 +32,8 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T] cache slot of every new token
     num_decodes: int  # the first num_decodes tokens are single-token decodes
-    decode_slots: torch.Tensor | None  # [num_decodes, max_len] cache slots of each decode's context
+    decode_blocks: torch.Tensor | None  # [num_decodes, max_blocks] block table of each decode's context
+    block_size: int
     decode_mask: torch.Tensor | None  # [1, num_decodes, 1, max_len] additive mask (0 or -inf)
     prefills: list[PrefillSpan] = field(default_factory=list)
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per layer [Hkv, slots, D]
@@ -91,10 +92,12 @@ def _decode_attention(q: torch.Tensor, k_cache, v_cache, meta: AttentionMetadata
     num_heads, nd, head_dim = q.shape
     num_kv_heads = k_cache.shape[0]
     group = num_heads // num_kv_heads
-    flat = meta.decode_slots.reshape(-1)
-    max_len = meta.decode_slots.shape[1]
-    keys = k_cache.index_select(1, flat).view(num_kv_heads, nd, max_len, head_dim)
-    values = v_cache.index_select(1, flat).view(num_kv_heads, nd, max_len, head_dim)
+    # Gather whole blocks (rows of block_size * D values), not single slots: fewer, longer copies.
+    blocks = meta.decode_blocks.reshape(-1)
+    max_len = meta.decode_blocks.shape[1] * meta.block_size
+    by_block = (num_kv_heads, -1, meta.block_size * head_dim)
+    keys = k_cache.view(by_block).index_select(1, blocks).view(num_kv_heads, nd, max_len, head_dim)
+    values = v_cache.view(by_block).index_select(1, blocks).view(num_kv_heads, nd, max_len, head_dim)
     qg = q.view(num_kv_heads, group, nd, head_dim).transpose(1, 2)  # [Hkv, nd, G, D]
     scores = torch.matmul(qg, keys.transpose(-1, -2))  # [Hkv, nd, G, L]
     scores.mul_(scaling if scaling is not None else head_dim**-0.5)
