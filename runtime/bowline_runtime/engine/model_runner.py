@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from bowline_runtime.engine.scheduler import ScheduledBatch
-from bowline_runtime.models.attention import AttentionMetadata, PrefillSpan
+from bowline_runtime.models.attention import AttentionMetadata, DecodeGroup, PrefillSpan
 
 
 @dataclass(slots=True)
@@ -21,8 +21,7 @@ class StepInput:
     positions: torch.Tensor  # [T]
     slot_mapping: torch.Tensor  # [T]
     num_decodes: int
-    decode_blocks: torch.Tensor | None  # [nd, max_blocks] block tables, padded with block 0
-    decode_lens: torch.Tensor | None  # [nd] context lengths
+    decode_groups: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (start, end, block tables, context lens)
     prefills: list[tuple[int, int, int, torch.Tensor | None]]  # (q_start, q_end, context_len, context slots)
     keep: torch.Tensor  # [K] packed positions whose logits are needed
 
@@ -40,6 +39,25 @@ def _slots(block_table: list[int], start: int, end: int, block_size: int) -> tor
     pos = torch.arange(start, end)
     table = torch.tensor(block_table, dtype=torch.long)
     return table[pos // block_size] * block_size + pos % block_size
+
+
+def group_by_length(num_blocks: list[int], ratio: float = 1.5, slack: int = 8) -> list[tuple[int, int]]:
+    """Split ascending context sizes (in blocks) into runs attended together.
+
+    Padding every decode to the batch's longest context wastes gather and attention work in
+    proportion to the spread (a 2,000-token context beside 100-token ones pads them twenty-fold);
+    a new run starts where the size outgrows the run's first by `ratio` and by more than `slack`
+    blocks, so short contexts never split into many tiny calls.
+    """
+    groups: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(num_blocks) + 1):
+        if i == len(num_blocks) or (
+            num_blocks[i] > ratio * num_blocks[start] and num_blocks[i] - num_blocks[start] > slack
+        ):
+            groups.append((start, i))
+            start = i
+    return groups
 
 
 def prepare_step(batch: ScheduledBatch, block_size: int) -> StepPlan:
@@ -80,18 +98,17 @@ def prepare_step(batch: ScheduledBatch, block_size: int) -> StepPlan:
             sample_rows.append(-1)
         cursor += n
 
-    decode_blocks = lens = None
-    if decode_tables:
-        width = max(len(t) for t in decode_tables)
-        decode_blocks = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long)
-        lens = torch.tensor(decode_lens)
+    decode_groups = []
+    for a, b in group_by_length([len(t) for t in decode_tables]):
+        width = max(len(t) for t in decode_tables[a:b])
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables[a:b]], dtype=torch.long)
+        decode_groups.append((a, b, tables, torch.tensor(decode_lens[a:b])))
     step = StepInput(
         input_ids=torch.tensor(ids, dtype=torch.long),
         positions=torch.cat(positions),
         slot_mapping=torch.cat(slots),
         num_decodes=batch.num_decodes,
-        decode_blocks=decode_blocks,
-        decode_lens=lens,
+        decode_groups=decode_groups,
         prefills=prefills,
         keep=torch.tensor(keep, dtype=torch.long),
     )
@@ -130,18 +147,16 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor | None:
         dev = self.device
-        decode_mask = None
-        if step.num_decodes:
-            max_len = step.decode_blocks.shape[1] * self.block_size
-            valid = torch.arange(max_len).unsqueeze(0) < step.decode_lens.unsqueeze(1)
-            decode_mask = torch.zeros(valid.shape, dtype=self.dtype).masked_fill(~valid, float("-inf"))
-            decode_mask = decode_mask.view(1, step.num_decodes, 1, max_len).to(dev)
+        groups = []
+        for start, end, tables, lens in step.decode_groups:
+            max_len = tables.shape[1] * self.block_size
+            valid = torch.arange(max_len).unsqueeze(0) < lens.unsqueeze(1)
+            mask = torch.zeros(valid.shape, dtype=self.dtype).masked_fill(~valid, float("-inf"))
+            groups.append(DecodeGroup(start, end, tables.to(dev), mask.view(1, end - start, 1, max_len).to(dev)))
         meta = AttentionMetadata(
             slot_mapping=step.slot_mapping.to(dev),
-            num_decodes=step.num_decodes,
-            decode_blocks=None if step.decode_blocks is None else step.decode_blocks.to(dev),
+            decode_groups=groups,
             block_size=self.block_size,
-            decode_mask=decode_mask,
             prefills=[
                 PrefillSpan(a, b, ctx, None if slots is None else slots.to(dev)) for a, b, ctx, slots in step.prefills
             ],

@@ -90,6 +90,8 @@ class Scheduler:
             prefills.append((seq, n))
             budget -= n
 
+        # Decodes sorted by context length: the runner batches attention over runs of similar lengths.
+        decodes.sort(key=lambda s: s.num_tokens)
         seqs = decodes + [s for s, _ in prefills]
         counts = [1] * len(decodes) + [n for _, n in prefills]
         return ScheduledBatch(seqs, counts, len(decodes))

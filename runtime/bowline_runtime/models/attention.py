@@ -27,14 +27,22 @@ class PrefillSpan:
 
 
 @dataclass(slots=True)
+class DecodeGroup:
+    """Decodes [start, end) of the packed row, attended together: contexts padded to the longest one."""
+
+    start: int
+    end: int
+    blocks: torch.Tensor  # [n, max_blocks] block tables, padded with block 0
+    mask: torch.Tensor  # [1, n, 1, max_blocks * block_size] additive mask (0 or -inf)
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     """Where this step's tokens go in the cache and what each sequence attends to. Built once per step."""
 
     slot_mapping: torch.Tensor  # [T] cache slot of every new token
-    num_decodes: int  # the first num_decodes tokens are single-token decodes
-    decode_blocks: torch.Tensor | None  # [num_decodes, max_blocks] block table of each decode's context
+    decode_groups: list[DecodeGroup]  # single-token decodes, at the front of the packed row
     block_size: int
-    decode_mask: torch.Tensor | None  # [1, num_decodes, 1, max_len] additive mask (0 or -inf)
     prefills: list[PrefillSpan] = field(default_factory=list)
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per layer [Hkv, slots, D]
 
@@ -62,9 +70,10 @@ def paged_attention(
 
     num_heads, num_tokens, head_dim = q.shape
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
-    nd = attn_meta.num_decodes
-    if nd:
-        out[:nd] = _decode_attention(q[:, :nd], k_cache, v_cache, attn_meta, scaling)
+    for group in attn_meta.decode_groups:
+        out[group.start : group.end] = _decode_attention(
+            q[:, group.start : group.end], k_cache, v_cache, group, attn_meta.block_size, scaling
+        )
     for span in attn_meta.prefills:
         qs = q[:, span.q_start : span.q_end].unsqueeze(0)  # [1, H, q, D]
         if span.context_slots is None:
@@ -83,7 +92,9 @@ def paged_attention(
     return out.unsqueeze(0), None
 
 
-def _decode_attention(q: torch.Tensor, k_cache, v_cache, meta: AttentionMetadata, scaling) -> torch.Tensor:
+def _decode_attention(
+    q: torch.Tensor, k_cache, v_cache, group: DecodeGroup, block_size: int, scaling
+) -> torch.Tensor:
     """All decodes at once: grouped-query scores against each sequence's gathered context.
 
     The cache is head-major ([Hkv, slots, D]), so the gathered context is [Hkv, nd, L, D] and both
@@ -91,17 +102,17 @@ def _decode_attention(q: torch.Tensor, k_cache, v_cache, meta: AttentionMetadata
     """
     num_heads, nd, head_dim = q.shape
     num_kv_heads = k_cache.shape[0]
-    group = num_heads // num_kv_heads
+    per_kv = num_heads // num_kv_heads  # query heads sharing each key/value head
     # Gather whole blocks (rows of block_size * D values), not single slots: fewer, longer copies.
-    blocks = meta.decode_blocks.reshape(-1)
-    max_len = meta.decode_blocks.shape[1] * meta.block_size
-    by_block = (num_kv_heads, -1, meta.block_size * head_dim)
+    blocks = group.blocks.reshape(-1)
+    max_len = group.blocks.shape[1] * block_size
+    by_block = (num_kv_heads, -1, block_size * head_dim)
     keys = k_cache.view(by_block).index_select(1, blocks).view(num_kv_heads, nd, max_len, head_dim)
     values = v_cache.view(by_block).index_select(1, blocks).view(num_kv_heads, nd, max_len, head_dim)
-    qg = q.view(num_kv_heads, group, nd, head_dim).transpose(1, 2)  # [Hkv, nd, G, D]
+    qg = q.view(num_kv_heads, per_kv, nd, head_dim).transpose(1, 2)  # [Hkv, nd, G, D]
     scores = torch.matmul(qg, keys.transpose(-1, -2))  # [Hkv, nd, G, L]
     scores.mul_(scaling if scaling is not None else head_dim**-0.5)
-    scores.add_(meta.decode_mask)
+    scores.add_(group.mask)
     probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(probs, values)  # [Hkv, nd, G, D]
     return out.permute(1, 0, 2, 3).reshape(nd, num_heads, head_dim)

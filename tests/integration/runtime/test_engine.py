@@ -306,3 +306,20 @@ def test_stop_strings_wait_for_min_tokens(engine):
     out = run(generate(engine, ids, temperature=0, max_tokens=24, ignore_eos=True, stop=[stop], min_tokens=12)).outputs[0]
     assert len(out.token_ids) >= 12
     assert out.text.startswith(full.text[: early + len(stop)])  # the early occurrence was not cut
+
+
+def test_greedy_matches_transformers_with_widely_different_context_lengths(engine, reference):
+    """Short and long contexts decode in one batch; attention runs over length groups, not one padded block."""
+    import random
+
+    rng = random.Random(7)
+    all_ids = [[rng.randrange(10, 2000) for _ in range(n)] for n in (5, 12, 700, 1300)]
+
+    async def together():
+        return await asyncio.gather(
+            *(generate(engine, ids, temperature=0, max_tokens=12, ignore_eos=True) for ids in all_ids)
+        )
+
+    for ids, out in zip(all_ids, run(together()), strict=True):
+        theirs, logits = hf_greedy(reference, ids, 12)
+        assert_same_greedy(out.outputs[0].token_ids, theirs, logits)
