@@ -15,13 +15,18 @@ from bowline_runtime.engine.scheduler import ScheduledBatch
 from bowline_runtime.models.attention import AttentionMetadata, DecodeGroup, PrefillSpan
 
 
+# Tokens of room a staged decode context gets beyond its current length: it is gathered afresh
+# from the paged cache only every this many steps (or when its group changes).
+STAGING_HEADROOM = 64
+
+
 @dataclass(slots=True)
 class StepInput:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     slot_mapping: torch.Tensor  # [T]
     num_decodes: int
-    decode_groups: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (start, end, block tables, context lens)
+    decode_groups: list[tuple[int, int, torch.Tensor, list[int], list[int]]]  # (start, end, tables, lens, seq ids)
     prefills: list[tuple[int, int, int, torch.Tensor | None]]  # (q_start, q_end, context_len, context slots)
     keep: torch.Tensor  # [K] packed positions whose logits are needed
 
@@ -70,6 +75,7 @@ def prepare_step(batch: ScheduledBatch, block_size: int) -> StepPlan:
     prefills: list[tuple[int, int, int, torch.Tensor | None]] = []
     decode_tables: list[list[int]] = []
     decode_lens: list[int] = []
+    decode_ids: list[int] = []
 
     cursor = 0
     for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens, strict=True)):
@@ -81,6 +87,7 @@ def prepare_step(batch: ScheduledBatch, block_size: int) -> StepPlan:
         if i < batch.num_decodes:
             decode_tables.append(seq.block_table[: -(-end // block_size)])
             decode_lens.append(end)
+            decode_ids.append(seq.seq_id)
         else:
             context = None if start == 0 else _slots(seq.block_table, 0, end, block_size)
             prefills.append((cursor, cursor + n, end, context))
@@ -102,7 +109,7 @@ def prepare_step(batch: ScheduledBatch, block_size: int) -> StepPlan:
     for a, b in group_by_length([len(t) for t in decode_tables]):
         width = max(len(t) for t in decode_tables[a:b])
         tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables[a:b]], dtype=torch.long)
-        decode_groups.append((a, b, tables, torch.tensor(decode_lens[a:b])))
+        decode_groups.append((a, b, tables, decode_lens[a:b], decode_ids[a:b]))
     step = StepInput(
         input_ids=torch.tensor(ids, dtype=torch.long),
         positions=torch.cat(positions),
@@ -131,6 +138,7 @@ class ModelRunner:
         heads = config.num_attention_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._staged: dict[int, tuple[tuple[int, ...], list[int], int, dict]] = {}
 
     def kv_bytes_per_token(self, num_kv_heads_local: int) -> int:
         return 2 * self.num_layers * num_kv_heads_local * self.head_dim * torch.finfo(self.dtype).bits // 8
@@ -144,15 +152,37 @@ class ModelRunner:
             for _ in range(self.num_layers)
         ]
 
+    def _decode_groups(self, step: StepInput) -> list[DecodeGroup]:
+        """Attention groups for this step, reusing last step's staged contexts where the same
+        sequences simply grew by one token (see models.attention.DecodeGroup)."""
+        groups: list[DecodeGroup] = []
+        staged: dict[int, tuple[tuple[int, ...], list[int], int, dict]] = {}
+        for index, (start, end, tables, lens, seq_ids) in enumerate(step.decode_groups):
+            ids, longest = tuple(seq_ids), max(lens)
+            prev = self._staged.get(index)
+            reuse = (
+                prev is not None and prev[0] == ids and longest <= prev[2]
+                and all(now == before + 1 for now, before in zip(lens, prev[1], strict=True))
+            )
+            if reuse:
+                capacity, store = prev[2], prev[3]
+            else:
+                capacity, store = -(-(longest + STAGING_HEADROOM) // self.block_size) * self.block_size, {}
+            staged[index] = (ids, lens, capacity, store)
+            lens_t = torch.tensor(lens)
+            valid = torch.arange(longest).unsqueeze(0) < lens_t.unsqueeze(1)
+            mask = torch.zeros(valid.shape, dtype=self.dtype).masked_fill(~valid, float("-inf"))
+            groups.append(DecodeGroup(
+                start, end, tables.to(self.device), lens_t.to(self.device),
+                mask.view(1, end - start, 1, longest).to(self.device), store, reuse, capacity,
+            ))
+        self._staged = staged  # groups that ended release their buffers here
+        return groups
+
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor | None:
         dev = self.device
-        groups = []
-        for start, end, tables, lens in step.decode_groups:
-            max_len = tables.shape[1] * self.block_size
-            valid = torch.arange(max_len).unsqueeze(0) < lens.unsqueeze(1)
-            mask = torch.zeros(valid.shape, dtype=self.dtype).masked_fill(~valid, float("-inf"))
-            groups.append(DecodeGroup(start, end, tables.to(dev), mask.view(1, end - start, 1, max_len).to(dev)))
+        groups = self._decode_groups(step)
         meta = AttentionMetadata(
             slot_mapping=step.slot_mapping.to(dev),
             decode_groups=groups,

@@ -28,12 +28,23 @@ class PrefillSpan:
 
 @dataclass(slots=True)
 class DecodeGroup:
-    """Decodes [start, end) of the packed row, attended together: contexts padded to the longest one."""
+    """Decodes [start, end) of the packed row, attended together: contexts padded to the longest one.
+
+    Gathering each sequence's blocks out of the paged cache costs a read and a write of the whole
+    context per layer per step, twice what the attention products themselves read. So a group keeps
+    its gathered context in `staged` (per layer, [Hkv, n, capacity, D]) from one step to the next:
+    while the same sequences keep decoding (`reuse`), each step only appends the new token's key
+    and value; any change of membership, or outgrowing the capacity, gathers afresh.
+    """
 
     start: int
     end: int
     blocks: torch.Tensor  # [n, max_blocks] block tables, padded with block 0
-    mask: torch.Tensor  # [1, n, 1, max_blocks * block_size] additive mask (0 or -inf)
+    lens: torch.Tensor  # [n] context lengths, including this step's token
+    mask: torch.Tensor  # [1, n, 1, max(lens)] additive mask (0 or -inf)
+    staged: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> staged (keys, values)
+    reuse: bool
+    capacity: int
 
 
 @dataclass(slots=True)
@@ -71,9 +82,8 @@ def paged_attention(
     num_heads, num_tokens, head_dim = q.shape
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
     for group in attn_meta.decode_groups:
-        out[group.start : group.end] = _decode_attention(
-            q[:, group.start : group.end], k_cache, v_cache, group, attn_meta.block_size, scaling
-        )
+        keys, values = _staged_context(module.layer_idx, k, v, k_cache, v_cache, group, attn_meta.block_size)
+        out[group.start : group.end] = _decode_attention(q[:, group.start : group.end], keys, values, group, scaling)
     for span in attn_meta.prefills:
         qs = q[:, span.q_start : span.q_end].unsqueeze(0)  # [1, H, q, D]
         if span.context_slots is None:
@@ -92,23 +102,42 @@ def paged_attention(
     return out.unsqueeze(0), None
 
 
-def _decode_attention(
-    q: torch.Tensor, k_cache, v_cache, group: DecodeGroup, block_size: int, scaling
-) -> torch.Tensor:
-    """All decodes at once: grouped-query scores against each sequence's gathered context.
+def _staged_context(layer: int, k, v, k_cache, v_cache, group: DecodeGroup, block_size: int):
+    """The group's contexts as [Hkv, n, max_len, D] keys and values (views of the staged buffers)."""
+    n = group.end - group.start
+    max_len = group.mask.shape[-1]
+    staged = group.staged.get(layer) if group.reuse else None
+    if staged is not None:
+        keys, values = staged
+        rows = torch.arange(n, device=keys.device)
+        keys[:, rows, group.lens - 1] = k[:, group.start : group.end]
+        values[:, rows, group.lens - 1] = v[:, group.start : group.end]
+    else:
+        num_kv_heads, _, head_dim = k_cache.shape
+        # Gather whole blocks (rows of block_size * D values), not single slots: fewer, longer copies.
+        blocks = group.blocks.reshape(-1)
+        gathered_len = group.blocks.shape[1] * block_size
+        by_block = (num_kv_heads, -1, block_size * head_dim)
+        shape = (num_kv_heads, n, group.capacity, head_dim)
+        # Zeroed, not empty: the padding beyond each context is masked, but NaN * 0 would still be NaN.
+        keys = torch.zeros(shape, dtype=k_cache.dtype, device=k_cache.device)
+        values = torch.zeros(shape, dtype=v_cache.dtype, device=v_cache.device)
+        gathered = (num_kv_heads, n, gathered_len, head_dim)
+        keys[:, :, :gathered_len] = k_cache.view(by_block).index_select(1, blocks).view(gathered)
+        values[:, :, :gathered_len] = v_cache.view(by_block).index_select(1, blocks).view(gathered)
+        group.staged[layer] = (keys, values)
+    return keys[:, :, :max_len], values[:, :, :max_len]
 
-    The cache is head-major ([Hkv, slots, D]), so the gathered context is [Hkv, nd, L, D] and both
-    products run as batched matmuls over (Hkv, nd) with no copy of the context beyond the gather.
+
+def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, group: DecodeGroup, scaling):
+    """All of a group's decodes at once: grouped-query scores against [Hkv, n, L, D] contexts.
+
+    The cache is head-major, so contexts come out as [Hkv, n, L, D] and both products run as
+    batched matmuls over (Hkv, n) with no copies.
     """
     num_heads, nd, head_dim = q.shape
-    num_kv_heads = k_cache.shape[0]
+    num_kv_heads = keys.shape[0]
     per_kv = num_heads // num_kv_heads  # query heads sharing each key/value head
-    # Gather whole blocks (rows of block_size * D values), not single slots: fewer, longer copies.
-    blocks = group.blocks.reshape(-1)
-    max_len = group.blocks.shape[1] * block_size
-    by_block = (num_kv_heads, -1, block_size * head_dim)
-    keys = k_cache.view(by_block).index_select(1, blocks).view(num_kv_heads, nd, max_len, head_dim)
-    values = v_cache.view(by_block).index_select(1, blocks).view(num_kv_heads, nd, max_len, head_dim)
     qg = q.view(num_kv_heads, per_kv, nd, head_dim).transpose(1, 2)  # [Hkv, nd, G, D]
     scores = torch.matmul(qg, keys.transpose(-1, -2))  # [Hkv, nd, G, L]
     scores.mul_(scaling if scaling is not None else head_dim**-0.5)

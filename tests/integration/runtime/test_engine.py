@@ -323,3 +323,21 @@ def test_greedy_matches_transformers_with_widely_different_context_lengths(engin
     for ids, out in zip(all_ids, run(together()), strict=True):
         theirs, logits = hf_greedy(reference, ids, 12)
         assert_same_greedy(out.outputs[0].token_ids, theirs, logits)
+
+
+def test_greedy_matches_transformers_over_long_decodes_as_the_batch_changes(engine, reference):
+    """Decodes past the staged-context headroom while neighbours finish and join: still token-exact."""
+    all_ids = [engine.tokenizer.encode(p) for p in PROMPTS[:4]]
+    budgets = [150, 40, 90, 150]
+
+    async def staggered():
+        first = [generate(engine, ids, temperature=0, max_tokens=n, ignore_eos=True)
+                 for ids, n in zip(all_ids[:3], budgets[:3], strict=True)]
+        tasks = [asyncio.ensure_future(c) for c in first]
+        await asyncio.sleep(0.05)  # the fourth joins while the others are decoding
+        tasks.append(asyncio.ensure_future(generate(engine, all_ids[3], temperature=0, max_tokens=150, ignore_eos=True)))
+        return await asyncio.gather(*tasks)
+
+    for ids, n, out in zip(all_ids, budgets, run(staggered()), strict=True):
+        theirs, logits = hf_greedy(reference, ids, n)
+        assert_same_greedy(out.outputs[0].token_ids, theirs, logits)
