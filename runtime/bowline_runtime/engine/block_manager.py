@@ -53,7 +53,8 @@ class BlockManager:
 
     def _prefix_hits(self, seq: Sequence) -> list[int]:
         """Cached blocks matching the sequence's leading full blocks (never its last token's block)."""
-        if not self.enable_prefix_caching:
+        # Prompt logprobs need logits at every prompt position: nothing of such a prompt may be skipped.
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return []
         hits: list[int] = []
         prev: int | None = None

@@ -175,7 +175,7 @@ class Sampler:
             source = raw[row]
             if p.top_p_normalized_logprobs:
                 source = scaled[row]
-            elif p.temp_scaled_logprobs and not p.greedy:
+            elif p.temp_scaled_logprobs and p.temperature > 0:
                 source = raw[row] / p.temperature
             lp = torch.log_softmax(source[: self.vocab_size], dim=-1)
             result.append(token_logprobs(lp, token_ids[row], p.logprobs or 0))

@@ -56,15 +56,16 @@ class Scheduler:
             if seq.is_prefilling:
                 kept.append(seq)
                 continue
-            while not self.block_manager.can_append(seq):
+            # The token this step feeds is already counted in seq.num_tokens: room for it, nothing more.
+            while not self.block_manager.can_append(seq, 0):
                 if running:
                     self._preempt(running.pop())
                 else:
                     break
-            if not self.block_manager.can_append(seq):
+            if not self.block_manager.can_append(seq, 0):
                 self._preempt(seq)
                 continue
-            self.block_manager.append_slots(seq)
+            self.block_manager.append_slots(seq, 0)
             decodes.append(seq)
             kept.append(seq)
             budget -= 1

@@ -45,10 +45,11 @@ def test_slot_mapping_follows_the_block_tables(plan):
 def test_decode_blocks_and_lengths(plan):
     step = plan.step
     assert step.num_decodes == 1
-    [(start, end, tables, lens)] = step.decode_groups
+    [(start, end, tables, lens, seq_ids)] = step.decode_groups
     assert (start, end) == (0, 1)
     assert tables.tolist() == [[7, 2]]
-    assert lens.tolist() == [6]
+    assert lens == [6]
+    assert seq_ids == [0]  # the decode sequence's id: staged contexts are matched by sequence
 
 
 def test_prefill_spans(plan):
@@ -70,10 +71,11 @@ def test_decode_tables_are_cut_to_the_context_and_padded():
     short = make_seq(1, [1, 2], 1, 1, [8])
     batch = ScheduledBatch([long, short], [1, 1], num_decodes=2)
     step = prepare_step(batch, BS).step
-    [(start, end, tables, lens)] = step.decode_groups  # similar lengths: one group
+    [(start, end, tables, lens, seq_ids)] = step.decode_groups  # similar lengths: one group
     assert (start, end) == (0, 2)
     assert tables.tolist() == [[4, 5, 6], [8, 0, 0]]
-    assert lens.tolist() == [9, 2]
+    assert lens == [9, 2]
+    assert seq_ids == [long.seq_id, short.seq_id]  # staged contexts are matched by sequence
     assert step.slot_mapping.tolist() == [6 * 4 + 0, 8 * 4 + 1]
     assert step.prefills == []
     assert step.keep.tolist() == [0, 1]
@@ -98,13 +100,6 @@ def test_prompt_logprob_rows_cover_every_prompt_position_across_chunks():
     assert second.sample_rows == [1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BlockManager.allocate reuses prefix-cached blocks even for a request with prompt_logprobs, so "
-    "prepare_step starts at the cached length and LLMEngine returns prompt_logprobs only for the uncached "
-    "tail, shifted to the wrong prompt positions (20-token prompt, block_size 4, second identical request: "
-    "4 entries instead of 20, entry 1 is for token 17)",
-)
 def test_prompt_logprobs_cover_the_whole_prompt_even_when_its_prefix_is_cached():
     bm = BlockManager(num_blocks=16, block_size=BS, enable_prefix_caching=True)
     prompt = list(range(100, 120))

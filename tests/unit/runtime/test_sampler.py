@@ -370,12 +370,6 @@ def test_temp_scaled_logprobs_are_raw_for_greedy_temperature_zero():
     assert entry.logprob == pytest.approx(float(torch.log_softmax(logits[0], -1)[0]), abs=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Sampler._logprobs skips temperature scaling when `p.greedy`, and SamplingParams.greedy is also true "
-    "for top_k=1, so temperature=0.5, top_k=1, temp_scaled_logprobs=True reports unscaled logprobs "
-    "(FastDeploy scales by any non-zero temperature)",
-)
 def test_temp_scaled_logprobs_apply_with_top_k_1():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -1.0, -1.0, -1.0, -1.0]])
     seq = make_seq(SamplingParams(temperature=0.5, top_k=1, logprobs=0, temp_scaled_logprobs=True))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 from bowline_runtime.engine.block_manager import BlockManager
 from bowline_runtime.engine.sampling_params import SamplingParams
 from bowline_runtime.engine.scheduler import ScheduledBatch, Scheduler
@@ -186,12 +185,6 @@ def test_prefix_cached_tokens_are_not_recomputed():
     assert batch.num_tokens[i] == 1  # only the last prompt token is fed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Scheduler.schedule calls block_manager.can_append/append_slots(seq) with num_new_tokens=1 although "
-    "the token a decode feeds is already counted in seq.num_tokens, so it reserves room for num_tokens + 1 and "
-    "preempts a sequence one step before any block is actually needed",
-)
 def test_a_decode_that_fits_in_the_blocks_it_holds_preempts_nobody():
     # 2 blocks of 4 tokens each for two sequences; each has 8 tokens, 7 computed: the decode of
     # position 7 writes into the second block each already holds, so no new block is needed.
