@@ -225,6 +225,11 @@ def _run_point(system: str, running: dict[str, servers.Server], hf: hf_baseline.
         return hf_baseline.run_sequential(hf, specs)
     if system == "hf-batch":
         return hf_baseline.run_static_batch(hf, specs, conc)
+    # An untimed touch right before the point: a server left idle while another system ran has had
+    # its memory go cold (seen here: Bowline's first wave after a vLLM point paid ~1 s of TTFT that
+    # no later wave did); every server gets the same touch, so none is charged for the one before it.
+    touch = [loadgen.RequestSpec(s.prompt_ids, min(s.max_tokens, 4)) for s in specs[:conc]]
+    loadgen.run_point_sync(running[system].base_url, servers.SERVED_NAME, touch, conc)
     return loadgen.run_point_sync(running[system].base_url, servers.SERVED_NAME, specs, conc)
 
 
