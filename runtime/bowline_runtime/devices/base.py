@@ -16,6 +16,9 @@ class Device(ABC):
     dist_backend: str
     #: environment variable that restricts which devices a process sees (None for CPU)
     visible_devices_env: str | None = None
+    #: keep each decode group's gathered KV context between steps (see models.attention.DecodeGroup):
+    #: saves memory traffic where memory is plentiful (host RAM), costs up to the running contexts' size again
+    stages_decode_context: bool = False
 
     @classmethod
     @abstractmethod

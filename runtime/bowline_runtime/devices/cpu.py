@@ -44,6 +44,7 @@ class OneDnnLinear(torch.nn.Module):
 class CpuDevice(Device):
     type = "cpu"
     dist_backend = "gloo"
+    stages_decode_context = True
 
     @classmethod
     def is_available(cls) -> bool:

@@ -14,7 +14,6 @@ from torch import nn
 from bowline_runtime.engine.scheduler import ScheduledBatch
 from bowline_runtime.models.attention import AttentionMetadata, DecodeGroup, PrefillSpan
 
-
 # Tokens of room a staged decode context gets beyond its current length: it is gathered afresh
 # from the paged cache only every this many steps (or when its group changes).
 STAGING_HEADROOM = 64
@@ -126,10 +125,12 @@ class ModelRunner:
     """Holds a (possibly sharded) model and its KV cache on one device."""
 
     def __init__(
-        self, model: nn.Module, device: torch.device, dtype: torch.dtype, is_driver: bool, block_size: int
+        self, model: nn.Module, device: torch.device, dtype: torch.dtype, is_driver: bool, block_size: int,
+        stage_decode_context: bool = True,
     ) -> None:
         self.model = model
         self.block_size = block_size
+        self.stage_decode_context = stage_decode_context
         self.device = device
         self.dtype = dtype
         self.is_driver = is_driver
@@ -167,8 +168,10 @@ class ModelRunner:
             if reuse:
                 capacity, store = prev[2], prev[3]
             else:
-                capacity, store = -(-(longest + STAGING_HEADROOM) // self.block_size) * self.block_size, {}
-            staged[index] = (ids, lens, capacity, store)
+                headroom = STAGING_HEADROOM if self.stage_decode_context else 0
+                capacity, store = -(-(longest + headroom) // self.block_size) * self.block_size, {}
+            if self.stage_decode_context:
+                staged[index] = (ids, lens, capacity, store)
             lens_t = torch.tensor(lens)
             valid = torch.arange(longest).unsqueeze(0) < lens_t.unsqueeze(1)
             mask = torch.zeros(valid.shape, dtype=self.dtype).masked_fill(~valid, float("-inf"))

@@ -48,7 +48,10 @@ def build_runner(config: EngineConfig, device: Device, dtype: torch.dtype, rank:
     torch_device = device.torch_device(rank)
     model.to(torch_device)
     device.optimize_model(model)
-    return ModelRunner(model, torch_device, dtype, is_driver=rank == 0, block_size=config.block_size)
+    return ModelRunner(
+        model, torch_device, dtype, is_driver=rank == 0, block_size=config.block_size,
+        stage_decode_context=device.stages_decode_context,
+    )
 
 
 def _worker_main(config: EngineConfig, rank: int, world_size: int, port: int, dtype: torch.dtype) -> None:

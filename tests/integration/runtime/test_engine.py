@@ -341,3 +341,22 @@ def test_greedy_matches_transformers_over_long_decodes_as_the_batch_changes(engi
     for ids, n, out in zip(all_ids, budgets, run(staggered()), strict=True):
         theirs, logits = hf_greedy(reference, ids, n)
         assert_same_greedy(out.outputs[0].token_ids, theirs, logits)
+
+
+def test_devices_without_context_staging_give_the_same_tokens(tiny_model_dir, engine, monkeypatch):
+    """Accelerators gather decode contexts every step instead of keeping them: same greedy output."""
+    from bowline_runtime.devices.cpu import CpuDevice
+
+    all_ids = [engine.tokenizer.encode(p) for p in PROMPTS[:3]]
+
+    async def batch(eng):
+        return await asyncio.gather(*(generate(eng, ids, temperature=0, max_tokens=80, ignore_eos=True) for ids in all_ids))
+
+    staged = [o.outputs[0].token_ids for o in run(batch(engine))]
+    monkeypatch.setattr(CpuDevice, "stages_decode_context", False)
+    plain = make_engine(tiny_model_dir)
+    try:
+        assert plain.engine.runner.stage_decode_context is False
+        assert [o.outputs[0].token_ids for o in run(batch(plain))] == staged
+    finally:
+        run(plain.shutdown())
