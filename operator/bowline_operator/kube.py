@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
-from .diff import Path, merge_patch
+from .diff import Path, last_applied, merge_patch, with_last_applied
 
 FIELD_MANAGER = "bowline"
 MERGE_PATCH = "application/merge-patch+json"
@@ -99,8 +99,10 @@ def apply(desired: dict[str, Any], prune: Mapping[Path, frozenset[str]] | None =
     """Create `desired`, or patch the live object by exactly the difference; returns (object, action).
 
     action is "created", "patched" or "unchanged". A second call with the same `desired` is "unchanged"
-    and sends nothing but a GET, which is what makes reconciles safe to repeat.
+    and sends nothing but a GET, which is what makes reconciles safe to repeat. `desired` is recorded in
+    the child's LAST_APPLIED annotation, so fields a later `desired` drops are deleted, not left behind.
     """
+    desired = with_last_applied(desired)
     meta = desired["metadata"]
     api_version, plural = desired["apiVersion"], PLURALS[desired["kind"]]
     path = object_path(api_version, plural, meta["namespace"], meta["name"])
@@ -116,7 +118,7 @@ def apply(desired: dict[str, Any], prune: Mapping[Path, frozenset[str]] | None =
                 live = get(api_version, plural, meta["namespace"], meta["name"])  # lost a race: patch instead
                 if live is None:
                     raise
-        patch = merge_patch(desired, live, prune)
+        patch = merge_patch(desired, live, prune, last_applied(live))
         if not patch:
             return live, "unchanged"
         return request("PATCH", path, patch, MERGE_PATCH), "patched"

@@ -29,10 +29,12 @@ GOOD_CASES: dict[str, dict[str, Any]] = {
     "namespaced": {"watchNamespaces": ["team-a", "team-b"]},
     "ha": {"replicaCount": 2, "leaderElection": {"enabled": True, "peeringName": "bowline-ha"}},
     "standalone": {"leaderElection": {"enabled": False}},
+    "quiet-logs": {"logLevel": "warning"},
     "custom": {
         "image": {"repository": "registry.example.com/bowline-operator", "tag": "1.2.3", "pullPolicy": "Always"},
         "imagePullSecrets": ["regcred"],
         "logLevel": "debug",
+        "logFormat": "json",
         "healthPort": 9090,
         "nodeSelector": {"kubernetes.io/os": "linux"},
         "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ops", "effect": "NoSchedule"}],
@@ -60,6 +62,7 @@ BAD_CASES: dict[str, tuple[dict[str, Any], list[str]]] = {
     "namespace-not-dns": ({"watchNamespaces": ["Team_A"]}, ["/watchNamespaces/0", "does not match pattern"]),
     "unknown-key": ({"replicas": 2}, ["additional properties 'replicas' not allowed"]),
     "bad-log-level": ({"logLevel": "verbose"}, ["/logLevel", "value must be one of"]),
+    "bad-log-format": ({"logFormat": "logfmt"}, ["/logFormat", "value must be one of"]),
     "bad-pull-policy": ({"image": {"repository": "r", "pullPolicy": "Sometimes"}}, ["/image/pullPolicy"]),
     "pull-secret-object": ({"imagePullSecrets": [{"name": "regcred"}]}, ["/imagePullSecrets/0", "want string"]),
     "isvc-without-accelerator": ({"inferenceServices": [{"name": "x", "spec": {"model": {"source": "/m"}}}]},
@@ -250,6 +253,18 @@ def test_operator_accepts_its_args_and_probes_hit_its_health_endpoint(
         assert container[probe]["httpGet"] == {"path": liveness.path, "port": port["name"]}
 
 
+@pytest.mark.parametrize(("case", "level", "log_format"), [("defaults", "info", "plain"), ("quiet-logs", "warning", "plain"),
+                                                         ("custom", "debug", "json")])
+def test_log_settings_become_operator_flags(rendered: dict[str, dict[str, Any]], case: str, level: str,
+                                            log_format: str) -> None:
+    from bowline_operator.__main__ import parse_args
+
+    container_args = operator_container(rendered[case]["docs"])["args"]
+    assert f"--log-level={level}" in container_args and f"--log-format={log_format}" in container_args
+    args = parse_args(container_args)
+    assert (args.log_level, args.log_format) == (level, log_format)
+
+
 def test_leader_election_creates_the_peering_the_operator_joins(rendered: dict[str, dict[str, Any]]) -> None:
     from bowline_operator.__main__ import parse_args
 
@@ -278,7 +293,8 @@ def test_user_settings_reach_the_operator_pod(rendered: dict[str, dict[str, Any]
     assert container["image"] == "registry.example.com/bowline-operator:1.2.3"
     assert container["imagePullPolicy"] == "Always"
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
-    assert parse_args(container["args"]).verbose
+    args = parse_args(container["args"])
+    assert (args.log_level, args.log_format) == ("debug", "json")
     for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName"):
         assert pod[key] == values[key]
     assert template["metadata"]["annotations"] == values["podAnnotations"]

@@ -26,6 +26,7 @@ from kmock._internal import enums
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 ISVC = "serving.bowline.dev/v1alpha1/inferenceservices"
+PEERING_GROUP = "kopf.dev/v1"
 
 
 class BowlineEmulator(kmock.KubernetesEmulator):
@@ -102,6 +103,11 @@ class EmulatorThread:
                 kind="InferenceService", namespaced=True, subresources={"status", "scale"},
                 shortnames={"infsvc"}, categories={"bowline"},
                 verbs={"get", "list", "watch", "create", "patch", "update", "delete"})
+            # kopf's peering resources (crds/kopf.dev_peerings.yaml): no status subresource, as there.
+            for plural, kind, namespaced in (("clusterkopfpeerings", "ClusterKopfPeering", False),
+                                             ("kopfpeerings", "KopfPeering", True)):
+                emulator.resources[f"{PEERING_GROUP}/{plural}"] = kmock.ResourceInfo(
+                    kind=kind, namespaced=namespaced, verbs={"get", "list", "watch", "create", "patch", "update", "delete"})
             self.kmock, self.url = emulator, str(server.url).rstrip("/")
             self.ready.set()
             await self.stopping.wait()
@@ -140,11 +146,12 @@ class EmulatorThread:
         return path
 
 
-def start_operator(kubeconfig: Path, log_path: Path, *extra: str) -> subprocess.Popen[bytes]:
-    """`python -m bowline_operator` as a real process against the emulator, cluster-wide, no peering."""
+def start_operator(kubeconfig: Path, log_path: Path, *extra: str, standalone: bool = True) -> subprocess.Popen[bytes]:
+    """`python -m bowline_operator` as a real process against the emulator, cluster-wide; no peering
+    unless standalone=False (then pass --peering=NAME in `extra`, or it joins "bowline")."""
     env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
     return subprocess.Popen(
-        [sys.executable, "-m", "bowline_operator", "--standalone", "--liveness", "", *extra],
+        [sys.executable, "-m", "bowline_operator", *(["--standalone"] if standalone else []), "--liveness", "", *extra],
         env=env, stdout=log_path.open("ab"), stderr=subprocess.STDOUT)
 
 

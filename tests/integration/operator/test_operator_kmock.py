@@ -187,3 +187,37 @@ def test_restart_does_not_duplicate_or_churn_children(cluster: dict[str, Any]) -
     assert after == before, "a restarted operator must not create or patch unchanged children"
     names = [d.metadata.name for d in cluster["apps"].list_namespaced_deployment(NS).items]
     assert names.count("npu-restart") == 1
+
+
+def test_removed_runtime_fields_leave_the_deployment(cluster: dict[str, Any]) -> None:
+    obj = _example("cpu-tiny", "tiny-stale")
+    obj["spec"].setdefault("runtime", {}).update(
+        podLabels={"team": "ml"}, podAnnotations={"example.com/owner": "ml"},
+        nodeSelector={"pool": "cpu", "zone": "z1"}, serviceAccountName="runner", schedulerName="volcano")
+    _create(cluster, obj)
+    template = wait_for(lambda: _deployment(cluster, "tiny-stale"), what="Deployment")["spec"]["template"]
+    assert template["metadata"]["labels"]["team"] == "ml"
+    # Someone else's label on the pod template: not the operator's to remove.
+    cluster["apps"].patch_namespaced_deployment(
+        "tiny-stale", NS, {"spec": {"template": {"metadata": {"labels": {"added-by": "someone"}}}}},
+        _content_type="application/merge-patch+json")
+    runtime = {**obj["spec"]["runtime"], "podLabels": {}, "podAnnotations": {}, "nodeSelector": {"pool": "cpu"},
+               "serviceAccountName": None, "schedulerName": None}
+    _replace_spec(cluster, "tiny-stale", {**obj["spec"], "runtime": {k: v for k, v in runtime.items() if v is not None}})
+
+    def cleaned() -> dict[str, Any] | None:
+        template = _deployment(cluster, "tiny-stale")["spec"]["template"]
+        return None if "team" in template["metadata"]["labels"] else template
+
+    template = wait_for(cleaned, what="the removed pod label gone")
+    pod = template["spec"]
+    assert template["metadata"]["labels"]["added-by"] == "someone"
+    assert "example.com/owner" not in template["metadata"].get("annotations", {})
+    assert pod["nodeSelector"] == {"pool": "cpu"}
+    assert "serviceAccountName" not in pod and "schedulerName" not in pod
+
+
+def _replace_spec(cluster: dict[str, Any], name: str, spec: dict[str, Any]) -> None:
+    """A user's edit that drops keys (as `kubectl apply` or `edit` would): a JSON patch replacing the spec."""
+    cluster["custom"].patch_namespaced_custom_object(
+        GROUP, VERSION, NS, PLURAL, name, [{"op": "replace", "path": "/spec", "value": spec}])

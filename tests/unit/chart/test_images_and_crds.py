@@ -15,7 +15,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[3]
 IMAGES = REPO_ROOT / "images"
 DOCKERFILES = sorted(IMAGES.glob("*/Dockerfile"))
-RUNTIME_IMAGES = ["runtime-cpu", "runtime-cuda", "runtime-ascend"]
+RUNTIME_IMAGES = ["runtime-cpu", "runtime-cuda", "runtime-rocm", "runtime-ascend"]
 
 
 def instructions(dockerfile: Path) -> list[tuple[str, str]]:
@@ -87,14 +87,29 @@ def test_runtime_cpu_bakes_the_tiny_model_that_the_cpu_example_serves() -> None:
     assert example["spec"]["model"]["source"] == "/models/tiny"
 
 
+def test_runtime_rocm_installs_torch_from_the_pytorch_rocm_index() -> None:
+    steps = instructions(IMAGES / "runtime-rocm" / "Dockerfile")
+    args = dict(a.split("=", 1) for k, a in steps if k == "ARG")
+    assert re.fullmatch(r"rocm6\.\d+", args["ROCM_INDEX"])
+    runs = " ".join(a for k, a in steps if k == "RUN")
+    assert '--index-url "https://download.pytorch.org/whl/${ROCM_INDEX}" "torch==${TORCH_VERSION}"' in runs
+    # ROCm torch names AMD GPUs "cuda": the image default must match the device the gpu/amd profile passes.
+    from bowline_operator.accelerators import profile_for
+
+    assert "BOWLINE_DEVICE=cuda" in " ".join(a for k, a in steps if k == "ENV")
+    assert profile_for("gpu", "amd").device == "cuda"
+
+
 def test_make_images_tags_what_the_operator_and_chart_pull() -> None:
     from bowline_operator.accelerators import profile_for
 
     proc = subprocess.run(["make", "-n", "images"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=30)
     assert proc.returncode == 0, proc.stderr
     [template] = set(re.findall(r"-t (\S+)", proc.stdout.replace("$image", "{image}")))
-    built = {template.format(image=p.parent.name) for p in DOCKERFILES}
-    for accelerator, vendor in [("cpu", None), ("gpu", "nvidia"), ("npu", "ascend")]:
+    [default_list] = re.findall(r"for image in ([^;]+);", proc.stdout)
+    assert sorted(default_list.split()) == sorted(p.parent.name for p in DOCKERFILES), "IMAGES must list every image"
+    built = {template.format(image=name) for name in default_list.split()}
+    for accelerator, vendor in [("cpu", None), ("gpu", "nvidia"), ("gpu", "amd"), ("npu", "ascend")]:
         assert profile_for(accelerator, vendor).image in built, (accelerator, vendor)
     values = yaml.safe_load((REPO_ROOT / "charts" / "bowline" / "values.yaml").read_text())
     chart = yaml.safe_load((REPO_ROOT / "charts" / "bowline" / "Chart.yaml").read_text())
