@@ -228,7 +228,7 @@ def _run_point(system: str, running: dict[str, servers.Server], hf: hf_baseline.
     # An untimed touch right before the point: a server left idle while another system ran has had
     # its memory go cold (seen here: Bowline's first wave after a vLLM point paid ~1 s of TTFT that
     # no later wave did); every server gets the same touch, so none is charged for the one before it.
-    touch = [loadgen.RequestSpec(s.prompt_ids, min(s.max_tokens, 4)) for s in specs[:conc]]
+    touch = [loadgen.RequestSpec(s.prompt_ids[::-1], min(s.max_tokens, 4)) for s in specs[:conc]]  # not a prefix
     loadgen.run_point_sync(running[system].base_url, servers.SERVED_NAME, touch, conc)
     return loadgen.run_point_sync(running[system].base_url, servers.SERVED_NAME, specs, conc)
 

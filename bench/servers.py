@@ -75,6 +75,10 @@ def vllm_spec(model_dir: str, port: int, kv_bytes: int, max_num_seqs: int, venv:
     argv = [str(vllm_python(venv)), "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
             "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
             "--load-format", "dummy", "--max-num-seqs", str(max_num_seqs),
+            # vLLM caches prefixes by default, Bowline only with --enable-prefix-caching. Every point
+            # reuses the same prompts (and the warm-up sends them too), so a cache would turn prefill
+            # into lookups for one system only: both run without it.
+            "--no-enable-prefix-caching",
             "--uvicorn-log-level", "warning"]
     env = {
         "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(kv_bytes / 2**30))),
