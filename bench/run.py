@@ -1,8 +1,8 @@
 """`python -m bench.run`: Bowline against transformers and vLLM on the same model, same requests, same run.
 
-    python -m bench.run                      # issue 2's set: bowline + sequential generate(), short, c=1,16
+    python -m bench.run                      # the default set: bowline + sequential generate(), short, c=1,16
     python -m bench.run --vllm               # ... plus vLLM's CPU backend (or BENCH_VLLM=1)
-    python -m bench.run --full               # issue 7's matrix: all systems, short+mixed, c=1,8,16,32
+    python -m bench.run --full               # the full matrix: all systems, short+mixed, c=1,8,16,32
     python -m bench.run --quick              # smoke run: 4 short requests, c=1,2
     python -m bench.run --systems bowline,vllm --workloads mixed --concurrency 8 --requests 64
 
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workloads", help="comma list of short, mixed")
     p.add_argument("--concurrency", help="comma list of concurrency levels")
     p.add_argument("--requests", type=int, help="requests per point (default 32)")
-    p.add_argument("--full", action="store_true", help="issue 7's matrix: every system, short+mixed, c=1,8,16,32")
+    p.add_argument("--full", action="store_true", help="the full matrix: every system, short+mixed, c=1,8,16,32")
     p.add_argument("--quick", action="store_true", help="smoke run: 4 requests, c=1,2, lengths / 4")
     p.add_argument("--vllm", action="store_true", default=os.environ.get("BENCH_VLLM") == "1",
                    help="add vLLM's CPU backend to the default set (also BENCH_VLLM=1)")
@@ -56,7 +56,7 @@ def _csv(text: str) -> list[str]:
 def resolve_plan(args: argparse.Namespace) -> tuple[list[str], list[str], list[int], int, float]:
     """Systems, workloads, concurrency levels, requests per point and length scale from the flags.
 
-    Explicit flags win over --full/--quick, which win over issue 2's default set.
+    Explicit flags win over --full/--quick, which win over the default set.
     """
     if args.full:
         systems, workloads, concs, requests = list(ALL_SYSTEMS), ["short", "mixed"], [1, 8, 16, 32], 32
