@@ -39,7 +39,8 @@ run: install tiny-model ## serve the tiny model on CPU at http://$(HOST):$(PORT)
 	@echo 'Try: curl http://$(HOST):$(PORT)/v1/chat/completions -H "Content-Type: application/json" -d '"'"'{"model": "tiny", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}'"'"
 	$(BIN)/python -m bowline_runtime serve --model $(MODEL) --served-model-name tiny --device cpu --host $(HOST) --port $(PORT)
 
-test: install ## install everything and run the whole suite (exit 5, no tests collected, fails)
+test: install ## install everything, lint, and run the whole suite (exit 5, no tests collected, fails)
+	$(BIN)/ruff check runtime operator tests bench hack
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 unit: install
@@ -49,7 +50,7 @@ integration: install
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
 lint: install ## ruff over the Python code
-	$(BIN)/ruff check runtime operator tests bench
+	$(BIN)/ruff check runtime operator tests bench hack
 
 # Benchmarks (never part of `make test`). `make bench`: the default set (Bowline and sequential generate(),
 # short workload, c=1 and 16); BENCH_VLLM=1 adds vLLM's CPU backend from .venv-vllm. BENCH_ARGS passes flags on.
