@@ -11,27 +11,8 @@ import pytest
 import torch
 from bowline_runtime.engine.sampling_params import GuidedDecodingParams, SamplingParams
 from bowline_runtime.guided import cache_info, compile_constraint
+from guided_cases import SCHEMA
 from guided_drive import VOCAB, drive, text_of
-
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 12},
-        "kind": {"enum": ["cat", "dog", "bird"]},
-        "age": {"type": "integer", "minimum": 0, "maximum": 30},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
-        "owner": {
-            "type": "object",
-            "properties": {
-                "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
-                "vip": {"type": "boolean"},
-                "pets": {"type": "array", "items": {"enum": [1, 2, 3]}, "minItems": 1, "maxItems": 2},
-            },
-            "required": ["zip", "vip", "pets"],
-        },
-    },
-    "required": ["name", "kind", "age", "owner"],
-}
 
 
 def make(tokenizer, vocab: int = VOCAB, **guided):

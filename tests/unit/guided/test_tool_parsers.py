@@ -9,6 +9,7 @@ import pytest
 from bowline_runtime.engine.sampling_params import GuidedDecodingParams, SamplingParams
 from bowline_runtime.guided import compile_constraint
 from bowline_runtime.parsers import HermesToolParser, get_tool_parser, tool_call_grammar
+from guided_cases import TOOLS
 from guided_drive import drive, text_of
 
 TWO_CALLS = (
@@ -16,36 +17,6 @@ TWO_CALLS = (
     '{"name": "get_weather", "arguments": {"city": "Paris", "when": {"day": 1}, "tags": ["a}"]}}'
     '\n</tool_call>\n<tool_call>\n{"name": "noop", "arguments": {}}\n</tool_call>'
 )
-
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "parameters": {
-                "type": "object",
-                "properties": {
-                    "city": {"type": "string", "maxLength": 10},
-                    "unit": {"enum": ["c", "f"]},
-                    "days": {"type": "integer", "minimum": 1, "maximum": 7},
-                },
-                "required": ["city", "unit"],
-            },
-        },
-    },
-    {
-        "type": "function",
-        "function": {
-            "name": "add",
-            "parameters": {
-                "type": "object",
-                "properties": {"a": {"type": "integer", "maximum": 999}, "b": {"type": "integer", "minimum": -9}},
-                "required": ["a", "b"],
-            },
-        },
-    },
-]
-
 
 def stream(text: str, step: int) -> tuple[str, list[dict]]:
     """Feed `text` in `step`-character pieces; assemble content and calls as an OpenAI client does."""
