@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 ENV_PREFIX = "BOWLINE_"
@@ -49,7 +49,6 @@ class EngineConfig:
     reasoning_parser: str | None = None
     guided_decoding_any_whitespace: bool = False
     log_level: str = "info"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model_name(self) -> str:
@@ -93,6 +92,8 @@ _HELP = {
     "gpu_memory_utilization": "fraction of accelerator memory for weights + KV cache",
     "kv_cache_memory": "KV-cache size in bytes (CPU default: 1 GiB; overrides the utilization fraction)",
     "enable_prefix_caching": "share full KV blocks between requests with the same prefix",
+    "enable_chunked_prefill": "split long prompts over steps (off: a prompt waits until it fits one step whole)",
+    "seed": "seed of the engine's random state: dummy weights and requests that give no seed",
     "chat_template": "Jinja chat template file (or inline template) overriding the tokenizer's",
     "enable_logprob": "allow logprobs in responses",
     "api_key": "require `Authorization: Bearer KEY` on /v1 routes",
@@ -108,8 +109,6 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     """Add one flag per EngineConfig field; each defaults to its environment variable, then the field default."""
     parser = parser or argparse.ArgumentParser(prog="bowline-runtime serve")
     for f in fields(EngineConfig):
-        if f.name == "extra":
-            continue
         env = env_name(f.name)
         help_text = f"{_HELP.get(f.name, f.name.replace('_', ' '))} [env {env}]"
         annotation = str(f.type)
@@ -156,8 +155,6 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     for f in fields(EngineConfig):
-        if f.name == "extra":
-            continue
         raw, source = getattr(args, f.name, None), _flag(f.name)
         if raw is None:
             raw, source = environ.get(env_name(f.name)), env_name(f.name)

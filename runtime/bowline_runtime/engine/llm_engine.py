@@ -84,7 +84,13 @@ class LLMEngine:
             raise ValueError(
                 f"--max-num-batched-tokens ({max_batched}) must be at least --max-num-seqs ({config.max_num_seqs})"
             )
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_batched)
+        if not config.enable_chunked_prefill and max_batched < self.max_model_len:
+            raise ValueError(
+                f"without chunked prefill a whole prompt must fit one step: --max-num-batched-tokens ({max_batched}) "
+                f"must be at least --max-model-len ({self.max_model_len})"
+            )
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_batched, config.enable_chunked_prefill)
+        torch.manual_seed(config.seed)  # the draws of requests that bring no seed of their own
         self.sampler = Sampler(min(self.vocab_size, len(self.tokenizer)), self.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()

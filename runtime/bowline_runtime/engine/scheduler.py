@@ -29,8 +29,11 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, chunked_prefill: bool = True
+    ) -> None:
         self.block_manager = block_manager
+        self.chunked_prefill = chunked_prefill
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -81,6 +84,8 @@ class Scheduler:
         # 3. Admit waiting sequences while sequences, tokens and blocks allow.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if not self.chunked_prefill and seq.num_tokens > budget:
+                break  # it waits for a step with room for the whole prompt
             if not self.block_manager.can_allocate(seq):
                 break
             self.waiting.popleft()

@@ -43,7 +43,9 @@ def _threads_per_rank(device: Device, world_size: int) -> None:
 def build_runner(config: EngineConfig, device: Device, dtype: torch.dtype, rank: int, world_size: int) -> ModelRunner:
     hf_config = loader.load_config(config.model, config.trust_remote_code)
     check_divisible(hf_config, world_size)
-    model = loader.load_model(config.model, hf_config, dtype, config.load_format, config.trust_remote_code)
+    model = loader.load_model(
+        config.model, hf_config, dtype, config.load_format, config.trust_remote_code, seed=config.seed
+    )
     shard_model(model, rank, world_size)
     torch_device = device.torch_device(rank)
     model.to(torch_device)

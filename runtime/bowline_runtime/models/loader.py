@@ -42,7 +42,9 @@ def load_config(model_path: str, trust_remote_code: bool):
     return AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
 
 
-def load_model(model_path: str, hf_config, dtype: torch.dtype, load_format: str, trust_remote_code: bool) -> nn.Module:
+def load_model(
+    model_path: str, hf_config, dtype: torch.dtype, load_format: str, trust_remote_code: bool, seed: int = 0
+) -> nn.Module:
     """Build the model with `attn_implementation="bowline"`; `dummy` draws random weights from the config."""
     from transformers import AutoModelForCausalLM
 
@@ -53,7 +55,7 @@ def load_model(model_path: str, hf_config, dtype: torch.dtype, load_format: str,
                 hf_config, dtype=dtype, attn_implementation=attention.ATTN_IMPLEMENTATION,
                 trust_remote_code=trust_remote_code,
             )
-        _init_dummy(model, seed=0)
+        _init_dummy(model, seed=seed)
     elif load_format == "auto":
         model = AutoModelForCausalLM.from_pretrained(
             model_path, config=hf_config, dtype=dtype, attn_implementation=attention.ATTN_IMPLEMENTATION,

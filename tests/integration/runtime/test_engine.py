@@ -360,3 +360,25 @@ def test_devices_without_context_staging_give_the_same_tokens(tiny_model_dir, en
         assert [o.outputs[0].token_ids for o in run(batch(plain))] == staged
     finally:
         run(plain.shutdown())
+
+
+def test_engine_seed_fixes_dummy_weights_and_unseeded_draws(tiny_model_dir, tmp_path):
+    import shutil
+
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, tmp_path / name)
+
+    def sample(seed: int) -> list[int]:
+        eng = make_engine(tmp_path, load_format="dummy", seed=seed)
+        try:
+            return run(generate(eng, [5, 6, 7], temperature=1.0, max_tokens=12, ignore_eos=True)).outputs[0].token_ids
+        finally:
+            run(eng.shutdown())
+
+    assert sample(3) == sample(3)
+    assert sample(3) != sample(4)
+
+
+def test_chunked_prefill_off_needs_a_step_budget_of_max_model_len(tiny_model_dir):
+    with pytest.raises(ValueError, match="--max-num-batched-tokens \\(256\\) must be at least --max-model-len \\(512\\)"):
+        make_engine(tiny_model_dir, enable_chunked_prefill=False, max_num_batched_tokens=256, max_model_len=512)

@@ -208,3 +208,15 @@ def test_decodes_are_ordered_by_context_length_for_the_runner():
     batch = sched.schedule()
     assert batch.num_decodes == 2
     assert batch.seqs == [short, long]  # ascending length, whatever the admission order
+
+
+def test_without_chunked_prefill_a_prompt_waits_for_a_step_that_fits_it_whole():
+    sched = Scheduler(BlockManager(64, BS, False), 8, 20, chunked_prefill=False)
+    short, long = make_seq(0, 8), make_seq(1, 16)
+    sched.add(short)
+    sched.add(long)
+    first = sched.schedule()
+    assert first.seqs == [short] and first.num_tokens == [8]  # 8 + 16 > 20: the long prompt is not cut
+    finish_step(sched, first)
+    second = sched.schedule()
+    assert second.seqs == [short, long] and second.num_tokens == [1, 16]  # whole, beside the decode
