@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import signal
 import socket
 
 import torch
@@ -57,6 +58,10 @@ def build_runner(config: EngineConfig, device: Device, dtype: torch.dtype, rank:
 
 
 def _worker_main(config: EngineConfig, rank: int, world_size: int, port: int, dtype: torch.dtype) -> None:
+    # The driver owns a worker's life: a Ctrl-C or a SIGTERM sent to the whole process group must
+    # reach the driver alone, which drains requests and then releases the workers in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     device = get_device(config.device)
     device.set_device(rank)
     _threads_per_rank(device, world_size)
@@ -131,6 +136,8 @@ class TensorParallelGroup:
         if self.world_size > 1 and dist.is_initialized():
             try:
                 dist.broadcast_object_list([None], src=0)
+            except RuntimeError as exc:  # a worker is already gone: nothing left to tell it
+                logger.warning("tensor-parallel worker gone before shutdown: %s", exc)
             finally:
                 for proc in self.procs:
                     proc.join(timeout=10)
