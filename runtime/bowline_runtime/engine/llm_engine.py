@@ -23,7 +23,7 @@ from bowline_runtime.engine.outputs import CompletionOutput, EngineStats, Reques
 from bowline_runtime.engine.sampler import Sampler, token_logprobs
 from bowline_runtime.engine.sampling_params import SamplingParams
 from bowline_runtime.engine.scheduler import Scheduler
-from bowline_runtime.engine.sequence import SeqStatus, Sequence
+from bowline_runtime.engine.sequence import Sequence
 from bowline_runtime.engine.worker import TensorParallelGroup
 from bowline_runtime.models import loader
 
@@ -332,4 +332,4 @@ class LLMEngine:
         self.tp.shutdown()
 
 
-__all__ = ["LLMEngine", "PreparedRequest", "SeqStatus"]
+__all__ = ["LLMEngine", "PreparedRequest"]
