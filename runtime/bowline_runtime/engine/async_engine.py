@@ -27,6 +27,14 @@ class EngineDeadError(RuntimeError):
     """The step loop crashed; every pending request fails with this."""
 
 
+class EngineStepError(RuntimeError):
+    """One step failed; the requests in it fail with this, and the engine carries on."""
+
+
+# Failed steps in a row after which the engine is declared dead (a fault that repeats is not transient).
+MAX_CONSECUTIVE_STEP_FAILURES = 3
+
+
 class AsyncEngine:
     """Owns an LLMEngine and drives it from a background thread."""
 
@@ -160,7 +168,16 @@ class AsyncEngine:
             except RuntimeError:  # that loop is closed
                 pass
 
+    def _fail_in_flight(self, exc: Exception) -> None:
+        """A step raised: fail (and free) the requests it was serving, keep serving new ones."""
+        logger.exception("engine step failed; failing the %d requests in flight", len(self.engine.requests))
+        failed = list(self.engine.requests)
+        for request_id in failed:
+            self.engine.abort_request(request_id)
+        self._deliver_many([(rid, EngineStepError(f"generation failed: {exc!r}")) for rid in failed])
+
     def _run(self) -> None:
+        failures = 0
         try:
             while not self._stop.is_set():
                 self._drain_inbox()
@@ -168,7 +185,17 @@ class AsyncEngine:
                     self._wakeup.wait(0.5)
                     self._wakeup.clear()
                     continue
-                self._deliver_many([(output.request_id, output) for output in self.engine.step()])
+                try:
+                    outputs = self.engine.step()
+                except Exception as exc:
+                    failures += 1
+                    # With several ranks a failed step may leave them out of step: only a restart is safe.
+                    if self.engine.tp.world_size > 1 or failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+                        raise
+                    self._fail_in_flight(exc)
+                    continue
+                failures = 0
+                self._deliver_many([(output.request_id, output) for output in outputs])
         except BaseException as exc:  # noqa: BLE001 - anything here kills serving; tell every waiter
             logger.exception("engine step loop crashed")
             self._dead = exc

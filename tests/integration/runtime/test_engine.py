@@ -382,3 +382,28 @@ def test_engine_seed_fixes_dummy_weights_and_unseeded_draws(tiny_model_dir, tmp_
 def test_chunked_prefill_off_needs_a_step_budget_of_max_model_len(tiny_model_dir):
     with pytest.raises(ValueError, match="--max-num-batched-tokens \\(256\\) must be at least --max-model-len \\(512\\)"):
         make_engine(tiny_model_dir, enable_chunked_prefill=False, max_num_batched_tokens=256, max_model_len=512)
+
+
+def test_a_failed_step_fails_its_requests_frees_their_blocks_and_the_engine_carries_on(tiny_model_dir, monkeypatch):
+    from bowline_runtime.engine.async_engine import EngineStepError
+
+    eng = make_engine(tiny_model_dir)
+    try:
+        start_free = eng.stats().num_free_blocks
+        real_sampler = eng.engine.sampler
+        calls = {"n": 0}
+
+        def flaky(logits, seqs):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("injected fault")
+            return real_sampler(logits, seqs)
+
+        monkeypatch.setattr(eng.engine, "sampler", flaky)
+        with pytest.raises(EngineStepError, match="injected fault"):
+            run(generate(eng, [5, 6, 7, 8], temperature=0, max_tokens=10, ignore_eos=True))
+        assert eng.stats().num_free_blocks == start_free and eng.is_alive
+        again = run(generate(eng, [5, 6, 7, 8], temperature=0, max_tokens=10, ignore_eos=True))
+        assert len(again.outputs[0].token_ids) == 10
+    finally:
+        run(eng.shutdown())
