@@ -51,6 +51,12 @@ class StreamOptions(OpenAIModel):
     continuous_usage_stats: bool = Field(False, description="usage on every chunk, not only the last (vLLM)")
 
 
+def stream_usage(opts: StreamOptions | None) -> tuple[bool, bool]:
+    """(usage chunk at the end, usage on every chunk too): the latter only together with the former."""
+    include = bool(opts and opts.include_usage)
+    return include, include and bool(opts and opts.continuous_usage_stats)
+
+
 class JsonSchemaFormat(OpenAIModel):
     name: str = "response"
     description: str | None = None
@@ -266,6 +272,11 @@ class UsageInfo(ResponseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
 
 
 class ChatResponseMessage(ResponseModel):

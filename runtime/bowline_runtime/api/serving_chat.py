@@ -24,6 +24,7 @@ from bowline_runtime.api.protocol import (
     DeltaMessage,
     UsageInfo,
     random_id,
+    stream_usage,
 )
 from bowline_runtime.api.sampling import build_sampling_params, check_logprobs, check_stream_compatible
 from bowline_runtime.api.state import ServerState, get_state
@@ -94,7 +95,7 @@ class ChatCall:
 
     def usage(self, outputs) -> UsageInfo:
         completion = sum(len(o.token_ids) for o in outputs)
-        return UsageInfo(prompt_tokens=len(self.prompt_ids), completion_tokens=completion, total_tokens=len(self.prompt_ids) + completion)
+        return UsageInfo.of(len(self.prompt_ids), completion)
 
     def _chunk(self, choices: list[ChatCompletionStreamChoice], usage: UsageInfo | None = None) -> str:
         return ChatCompletionChunk(
@@ -104,9 +105,7 @@ class ChatCall:
     async def events(self, gen: Generation, first: tuple[int, RequestOutput] | None) -> AsyncIterator[str]:
         """The chunks: a role chunk per choice, then text deltas, a finish per choice, then usage if asked."""
         n = self.params.n
-        opts = self.req.stream_options
-        include_usage = bool(opts and opts.include_usage)
-        continuous = include_usage and bool(opts and opts.continuous_usage_stats)
+        include_usage, continuous = stream_usage(self.req.stream_options)
         since = gen.arrival_time
         for i in range(n):
             delta = DeltaMessage(

@@ -24,6 +24,7 @@ from bowline_runtime.api.protocol import (
     CompletionResponse,
     UsageInfo,
     random_id,
+    stream_usage,
 )
 from bowline_runtime.api.sampling import build_sampling_params, check_logprobs, check_stream_compatible
 from bowline_runtime.api.state import ServerState, get_state
@@ -59,7 +60,7 @@ class CompletionCall:
         prompt_tokens = sum(len(p.token_ids) for p in self.prompts)
         outs = chosen if chosen is not None else [s.outputs if s else [] for s in snaps]
         completion = sum(len(o.token_ids) for group in outs for o in group)
-        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion)
+        return UsageInfo.of(prompt_tokens, completion)
 
     def response(self, gen: Generation) -> CompletionResponse:
         choices: list[CompletionChoice] = []
@@ -98,9 +99,7 @@ class CompletionCall:
 
     async def events(self, gen: Generation, first: tuple[int, RequestOutput] | None) -> AsyncIterator[str]:
         n = self.params.n
-        opts = self.req.stream_options
-        include_usage = bool(opts and opts.include_usage)
-        continuous = include_usage and bool(opts and opts.continuous_usage_stats)
+        include_usage, continuous = stream_usage(self.req.stream_options)
         keys = [(p, i) for p in range(len(self.prompts)) for i in range(n)]
         sent_text = dict.fromkeys(keys, 0)
         sent_ids = dict.fromkeys(keys, 0)
