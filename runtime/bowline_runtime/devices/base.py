@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 
@@ -48,6 +49,11 @@ class Device(ABC):
     def optimize_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Swap in this device's faster kernels for standard layers, in place; default: nothing to do."""
         return model
+
+    def paged_decode_kernel(self, dtype: torch.dtype) -> Callable[..., None] | None:
+        """A kernel attending decodes straight from the paged KV cache (see models.attention), or None:
+        the engine then gathers contexts and attends with torch's batched products."""
+        return None
 
     def default_dtype(self) -> torch.dtype:
         """The dtype `--dtype auto` means when the model's config does not say."""

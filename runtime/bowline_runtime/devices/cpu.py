@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -62,6 +63,14 @@ class CpuDevice(Device):
 
     def default_dtype(self) -> torch.dtype:
         return torch.float32
+
+    def paged_decode_kernel(self, dtype: torch.dtype) -> Callable[..., None] | None:
+        """The C kernel of bowline_runtime.kernels (float32; built on first use, cached), if it builds here."""
+        from bowline_runtime.kernels import cpu as kernels
+
+        if dtype != torch.float32 or kernels.load() is None:
+            return None
+        return kernels.paged_decode_attention
 
     def optimize_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Pack every float32/bfloat16 Linear for oneDNN (where this torch build has it)."""

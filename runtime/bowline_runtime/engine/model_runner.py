@@ -6,6 +6,7 @@ broadcast to every tensor-parallel rank, each of which calls `ModelRunner.execut
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -126,11 +127,13 @@ class ModelRunner:
 
     def __init__(
         self, model: nn.Module, device: torch.device, dtype: torch.dtype, is_driver: bool, block_size: int,
-        stage_decode_context: bool = True,
+        stage_decode_context: bool = True, decode_kernel: Callable[..., None] | None = None,
     ) -> None:
         self.model = model
         self.block_size = block_size
-        self.stage_decode_context = stage_decode_context
+        # A kernel reading the paged cache directly needs neither staged copies nor padding masks.
+        self.decode_kernel = decode_kernel
+        self.stage_decode_context = stage_decode_context and decode_kernel is None
         self.device = device
         self.dtype = dtype
         self.is_driver = is_driver
@@ -173,11 +176,13 @@ class ModelRunner:
             if self.stage_decode_context:
                 staged[index] = (ids, lens, capacity, store)
             lens_t = torch.tensor(lens)
-            valid = torch.arange(longest).unsqueeze(0) < lens_t.unsqueeze(1)
-            mask = torch.zeros(valid.shape, dtype=self.dtype).masked_fill(~valid, float("-inf"))
+            mask = None
+            if self.decode_kernel is None:
+                valid = torch.arange(longest).unsqueeze(0) < lens_t.unsqueeze(1)
+                mask = torch.zeros(valid.shape, dtype=self.dtype).masked_fill(~valid, float("-inf"))
+                mask = mask.view(1, end - start, 1, longest).to(self.device)
             groups.append(DecodeGroup(
-                start, end, tables.to(self.device), lens_t.to(self.device),
-                mask.view(1, end - start, 1, longest).to(self.device), store, reuse, capacity,
+                start, end, tables.to(self.device), lens_t.to(self.device), mask, store, reuse, capacity,
             ))
         self._staged = staged  # groups that ended release their buffers here
         return groups
@@ -194,6 +199,7 @@ class ModelRunner:
                 PrefillSpan(a, b, ctx, None if slots is None else slots.to(dev)) for a, b, ctx, slots in step.prefills
             ],
             kv_caches=self.kv_caches,
+            decode_kernel=self.decode_kernel,
         )
         keep = step.keep if self.is_driver else step.keep[:0]
         out = self.model(

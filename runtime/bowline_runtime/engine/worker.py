@@ -53,7 +53,7 @@ def build_runner(config: EngineConfig, device: Device, dtype: torch.dtype, rank:
     device.optimize_model(model)
     return ModelRunner(
         model, torch_device, dtype, is_driver=rank == 0, block_size=config.block_size,
-        stage_decode_context=device.stages_decode_context,
+        stage_decode_context=device.stages_decode_context, decode_kernel=device.paged_decode_kernel(dtype),
     )
 
 

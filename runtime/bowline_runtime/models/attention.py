@@ -3,11 +3,13 @@
 transformers computes projections, rotary embeddings and MLPs; this function receives each layer's
 new queries/keys/values for a *packed* batch (all sequences' new tokens side by side in one row),
 writes the keys/values into the block-based KV cache and attends over each sequence's cached context.
-Decodes (one new token each) are attended in one batched product; prefill chunks one sequence at a time.
+Decodes (one new token each) are attended in one batched product, or by the device's own paged-decode
+kernel where it has one; prefill chunks one sequence at a time.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -41,7 +43,7 @@ class DecodeGroup:
     end: int
     blocks: torch.Tensor  # [n, max_blocks] block tables, padded with block 0
     lens: torch.Tensor  # [n] context lengths, including this step's token
-    mask: torch.Tensor  # [1, n, 1, max(lens)] additive mask (0 or -inf)
+    mask: torch.Tensor | None  # [1, n, 1, max(lens)] additive mask (0 or -inf); None with a decode kernel
     staged: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> staged (keys, values)
     reuse: bool
     capacity: int
@@ -56,6 +58,8 @@ class AttentionMetadata:
     block_size: int
     prefills: list[PrefillSpan] = field(default_factory=list)
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per layer [Hkv, slots, D]
+    # (q [H, n, D], k_cache, v_cache, block tables, lens, scale, block_size, out [n, H, D]) -> None, or None
+    decode_kernel: Callable[..., None] | None = None
 
 
 def paged_attention(
@@ -81,7 +85,14 @@ def paged_attention(
 
     num_heads, num_tokens, head_dim = q.shape
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    scale = scaling if scaling is not None else head_dim**-0.5
     for group in attn_meta.decode_groups:
+        if attn_meta.decode_kernel is not None:
+            attn_meta.decode_kernel(
+                q[:, group.start : group.end], k_cache, v_cache, group.blocks, group.lens, scale,
+                attn_meta.block_size, out[group.start : group.end],
+            )
+            continue
         keys, values = _staged_context(module.layer_idx, k, v, k_cache, v_cache, group, attn_meta.block_size)
         out[group.start : group.end] = _decode_attention(q[:, group.start : group.end], keys, values, group, scaling)
     for span in attn_meta.prefills:

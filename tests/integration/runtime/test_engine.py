@@ -343,23 +343,36 @@ def test_greedy_matches_transformers_over_long_decodes_as_the_batch_changes(engi
         assert_same_greedy(out.outputs[0].token_ids, theirs, logits)
 
 
-def test_devices_without_context_staging_give_the_same_tokens(tiny_model_dir, engine, monkeypatch):
-    """Accelerators gather decode contexts every step instead of keeping them: same greedy output."""
-    from bowline_runtime.devices.cpu import CpuDevice
+def test_decode_attention_paths_give_the_same_tokens(tiny_model_dir, engine, monkeypatch):
+    """The C paged-decode kernel (default on CPU), torch with staged contexts, and torch gathering every
+    step (what accelerators without a kernel do) produce the same greedy tokens."""
+    import shutil
 
+    from bowline_runtime.devices.cpu import CpuDevice
+    from bowline_runtime.kernels import cpu as kernels
+
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert engine.engine.runner.decode_kernel is not None, "a C compiler is here: the kernel must be in use"
     all_ids = [engine.tokenizer.encode(p) for p in PROMPTS[:3]]
 
     async def batch(eng):
         return await asyncio.gather(*(generate(eng, ids, temperature=0, max_tokens=80, ignore_eos=True) for ids in all_ids))
 
-    staged = [o.outputs[0].token_ids for o in run(batch(engine))]
-    monkeypatch.setattr(CpuDevice, "stages_decode_context", False)
-    plain = make_engine(tiny_model_dir)
+    expected = [o.outputs[0].token_ids for o in run(batch(engine))]
+    monkeypatch.setenv(kernels.KERNELS_ENV, "0")
+    kernels.load.cache_clear()
     try:
-        assert plain.engine.runner.stage_decode_context is False
-        assert [o.outputs[0].token_ids for o in run(batch(plain))] == staged
+        for staging in (True, False):
+            monkeypatch.setattr(CpuDevice, "stages_decode_context", staging)
+            other = make_engine(tiny_model_dir)
+            try:
+                assert other.engine.runner.decode_kernel is None
+                assert other.engine.runner.stage_decode_context is staging
+                assert [o.outputs[0].token_ids for o in run(batch(other))] == expected
+            finally:
+                run(other.shutdown())
     finally:
-        run(plain.shutdown())
+        kernels.load.cache_clear()
 
 
 def test_engine_seed_fixes_dummy_weights_and_unseeded_draws(tiny_model_dir, tmp_path):

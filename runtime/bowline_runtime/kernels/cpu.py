@@ -1,0 +1,122 @@
+"""Builds, caches and calls Bowline's C kernels for the CPU (through ctypes).
+
+Why C and not torch ops: decode attention over a paged cache is, in torch, a gather of every
+context into a padded dense tensor followed by two batched products; the gather costs as much memory
+traffic as the attention itself, and padding/masking more again. `paged_decode.c` reads each key and
+value row once, straight from its block. Plain C (no torch headers) compiles in about a second with
+the system's C compiler; the library is cached per source, flags and CPU, so later starts only load it.
+Without a compiler, or with BOWLINE_CPU_KERNELS=0, the engine keeps its torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+KERNELS_ENV = "BOWLINE_CPU_KERNELS"
+CACHE_ENV = "BOWLINE_KERNEL_CACHE"
+_SOURCE = Path(__file__).with_name("paged_decode.c")
+# -ffast-math lets the softmax's expf and the dot products vectorise; -fopenmp shares the libgomp torch loaded.
+_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC")
+
+_p, _i64, _f32, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+
+
+def kernels_enabled() -> bool:
+    return os.environ.get(KERNELS_ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+def cache_dir() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "bowline" / "kernels"
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: a library built on one CPU may not run on another."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()}|{platform.processor()}|{flags}"
+
+
+def build(compiler: str) -> Path:
+    """Compile the kernels (once per source, flags, compiler and CPU) and return the library's path."""
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), compiler.encode(),
+                                     _cpu_signature().encode()])).hexdigest()[:16]
+    target = cache_dir() / f"bowline_cpu_kernels-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: concurrent starts (tensor-parallel ranks) never see half a file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    """The kernel library, or None (disabled, no compiler, or the build failed: logged once)."""
+    if not kernels_enabled():
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        logger.warning("no C compiler found: CPU decode attention uses the slower torch path")
+        return None
+    try:
+        lib = ctypes.CDLL(str(build(compiler)))
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        logger.warning("CPU kernels could not be built (%s): decode attention uses the torch path", detail)
+        return None
+    fn = lib.bowline_paged_decode_f32
+    fn.restype = None
+    fn.argtypes = [_p, _p, _p, _p, _i64, _p, _i64, _i64, _i64, _i64, _i64, _i64, _f32, _p, _int]
+    return lib
+
+
+def paged_decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    lens: torch.Tensor, scale: float, block_size: int, out: torch.Tensor,
+) -> None:
+    """out[i] = attention of q[:, i] over sequence i's cached context (float32, CPU).
+
+    q: [H, n, D] (any strides); k_cache, v_cache: [Hkv, S, D] contiguous; block_tables: [n, W] int64;
+    lens: [n] int64 (this step's token included); out: [n, H, D] contiguous, written in place.
+    """
+    lib = load()
+    if lib is None:
+        raise RuntimeError("CPU kernels are not available")
+    num_heads, n, head_dim = q.shape
+    q = q.transpose(0, 1).contiguous()
+    tables = block_tables.contiguous()
+    lens = lens.contiguous()
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and out.is_contiguous()):
+        raise ValueError("the KV cache and the output must be contiguous")
+    lib.bowline_paged_decode_f32(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.shape[1],
+        lens.data_ptr(), n, num_heads, k_cache.shape[0], head_dim, k_cache.shape[1], block_size,
+        float(scale), out.data_ptr(), torch.get_num_threads(),
+    )

@@ -1,0 +1,110 @@
+/*
+ * Decode attention straight from the paged KV cache, on the CPU.
+ *
+ * One query token per sequence attends over its whole context, read block by block through the
+ * sequence's block table: no gathered copy of the context, no padding to the longest sequence, no
+ * mask. Each (sequence, key/value head) pair is one task; the query heads that share that key/value
+ * head (grouped-query attention) are scored together, so every key and value row is read once.
+ *
+ * Layouts (all float32, contiguous):
+ *   q        [n, H, D]        this step's query of each decoding sequence
+ *   k, v     [Hkv, S, D]      the layer's cache, head-major; slot = block * block_size + offset
+ *   tables   [n, stride]      block tables (int64)
+ *   lens     [n]              context lengths, this step's token included (int64)
+ *   out      [n, H, D]
+ * Query head h uses key/value head h / (H / Hkv), as transformers' repeat_kv does.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+/* Blocks are scattered over the cache, and hardware prefetchers stop at page boundaries: while one
+ * block is read, ask for the same row of the next block (one cache line per 16 floats). */
+static inline void prefetch_row(const float *row, int64_t d)
+{
+    for (int64_t x = 0; x < d; x += 16) __builtin_prefetch(row + x, 0, 3);
+}
+
+void bowline_paged_decode_f32(
+    const float *q, const float *k_cache, const float *v_cache,
+    const int64_t *tables, int64_t table_stride, const int64_t *lens,
+    int64_t n, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+    int64_t num_slots, int64_t block_size, float scale, float *out, int num_threads)
+{
+    const int64_t G = num_heads / num_kv_heads;
+    const int64_t D = head_dim;
+    int64_t max_len = 1;
+    for (int64_t i = 0; i < n; ++i)
+        if (lens[i] > max_len) max_len = lens[i];
+
+#pragma omp parallel num_threads(num_threads)
+    {
+        float *scores = malloc(sizeof(float) * (size_t)(G * max_len));
+        float *acc = malloc(sizeof(float) * (size_t)(G * D));
+        float *inv_sum = malloc(sizeof(float) * (size_t)G);
+
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < n * num_kv_heads; ++task) {
+            const int64_t i = task / num_kv_heads, h = task % num_kv_heads;
+            const int64_t len = lens[i];
+            const int64_t *table = tables + i * table_stride;
+            const float *qi = q + (i * num_heads + h * G) * D;
+            const float *kh = k_cache + h * num_slots * D;
+            const float *vh = v_cache + h * num_slots * D;
+
+            /* scores[g][t] = scale * q_g . k_t */
+            for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+                const float *kb = kh + table[t0 / block_size] * block_size * D;
+                const int64_t tn = len - t0 < block_size ? len - t0 : block_size;
+                const float *next = t0 + block_size < len ? kh + table[t0 / block_size + 1] * block_size * D : NULL;
+                for (int64_t j = 0; j < tn; ++j) {
+                    const float *kr = kb + j * D;
+                    if (next) prefetch_row(next + j * D, D);
+                    for (int64_t g = 0; g < G; ++g) {
+                        const float *qg = qi + g * D;
+                        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+                        for (int64_t d = 0; d < D; ++d) s += qg[d] * kr[d];
+                        scores[g * len + t0 + j] = s * scale;
+                    }
+                }
+            }
+            /* softmax over each row (normalised at the end) */
+            for (int64_t g = 0; g < G; ++g) {
+                float *row = scores + g * len;
+                float m = row[0];
+                for (int64_t t = 1; t < len; ++t) m = row[t] > m ? row[t] : m;
+                float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+                for (int64_t t = 0; t < len; ++t) {
+                    row[t] = expf(row[t] - m);
+                    sum += row[t];
+                }
+                inv_sum[g] = 1.0f / sum;
+            }
+            /* acc[g] = sum_t p[g][t] * v_t */
+            for (int64_t x = 0; x < G * D; ++x) acc[x] = 0.0f;
+            for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+                const float *vb = vh + table[t0 / block_size] * block_size * D;
+                const int64_t tn = len - t0 < block_size ? len - t0 : block_size;
+                const float *next = t0 + block_size < len ? vh + table[t0 / block_size + 1] * block_size * D : NULL;
+                for (int64_t j = 0; j < tn; ++j) {
+                    const float *vr = vb + j * D;
+                    if (next) prefetch_row(next + j * D, D);
+                    for (int64_t g = 0; g < G; ++g) {
+                        const float p = scores[g * len + t0 + j];
+                        float *ag = acc + g * D;
+#pragma omp simd
+                        for (int64_t d = 0; d < D; ++d) ag[d] += p * vr[d];
+                    }
+                }
+            }
+            float *oi = out + (i * num_heads + h * G) * D;
+            for (int64_t g = 0; g < G; ++g)
+                for (int64_t d = 0; d < D; ++d) oi[g * D + d] = acc[g * D + d] * inv_sum[g];
+        }
+        free(inv_sum);
+        free(acc);
+        free(scores);
+    }
+}

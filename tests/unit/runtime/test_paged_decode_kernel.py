@@ -1,0 +1,108 @@
+"""The C paged-decode kernel computes what attention over each sequence's gathered context computes."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from bowline_runtime.devices.cpu import CpuDevice
+from bowline_runtime.kernels import cpu as kernels
+
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler: the engine keeps its torch path"
+)
+
+
+def reference(q, k_cache, v_cache, tables, lens, scale, block_size):
+    """Gather each context slot by slot and run torch's SDPA (grouped-query heads repeated)."""
+    num_heads, n, _ = q.shape
+    group = num_heads // k_cache.shape[0]
+    out = []
+    for i in range(n):
+        pos = torch.arange(int(lens[i]))
+        slots = tables[i][pos // block_size] * block_size + pos % block_size
+        k = k_cache[:, slots].repeat_interleave(group, 0)
+        v = v_cache[:, slots].repeat_interleave(group, 0)
+        o = F.scaled_dot_product_attention(q[:, i : i + 1].unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), scale=scale)
+        out.append(o[0, :, 0])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "block_size"),
+    [(8, 4, 64, 16), (4, 4, 32, 16), (8, 1, 128, 8), (6, 2, 80, 32)],
+)
+def test_kernel_matches_attention_over_gathered_contexts(heads, kv_heads, head_dim, block_size):
+    torch.manual_seed(heads * head_dim + block_size)
+    num_blocks = 96
+    k_cache = torch.randn(kv_heads, num_blocks * block_size, head_dim)
+    v_cache = torch.randn(kv_heads, num_blocks * block_size, head_dim)
+    # one token, exactly one block, one past a block, and long ones; blocks scattered over the cache
+    lens = torch.tensor([1, block_size, block_size + 1, 7 * block_size - 3, 10 * block_size])
+    width = int(-(-lens.max() // block_size)) + 2  # tables are padded wider than any context needs
+    tables = torch.randperm(num_blocks)[: len(lens) * width].view(len(lens), width)
+    q = torch.randn(len(lens), heads, head_dim).transpose(0, 1)  # [H, n, D], not contiguous, as in the model
+    out = torch.full((len(lens), heads, head_dim), float("nan"))
+    kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, head_dim**-0.5, block_size, out)
+    torch.testing.assert_close(out, reference(q, k_cache, v_cache, tables, lens, head_dim**-0.5, block_size),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_writes_only_its_output_slice():
+    """The runner hands the kernel a slice of the step's output rows: the rows around it stay untouched."""
+    torch.manual_seed(1)
+    k_cache, v_cache = torch.randn(2, 64, 16), torch.randn(2, 64, 16)
+    tables = torch.tensor([[3, 1], [0, 2]])
+    lens = torch.tensor([20, 9])
+    q = torch.randn(4, 2, 16)
+    out = torch.zeros(5, 4, 16)
+    kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.25, 16, out[1:3])
+    assert out[0].abs().sum() == 0 and out[3:].abs().sum() == 0
+    torch.testing.assert_close(out[1:3], reference(q, k_cache, v_cache, tables, lens, 0.25, 16), rtol=1e-4, atol=1e-5)
+
+
+def test_library_is_built_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path))
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    first = kernels.build(compiler)
+    built_at = first.stat().st_mtime_ns
+    assert first.parent == tmp_path and first.suffix == ".so"
+    assert kernels.build(compiler) == first and first.stat().st_mtime_ns == built_at
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left behind
+
+
+def test_cpu_device_offers_the_kernel_for_float32_only(monkeypatch):
+    kernels.load.cache_clear()
+    try:
+        assert CpuDevice().paged_decode_kernel(torch.float32) is kernels.paged_decode_attention
+        assert CpuDevice().paged_decode_kernel(torch.bfloat16) is None
+        monkeypatch.setenv(kernels.KERNELS_ENV, "0")
+        kernels.load.cache_clear()
+        assert CpuDevice().paged_decode_kernel(torch.float32) is None
+    finally:
+        kernels.load.cache_clear()
+
+
+def test_without_a_compiler_the_torch_path_stays(monkeypatch, caplog):
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(kernels.shutil, "which", lambda name: None)
+    kernels.load.cache_clear()
+    try:
+        assert kernels.load() is None
+        assert "no C compiler" in caplog.text
+    finally:
+        kernels.load.cache_clear()
+
+
+def test_a_failing_build_falls_back_with_the_compiler_message(monkeypatch, caplog, tmp_path):
+    monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # exits 1: as a compiler that rejects the source would
+    kernels.load.cache_clear()
+    try:
+        assert kernels.load() is None
+        assert "could not be built" in caplog.text
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        kernels.load.cache_clear()
