@@ -15,18 +15,26 @@ def main(argv: list[str] | None = None) -> None:
     serve = sub.add_parser("serve", help="serve a model over the OpenAI API")
     build_parser(serve)
 
+    from bowline_runtime.tools.tiny_model import PRESETS
+
     tiny = sub.add_parser("make-tiny-model", help="write a small random-weight HF model folder")
     tiny.add_argument("out_dir")
-    tiny.add_argument("--preset", default="tiny", choices=["tiny", "bench"])
-    tiny.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
+    tiny.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    tiny.add_argument("--arch", default=None, choices=["llama", "qwen2"],
+                      help="architecture (default: the preset's; llama for tiny and bench, qwen2 for qwen2.5-0.5b)")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--config-only", action=argparse.BooleanOptionalAction, default=None,
+                      help="write config, generation config and tokenizer but no weights, for --load-format dummy "
+                           "(default: on for qwen2.5-0.5b, off for the small presets)")
 
     args = parser.parse_args(argv)
     if args.command == "make-tiny-model":
         from bowline_runtime.tools.tiny_model import build_tiny_model
 
-        path = build_tiny_model(args.out_dir, preset=args.preset, arch=args.arch, seed=args.seed)
-        print(f"wrote {args.preset} {args.arch} model to {path}")
+        path = build_tiny_model(args.out_dir, preset=args.preset, arch=args.arch, seed=args.seed,
+                                config_only=args.config_only)
+        weights = "no weights (serve with --load-format dummy)" if not any(path.glob("*.safetensors")) else "weights"
+        print(f"wrote {args.preset} model to {path}: config, tokenizer, {weights}")
         return
 
     try:

@@ -87,7 +87,8 @@ _HELP = {
     "tensor_parallel_size": "shard the model over this many devices (processes)",
     "max_model_len": "bound on prompt + output tokens (default: the model's position limit)",
     "max_num_seqs": "most sequences in one batch",
-    "max_num_batched_tokens": "most tokens in one forward step (prefill chunking bound)",
+    "max_num_batched_tokens": "most tokens in one forward step (prefill chunking bound; default 512 on CPU, "
+    "2048 on accelerators, at least --max-model-len without chunked prefill)",
     "block_size": "KV-cache block size in tokens",
     "gpu_memory_utilization": "fraction of accelerator memory for weights + KV cache",
     "kv_cache_memory": "KV-cache size in bytes (CPU default: 1 GiB; overrides the utilization fraction)",

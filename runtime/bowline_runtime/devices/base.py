@@ -20,6 +20,9 @@ class Device(ABC):
     #: keep each decode group's gathered KV context between steps (see models.attention.DecodeGroup):
     #: saves memory traffic where memory is plentiful (host RAM), costs up to the running contexts' size again
     stages_decode_context: bool = False
+    #: tokens per step when --max-num-batched-tokens is not given (the prefill chunk): a step's time grows
+    #: with its tokens, and every decode in the batch and every prompt queued behind waits for it
+    default_max_num_batched_tokens: int = 2048
 
     @classmethod
     @abstractmethod

@@ -46,6 +46,10 @@ class CpuDevice(Device):
     type = "cpu"
     dist_backend = "gloo"
     stages_decode_context = True
+    # A CPU prefills ~0.15 ms per token (bench model, 2 cores): 512-token chunks keep steps near 80 ms, where
+    # 2048 let eight 128-token prompts arriving together all wait ~150 ms for one step. Measured in process,
+    # 128 -> 128 at concurrency 8: mean TTFT 161 -> 79 ms for 1 % less throughput.
+    default_max_num_batched_tokens = 512
 
     @classmethod
     def is_available(cls) -> bool:

@@ -79,7 +79,11 @@ class LLMEngine:
             num_blocks * self.block_size * self.runner.kv_bytes_per_token(self.tp.num_kv_heads_local) / 2**20,
         )
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
-        max_batched = config.max_num_batched_tokens or max(2048, config.max_num_seqs)
+        max_batched = config.max_num_batched_tokens
+        if max_batched is None:
+            # Without chunking a whole prompt must fit one step, as vLLM also sizes it.
+            floor = config.max_num_seqs if config.enable_chunked_prefill else max(config.max_num_seqs, self.max_model_len)
+            max_batched = max(self.device.default_max_num_batched_tokens, floor)
         if max_batched < config.max_num_seqs:
             raise ValueError(
                 f"--max-num-batched-tokens ({max_batched}) must be at least --max-num-seqs ({config.max_num_seqs})"

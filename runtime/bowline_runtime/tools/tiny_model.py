@@ -3,6 +3,11 @@
 No model hub is reachable where Bowline is developed and tested, so every test and benchmark model is
 made here: a Llama- or Qwen2-architecture model with random weights and a byte-level BPE tokenizer
 trained with `tokenizers` on text this module generates. Same preset and seed, same files.
+
+A preset with a real model's shapes (`qwen2.5-0.5b`) is written config-only by default: config.json,
+generation_config.json and the tokenizer, no weights. Half a billion random float32 weights would be
+2 GB of disk for nothing, since such a folder is served with `--load-format dummy` (random weights
+drawn from config.json at load time), which is how the GPU benchmarks run at real shapes.
 """
 
 from __future__ import annotations
@@ -60,7 +65,12 @@ CHAT_TEMPLATE = """\
 
 @dataclass(frozen=True, slots=True)
 class Preset:
-    """A model shape. `bench` is the shape the CPU performance anchors were measured on."""
+    """A model shape. `bench` is the shape the CPU performance anchors were measured on.
+
+    `tokenizer_vocab_size` lets the config's vocabulary be wider than the tokenizer: BPE merges learnt
+    from the generated corpus run out long before a real 152k vocabulary, and the shapes (the embedding
+    and the LM head) are what a benchmark needs. The engine samples only over real tokenizer ids.
+    """
 
     hidden_size: int
     num_layers: int
@@ -70,12 +80,33 @@ class Preset:
     vocab_size: int
     max_position_embeddings: int
     corpus_words: int
+    tokenizer_vocab_size: int | None = None  # None: the same as vocab_size
+    arch: str = "llama"  # the architecture when the caller does not choose one
+    rope_theta: float | None = None  # None: the architecture's default
+    tie_word_embeddings: bool = False
+    config_only: bool = False  # write no weights unless asked (for `--load-format dummy`)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def tokenizer_vocab(self) -> int:
+        return self.tokenizer_vocab_size or self.vocab_size
 
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(64, 2, 4, 2, 128, 2048, 2048, 20_000),
     "bench": Preset(512, 8, 8, 4, 1536, 16000, 4096, 400_000),
+    # Qwen2.5-0.5B's shapes (its config.json): the GPU benchmark's model, served with dummy weights.
+    "qwen2.5-0.5b": Preset(
+        896, 24, 14, 2, 4864, 151936, 32768, 400_000,
+        tokenizer_vocab_size=16000, arch="qwen2", rope_theta=1000000.0, tie_word_embeddings=True, config_only=True,
+    ),
 }
+
+# What save_pretrained would record; a config-only folder has no model object to take it from.
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 _EN_WORDS = (
     "the model serves tokens on a cluster of nodes and every request streams text back to the client "
@@ -128,7 +159,7 @@ def train_tokenizer(preset: Preset, seed: int):
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=preset.vocab_size,
+        vocab_size=preset.tokenizer_vocab,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -154,7 +185,7 @@ def build_config(preset: Preset, arch: str, vocab_size: int, eos_ids: list[int],
         num_key_value_heads=preset.num_kv_heads,
         max_position_embeddings=preset.max_position_embeddings,
         rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
+        tie_word_embeddings=preset.tie_word_embeddings,
         bos_token_id=pad_id,
         eos_token_id=eos_ids,
         pad_token_id=pad_id,
@@ -162,6 +193,8 @@ def build_config(preset: Preset, arch: str, vocab_size: int, eos_ids: list[int],
         # implementations then rarely meet near-ties.
         initializer_range=0.1,
     )
+    if preset.rope_theta is not None:
+        common["rope_theta"] = preset.rope_theta
     if arch == "llama":
         return LlamaConfig(**common, attention_bias=False)
     if arch == "qwen2":
@@ -169,14 +202,22 @@ def build_config(preset: Preset, arch: str, vocab_size: int, eos_ids: list[int],
     raise ValueError(f"unknown architecture {arch!r}: choose llama or qwen2")
 
 
-def build_tiny_model(out_dir: str | Path, preset: str = "tiny", arch: str = "llama", seed: int = 0) -> Path:
-    """Write a complete Hugging Face model folder to `out_dir` and return its path."""
+def build_tiny_model(
+    out_dir: str | Path, preset: str = "tiny", arch: str | None = None, seed: int = 0, config_only: bool | None = None
+) -> Path:
+    """Write a Hugging Face model folder to `out_dir` and return its path.
+
+    `arch` None takes the preset's architecture; `config_only` None takes the preset's choice (True
+    for real-size presets): then no weights are written, only config, generation config and tokenizer.
+    """
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
     shape = PRESETS[preset]
+    arch = arch or shape.arch
+    config_only = shape.config_only if config_only is None else config_only
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -186,15 +227,27 @@ def build_tiny_model(out_dir: str | Path, preset: str = "tiny", arch: str = "lla
     config = build_config(shape, arch, shape.vocab_size, eos_ids, pad_id)
     config.dtype = torch.float32
 
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.eval()
-    model.save_pretrained(out, safe_serialization=True)
+    if config_only:
+        config.architectures = [_ARCHITECTURES[arch]]
+        config.save_pretrained(out)
+    else:
+        _save_random_weights(config, out, seed)
     GenerationConfig(bos_token_id=pad_id, eos_token_id=eos_ids, pad_token_id=pad_id).save_pretrained(out)
 
     tokenizer.save_pretrained(out)
     _embed_chat_template(out)
     return out
+
+
+def _save_random_weights(config, out: Path, seed: int) -> None:
+    """The model with seeded random float32 weights, saved with its config (safetensors)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
 
 
 def _embed_chat_template(out: Path) -> None:

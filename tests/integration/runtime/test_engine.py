@@ -392,6 +392,17 @@ def test_engine_seed_fixes_dummy_weights_and_unseeded_draws(tiny_model_dir, tmp_
     assert sample(3) != sample(4)
 
 
+def test_step_token_budget_defaults_to_the_devices_chunk_and_to_max_model_len_without_chunking(tiny_model_dir, engine):
+    from bowline_runtime.devices.cpu import CpuDevice
+
+    assert engine.engine.scheduler.max_num_batched_tokens == CpuDevice.default_max_num_batched_tokens == 512
+    whole = make_engine(tiny_model_dir, enable_chunked_prefill=False, max_model_len=1024)
+    try:
+        assert whole.engine.scheduler.max_num_batched_tokens == 1024
+    finally:
+        run(whole.shutdown())
+
+
 def test_chunked_prefill_off_needs_a_step_budget_of_max_model_len(tiny_model_dir):
     with pytest.raises(ValueError, match="--max-num-batched-tokens \\(256\\) must be at least --max-model-len \\(512\\)"):
         make_engine(tiny_model_dir, enable_chunked_prefill=False, max_num_batched_tokens=256, max_model_len=512)
