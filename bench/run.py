@@ -5,11 +5,17 @@
     python -m bench.run --full               # the full matrix: all systems, short+mixed, c=1,8,16,32
     python -m bench.run --quick              # smoke run: 4 short requests, c=1,2
     python -m bench.run --systems bowline,vllm --workloads mixed --concurrency 8 --requests 64
+    python -m bench.run --device cuda --dtype bfloat16 --model-preset qwen2.5-0.5b --systems bowline
 
 Every server is started once, up front, and warmed up; then the points run with the systems in a
 rotating order, so a burst of noise from the machine's other users does not land on one system only.
 The in-process transformers baselines run while the servers sit idle. Results go to
 bench/results/<run id>/ (results.md, results.json, plot.png, server logs).
+
+`--device` and `--dtype` apply to every system that can take them: Bowline's server and the
+in-process transformers baselines; vLLM's CPU backend runs only when the device is the CPU. The model
+folder is `models/<preset>`, built if missing; the `qwen2.5-0.5b` preset is config-only (no weights),
+so the transformers baselines draw seeded random weights from its config, as the servers do.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bowline_runtime.tools.tiny_model import PRESETS
 
 from bench import hf_baseline, loadgen, report, servers
 
@@ -41,7 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: 4 requests, c=1,2, lengths / 4")
     p.add_argument("--vllm", action="store_true", default=os.environ.get("BENCH_VLLM") == "1",
                    help="add vLLM's CPU backend to the default set (also BENCH_VLLM=1)")
-    p.add_argument("--model-dir", default="models/bench", help="the bench-preset model folder (built if missing)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or npu: Bowline's server and the transformers baselines")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and activations dtype of every system")
+    p.add_argument("--model-preset", default="bench", choices=list(PRESETS),
+                   help="the tiny-model builder's preset (qwen2.5-0.5b: real shapes, config-only)")
+    p.add_argument("--model-dir", help="the model folder (default models/<preset>; built if missing)")
     p.add_argument("--kv-gib", type=int, default=2, help="KV-cache budget for each server, GiB")
     p.add_argument("--max-num-seqs", type=int, default=64, help="batch cap for each server")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and the mixed lengths")
@@ -120,13 +133,41 @@ def _versions(vllm_version: str | None) -> dict[str, str]:
     return v
 
 
-def ensure_model(model_dir: str) -> int:
-    """Build the bench preset if the folder is missing; returns its vocabulary size (for prompt ids)."""
+def model_dir_for(args: argparse.Namespace) -> str:
+    return args.model_dir or f"models/{args.model_preset}"
+
+
+def ensure_model(model_dir: str, preset: str = "bench") -> int:
+    """Build `preset` if the folder is missing; returns the vocabulary prompts may draw from.
+
+    That is the smaller of the config's and the tokenizer's: a real-size preset's config is wider than
+    its locally trained tokenizer, and prompts should be ids the tokenizer knows.
+    """
     cfg = Path(model_dir) / "config.json"
     if not cfg.exists():
-        subprocess.run([sys.executable, "-m", "bowline_runtime", "make-tiny-model", model_dir, "--preset", "bench"],
+        subprocess.run([sys.executable, "-m", "bowline_runtime", "make-tiny-model", model_dir, "--preset", preset],
                        check=True)
-    return int(json.loads(cfg.read_text())["vocab_size"])
+    vocab = int(json.loads(cfg.read_text())["vocab_size"])
+    return min(vocab, tokenizer_size(Path(model_dir) / "tokenizer.json") or vocab)
+
+
+def tokenizer_size(path: Path) -> int | None:
+    """One past the highest id in a tokenizer.json (model vocabulary and added tokens); None without one."""
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    ids = list(data.get("model", {}).get("vocab", {}).values()) + [t["id"] for t in data.get("added_tokens", [])]
+    return max(ids) + 1 if ids else None
+
+
+def check_device(device: str) -> None:
+    """Fail before anything starts when the asked-for device is absent (the servers would fail later, slower)."""
+    from bowline_runtime.devices import get_device
+
+    try:
+        get_device(device)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def _log(msg: str) -> None:
@@ -148,8 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = RESULTS / run_id
     out_dir.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
+    check_device(args.device)
+    model_dir = model_dir_for(args)
 
     vllm_version = None
+    if "vllm" in systems and args.device != "cpu":
+        notes.append(f"vllm skipped: the harness runs vLLM's CPU backend only, and this run is on {args.device}")
+        _log(notes[-1])
+        systems.remove("vllm")
     if "vllm" in systems:
         ok, detail = servers.vllm_available()
         if ok:
@@ -159,11 +206,15 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"vllm skipped: {detail}")
             systems.remove("vllm")
 
-    vocab = ensure_model(args.model_dir)
+    vocab = ensure_model(model_dir, args.model_preset)
+    if any(s.startswith("hf-") for s in systems) and not hf_baseline.has_weights(model_dir):
+        notes.append(f"{model_dir} is config-only: the transformers baselines use transformers' seeded random "
+                     "init of its config (forced output lengths, so the values do not change the work)")
     specs = {w: loadgen.make_workload(w, requests, vocab, seed=args.seed, scale=scale) for w in workloads}
     kv_bytes = args.kv_gib * 2**30
     meta = {
-        "run_id": run_id, "git": _git(), "model": args.model_dir, "cpu_count": os.cpu_count(),
+        "run_id": run_id, "git": _git(), "model": model_dir, "model_preset": args.model_preset,
+        "device": args.device, "dtype": args.dtype, "cpu_count": os.cpu_count(),
         "requests": requests, "systems": systems, "workloads": workloads, "concurrency": concs,
         "length_scale": scale, "seed": args.seed, "kv_gib": args.kv_gib, "max_num_seqs": args.max_num_seqs,
         "versions": _versions(vllm_version), "loadavg_start": os.getloadavg(),
@@ -175,8 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in [s for s in systems if s in SERVER_SYSTEMS]:
             port = servers.free_port()
-            make = servers.bowline_spec if name == "bowline" else servers.vllm_spec
-            spec = make(args.model_dir, port, kv_bytes, args.max_num_seqs)
+            if name == "bowline":
+                spec = servers.bowline_spec(model_dir, port, kv_bytes, args.max_num_seqs, args.device, args.dtype)
+            else:
+                spec = servers.vllm_spec(model_dir, port, kv_bytes, args.max_num_seqs, dtype=args.dtype)
             _log(f"starting {name} ...")
             try:
                 running[name] = servers.start(spec, port, out_dir / f"{name}.log")
@@ -188,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"{name} ready in {running[name].started_s:.0f} s")
         hf = None
         if any(s.startswith("hf-") for s in systems):
-            hf = hf_baseline.HFModel.load(args.model_dir, threads=os.cpu_count())
+            hf = hf_baseline.HFModel.load(model_dir, threads=os.cpu_count(), device=args.device, dtype=args.dtype)
         if not args.no_warmup:
             _warmup(running, hf, specs, max(concs))
 

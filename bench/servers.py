@@ -2,8 +2,9 @@
 
 Each server runs in its own process group with its log in the run's results folder, so a failed
 start can be explained from the log's tail and a stop reaches the engine processes vLLM forks.
-Both get the same model folder, float32, random ("dummy") weights of the folder's shapes, the same
-KV-cache budget in bytes and the same cap on sequences per batch.
+Both get the same model folder, the run's dtype (float32 by default), random ("dummy") weights of the
+folder's shapes, the same KV-cache budget in bytes and the same cap on sequences per batch. Bowline
+runs on the run's device (`--device`); vLLM here is its CPU backend, so it runs only on CPU runs.
 """
 
 from __future__ import annotations
@@ -39,10 +40,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def bowline_spec(model_dir: str, port: int, kv_bytes: int, max_num_seqs: int) -> ServerSpec:
-    """Bowline on CPU with the bench model's shapes and random weights (`--load-format dummy`)."""
+def bowline_spec(model_dir: str, port: int, kv_bytes: int, max_num_seqs: int, device: str = "cpu",
+                 dtype: str = "float32") -> ServerSpec:
+    """Bowline on `device` in `dtype` with the model folder's shapes and random weights (`--load-format dummy`)."""
     argv = [sys.executable, "-m", "bowline_runtime", "serve", "--model", model_dir, "--served-model-name", SERVED_NAME,
-            "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32",
+            "--host", "127.0.0.1", "--port", str(port), "--device", device, "--dtype", dtype,
             "--load-format", "dummy", "--kv-cache-memory", str(kv_bytes), "--max-num-seqs", str(max_num_seqs),
             "--log-level", "warning"]
     return ServerSpec("bowline", argv, {}, start_timeout_s=300)
@@ -64,7 +66,8 @@ def vllm_available(venv: Path = VLLM_VENV) -> tuple[bool, str]:
     return True, probe.stdout.strip()
 
 
-def vllm_spec(model_dir: str, port: int, kv_bytes: int, max_num_seqs: int, venv: Path = VLLM_VENV) -> ServerSpec:
+def vllm_spec(model_dir: str, port: int, kv_bytes: int, max_num_seqs: int, venv: Path = VLLM_VENV,
+              dtype: str = "float32") -> ServerSpec:
     """vLLM's CPU backend with every core for the model's OpenMP threads.
 
     Through `python -m vllm.entrypoints.openai.api_server`, not the `vllm` script: the script asks
@@ -73,7 +76,7 @@ def vllm_spec(model_dir: str, port: int, kv_bytes: int, max_num_seqs: int, venv:
     """
     cores = os.cpu_count() or 1
     argv = [str(vllm_python(venv)), "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
-            "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+            "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
             "--load-format", "dummy", "--max-num-seqs", str(max_num_seqs),
             # vLLM caches prefixes by default, Bowline only with --enable-prefix-caching. Every point
             # reuses the same prompts (and the warm-up sends them too), so a cache would turn prefill

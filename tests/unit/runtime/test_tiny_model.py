@@ -53,3 +53,31 @@ def test_same_seed_same_files(tmp_path, tiny_model_dir):
 def test_qwen2_arch_has_attention_bias(tiny_qwen2_dir):
     config = json.loads((tiny_qwen2_dir / "config.json").read_text())
     assert config["model_type"] == "qwen2"
+
+
+def test_qwen25_preset_has_qwen25_05b_shapes():
+    from bowline_runtime.tools.tiny_model import build_config
+
+    shape = PRESETS["qwen2.5-0.5b"]
+    config = build_config(shape, shape.arch, shape.vocab_size, eos_ids=[2, 0], pad_id=0).to_dict()
+    assert config["model_type"] == "qwen2"
+    assert (config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]) == (896, 4864, 24)
+    assert (config["num_attention_heads"], config["num_key_value_heads"], shape.head_dim) == (14, 2, 64)
+    assert (config["vocab_size"], config["max_position_embeddings"]) == (151936, 32768)
+    assert config["rope_parameters"]["rope_theta"] == 1000000.0
+    assert config["rms_norm_eps"] == 1e-6
+    assert config["tie_word_embeddings"] is True
+    assert shape.config_only and shape.tokenizer_vocab < shape.vocab_size
+
+
+def test_config_only_writes_config_and_tokenizer_but_no_weights(tmp_path):
+    from bowline_runtime.cli import main
+    from transformers import AutoConfig, AutoTokenizer
+
+    main(["make-tiny-model", str(tmp_path), "--preset", "tiny", "--arch", "qwen2", "--config-only"])
+    for name in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]:
+        assert (tmp_path / name).is_file(), name
+    assert not list(tmp_path.glob("*.safetensors")) and not list(tmp_path.glob("*.bin"))
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert config.model_type == "qwen2" and config.architectures == ["Qwen2ForCausalLM"]
+    assert len(AutoTokenizer.from_pretrained(tmp_path)) == PRESETS["tiny"].vocab_size

@@ -1,0 +1,52 @@
+"""bench.run's device, dtype and model-preset plumbing: the same harness on CPU or an accelerator."""
+
+from __future__ import annotations
+
+import json
+
+from bench import hf_baseline, report, run, servers
+
+
+def test_defaults_are_the_cpu_float32_bench_model():
+    args = run.parse_args([])
+    assert (args.device, args.dtype, args.model_preset) == ("cpu", "float32", "bench")
+    assert run.model_dir_for(args) == "models/bench"
+
+
+def test_gpu_flags_pick_the_qwen_folder():
+    args = run.parse_args(["--device", "cuda", "--dtype", "bfloat16", "--model-preset", "qwen2.5-0.5b"])
+    assert (args.device, args.dtype) == ("cuda", "bfloat16")
+    assert run.model_dir_for(args) == "models/qwen2.5-0.5b"
+    assert run.model_dir_for(run.parse_args(["--model-dir", "elsewhere"])) == "elsewhere"
+
+
+def test_bowline_server_gets_the_runs_device_and_dtype():
+    argv = servers.bowline_spec("m", 8000, 2**30, 64, device="cuda", dtype="bfloat16").argv
+    assert argv[argv.index("--device") + 1] == "cuda"
+    assert argv[argv.index("--dtype") + 1] == "bfloat16"
+    assert argv[argv.index("--load-format") + 1] == "dummy"
+
+
+def test_prompts_draw_from_the_tokenizer_when_the_config_is_wider(tmp_path):
+    from bowline_runtime.tools.tiny_model import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "m", preset="tiny", config_only=True)
+    config = json.loads((folder / "config.json").read_text())
+    assert run.ensure_model(str(folder)) == config["vocab_size"] == 2048
+    config["vocab_size"] = 151936
+    (folder / "config.json").write_text(json.dumps(config))
+    assert run.tokenizer_size(folder / "tokenizer.json") == 2048
+    assert run.ensure_model(str(folder)) == 2048
+    assert not hf_baseline.has_weights(folder)
+
+
+def test_hf_baseline_sees_a_checkpoint(tiny_model_dir):
+    assert hf_baseline.has_weights(tiny_model_dir)
+
+
+def test_report_header_states_device_and_dtype():
+    meta = {"run_id": "r", "model": "models/qwen2.5-0.5b", "model_preset": "qwen2.5-0.5b", "device": "cuda",
+            "dtype": "bfloat16", "cpu_count": 16, "requests": 32, "git": "abc", "versions": {"torch": "x"}}
+    header = report.render_markdown(meta, [], []).splitlines()[2]
+    assert "(qwen2.5-0.5b preset, bfloat16, cuda, 16 CPU cores)" in header
+    assert "float32" not in header and "CPU," not in header
