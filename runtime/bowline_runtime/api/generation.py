@@ -133,6 +133,17 @@ class Generation:
         while (item := await self.next()) is not None:
             yield item
 
+    async def starting_with(self, first: tuple[int, RequestOutput] | None) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """`first` (already taken, e.g. to turn an early failure into an HTTP status), then the rest.
+
+        Each snapshot is handed on as soon as it arrives: a stream writes a chunk before it waits
+        for the next one, so every token is on the wire in the step that made it.
+        """
+        item = first
+        while item is not None:
+            yield item
+            item = await self.next()
+
     async def run_to_end(self) -> list[RequestOutput]:
         """Consume everything; the final snapshot of each prompt."""
         while await self.next() is not None:

@@ -119,10 +119,7 @@ class ChatCall:
         sent_lps = [0] * n
         done = [False] * n
         outputs = []
-        item = first
-        while item is not None:
-            _, snap = item
-            item = await gen.next()
+        async for _, snap in gen.starting_with(first):
             if self.params.use_beam_search and not snap.finished:
                 continue  # beams are re-ranked until the end: only the final ones are a stable answer
             outputs = select_best(snap.outputs, self.params) if snap.finished else snap.outputs

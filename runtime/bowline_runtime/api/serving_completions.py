@@ -106,10 +106,7 @@ class CompletionCall:
         offset = dict.fromkeys(keys, 0)
         started = dict.fromkeys(keys, False)
         done = dict.fromkeys(keys, False)
-        item = first
-        while item is not None:
-            p_index, snap = item
-            item = await gen.next()
+        async for p_index, snap in gen.starting_with(first):
             if self.params.use_beam_search and not snap.finished:
                 continue  # beams are re-ranked until the end: only the final ones are a stable answer
             prompt = self.prompts[p_index]
