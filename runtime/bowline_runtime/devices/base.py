@@ -58,6 +58,10 @@ class Device(ABC):
         the engine then gathers contexts and attends with torch's batched products."""
         return None
 
+    def paged_prefill_kernel(self, dtype: torch.dtype, head_dim: int) -> Callable[..., None] | None:
+        """A kernel attending a prefill chunk straight from the paged KV cache, or None: torch's SDPA."""
+        return None
+
     def default_dtype(self) -> torch.dtype:
         """The dtype `--dtype auto` means when the model's config does not say."""
         return torch.bfloat16

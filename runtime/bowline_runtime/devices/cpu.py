@@ -76,6 +76,14 @@ class CpuDevice(Device):
             return None
         return kernels.paged_decode_attention
 
+    def paged_prefill_kernel(self, dtype: torch.dtype, head_dim: int) -> Callable[..., None] | None:
+        """The C prefill kernel (float32; its inner loops step 16 floats, so head sizes in multiples of 16)."""
+        from bowline_runtime.kernels import cpu as kernels
+
+        if dtype != torch.float32 or head_dim % kernels.PREFILL_HEAD_DIM_MULTIPLE or kernels.load() is None:
+            return None
+        return kernels.paged_prefill_attention
+
     def optimize_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Pack every float32/bfloat16 Linear for oneDNN (where this torch build has it)."""
         if not _onednn_linear_available():

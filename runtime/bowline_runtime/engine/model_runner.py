@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from bowline_runtime.engine.scheduler import ScheduledBatch
-from bowline_runtime.models.attention import AttentionMetadata, DecodeGroup, PrefillSpan
+from bowline_runtime.models.attention import AttentionMetadata, DecodeGroup, PrefillSpan, head_dim
 
 # Tokens of room a staged decode context gets beyond its current length: it is gathered afresh
 # from the paged cache only every this many steps (or when its group changes).
@@ -128,19 +128,20 @@ class ModelRunner:
     def __init__(
         self, model: nn.Module, device: torch.device, dtype: torch.dtype, is_driver: bool, block_size: int,
         stage_decode_context: bool = True, decode_kernel: Callable[..., None] | None = None,
+        prefill_kernel: Callable[..., None] | None = None,
     ) -> None:
         self.model = model
         self.block_size = block_size
         # A kernel reading the paged cache directly needs neither staged copies nor padding masks.
         self.decode_kernel = decode_kernel
         self.stage_decode_context = stage_decode_context and decode_kernel is None
+        self.prefill_kernel = prefill_kernel
         self.device = device
         self.dtype = dtype
         self.is_driver = is_driver
         config = model.config
         self.num_layers = config.num_hidden_layers
-        heads = config.num_attention_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        self.head_dim = head_dim(config)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._staged: dict[int, tuple[tuple[int, ...], list[int], int, dict]] = {}
 
@@ -200,6 +201,7 @@ class ModelRunner:
             ],
             kv_caches=self.kv_caches,
             decode_kernel=self.decode_kernel,
+            prefill_kernel=self.prefill_kernel,
         )
         keep = step.keep if self.is_driver else step.keep[:0]
         out = self.model(

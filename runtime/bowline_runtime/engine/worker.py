@@ -22,6 +22,7 @@ from bowline_runtime.config import EngineConfig
 from bowline_runtime.devices import Device, get_device
 from bowline_runtime.engine.model_runner import ModelRunner, StepInput
 from bowline_runtime.models import loader
+from bowline_runtime.models.attention import head_dim
 from bowline_runtime.models.tensor_parallel import check_divisible, shard_model
 
 logger = logging.getLogger("bowline.worker")
@@ -54,6 +55,7 @@ def build_runner(config: EngineConfig, device: Device, dtype: torch.dtype, rank:
     return ModelRunner(
         model, torch_device, dtype, is_driver=rank == 0, block_size=config.block_size,
         stage_decode_context=device.stages_decode_context, decode_kernel=device.paged_decode_kernel(dtype),
+        prefill_kernel=device.paged_prefill_kernel(dtype, head_dim(hf_config)),
     )
 
 

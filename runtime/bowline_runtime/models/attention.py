@@ -3,8 +3,9 @@
 transformers computes projections, rotary embeddings and MLPs; this function receives each layer's
 new queries/keys/values for a *packed* batch (all sequences' new tokens side by side in one row),
 writes the keys/values into the block-based KV cache and attends over each sequence's cached context.
-Decodes (one new token each) are attended in one batched product, or by the device's own paged-decode
-kernel where it has one; prefill chunks one sequence at a time.
+Decodes (one new token each) are attended in one batched product, prefill chunks one sequence at a
+time with torch's SDPA; a device with its own paged kernels (the CPU's, in bowline_runtime.kernels)
+attends both straight from the cache instead.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class AttentionMetadata:
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per layer [Hkv, slots, D]
     # (q [H, n, D], k_cache, v_cache, block tables, lens, scale, block_size, out [n, H, D]) -> None, or None
     decode_kernel: Callable[..., None] | None = None
+    # (q [H, n, D], k_cache, v_cache, slots of positions [0, ctx), scale, out [n, H, D]) -> None, or None
+    prefill_kernel: Callable[..., None] | None = None
 
 
 def paged_attention(
@@ -96,6 +99,12 @@ def paged_attention(
         keys, values = _staged_context(module.layer_idx, k, v, k_cache, v_cache, group, attn_meta.block_size)
         out[group.start : group.end] = _decode_attention(q[:, group.start : group.end], keys, values, group, scaling)
     for span in attn_meta.prefills:
+        if attn_meta.prefill_kernel is not None:  # reads this chunk's keys/values back from the cache
+            slots = attn_meta.slot_mapping[span.q_start : span.q_end] if span.context_slots is None else span.context_slots
+            attn_meta.prefill_kernel(
+                q[:, span.q_start : span.q_end], k_cache, v_cache, slots, scale, out[span.q_start : span.q_end]
+            )
+            continue
         qs = q[:, span.q_start : span.q_end].unsqueeze(0)  # [1, H, q, D]
         if span.context_slots is None:
             ks = k[:, span.q_start : span.q_end].unsqueeze(0)
@@ -156,6 +165,11 @@ def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(probs, values)  # [Hkv, nd, G, D]
     return out.permute(1, 0, 2, 3).reshape(nd, num_heads, head_dim)
+
+
+def head_dim(config) -> int:
+    """The attention head size of a transformers config (explicit, or hidden size / heads)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _no_mask(*args, **kwargs) -> None:

@@ -344,7 +344,7 @@ def test_greedy_matches_transformers_over_long_decodes_as_the_batch_changes(engi
 
 
 def test_decode_attention_paths_give_the_same_tokens(tiny_model_dir, engine, monkeypatch):
-    """The C paged-decode kernel (default on CPU), torch with staged contexts, and torch gathering every
+    """The C paged kernels (default on CPU), torch with staged contexts, and torch gathering every
     step (what accelerators without a kernel do) produce the same greedy tokens."""
     import shutil
 
@@ -352,7 +352,8 @@ def test_decode_attention_paths_give_the_same_tokens(tiny_model_dir, engine, mon
     from bowline_runtime.kernels import cpu as kernels
 
     if shutil.which("cc") or shutil.which("gcc"):
-        assert engine.engine.runner.decode_kernel is not None, "a C compiler is here: the kernel must be in use"
+        runner = engine.engine.runner
+        assert runner.decode_kernel is not None and runner.prefill_kernel is not None, "a C compiler is here: kernels must be in use"
     all_ids = [engine.tokenizer.encode(p) for p in PROMPTS[:3]]
 
     async def batch(eng):
@@ -366,7 +367,7 @@ def test_decode_attention_paths_give_the_same_tokens(tiny_model_dir, engine, mon
             monkeypatch.setattr(CpuDevice, "stages_decode_context", staging)
             other = make_engine(tiny_model_dir)
             try:
-                assert other.engine.runner.decode_kernel is None
+                assert other.engine.runner.decode_kernel is None and other.engine.runner.prefill_kernel is None
                 assert other.engine.runner.stage_decode_context is staging
                 assert [o.outputs[0].token_ids for o in run(batch(other))] == expected
             finally:

@@ -1,4 +1,4 @@
-"""The C paged-decode kernel computes what attention over each sequence's gathered context computes."""
+"""The C paged-attention kernels compute what torch attention over each sequence's gathered context computes."""
 
 from __future__ import annotations
 
@@ -104,5 +104,44 @@ def test_a_failing_build_falls_back_with_the_compiler_message(monkeypatch, caplo
         assert kernels.load() is None
         assert "could not be built" in caplog.text
         assert list(tmp_path.iterdir()) == []
+    finally:
+        kernels.load.cache_clear()
+
+
+def prefill_reference(q, k_cache, v_cache, slots, scale):
+    """SDPA over the gathered context with the chunk's causal mask (queries at the last n positions)."""
+    n, ctx = q.shape[1], len(slots)
+    rows = torch.arange(n).unsqueeze(1) + (ctx - n)
+    allowed = torch.arange(ctx).unsqueeze(0) <= rows
+    k, v = k_cache[:, slots].unsqueeze(0), v_cache[:, slots].unsqueeze(0)
+    out = F.scaled_dot_product_attention(q.unsqueeze(0), k, v, attn_mask=allowed, scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(8, 4, 64), (4, 4, 16), (14, 2, 64), (8, 1, 128)])
+@pytest.mark.parametrize(
+    ("ctx", "n"),
+    [(1, 1), (15, 15), (64, 64), (65, 65), (200, 200), (200, 1), (300, 37), (700, 512)],  # whole prompts, then chunks
+)
+def test_prefill_kernel_matches_causal_attention_over_the_context(heads, kv_heads, head_dim, ctx, n):
+    torch.manual_seed(ctx * 31 + n + head_dim)
+    block_size, num_blocks = 16, 64
+    k_cache = torch.randn(kv_heads, num_blocks * block_size, head_dim)
+    v_cache = torch.randn(kv_heads, num_blocks * block_size, head_dim)
+    pos = torch.arange(ctx)
+    table = torch.randperm(num_blocks)[: -(-ctx // block_size)]
+    slots = table[pos // block_size] * block_size + pos % block_size
+    q = torch.randn(n, heads, head_dim).transpose(0, 1)  # [H, n, D], not contiguous, as in the model
+    out = torch.full((n, heads, head_dim), float("nan"))
+    kernels.paged_prefill_attention(q, k_cache, v_cache, slots, head_dim**-0.5, out)
+    torch.testing.assert_close(out, prefill_reference(q, k_cache, v_cache, slots, head_dim**-0.5), rtol=1e-4, atol=1e-5)
+
+
+def test_prefill_kernel_is_offered_for_head_sizes_its_loops_step_through():
+    kernels.load.cache_clear()
+    try:
+        assert CpuDevice().paged_prefill_kernel(torch.float32, 64) is kernels.paged_prefill_attention
+        assert CpuDevice().paged_prefill_kernel(torch.float32, 72) is None  # not a multiple of 16
+        assert CpuDevice().paged_prefill_kernel(torch.bfloat16, 64) is None
     finally:
         kernels.load.cache_clear()
