@@ -4,7 +4,7 @@ Why C and not torch ops: decode attention over a paged cache is, in torch, a gat
 context into a padded dense tensor followed by two batched products; the gather costs as much memory
 traffic as the attention itself, and padding/masking more again. `paged_decode.c` reads each key and
 value row once, straight from its block. `paged_prefill.c` is a flash-attention loop over the same
-cache, 1.5x torch's CPU SDPA at 1,000 causal tokens (no gather or mask for chunks after the first). Plain C (no torch headers) compiles in about a second with
+cache, 2x torch's CPU SDPA at 1,000 causal tokens (no gather or mask for chunks after the first). Plain C (no torch headers) compiles in about a second with
 the system's C compiler; the library is cached per source, flags and CPU, so later starts only load it.
 Without a compiler, or with BOWLINE_CPU_KERNELS=0, the engine keeps its torch path.
 """

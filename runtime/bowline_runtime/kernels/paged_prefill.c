@@ -15,7 +15,7 @@
 
 #define BQ 64 /* query positions per task */
 #define BK 64 /* keys per step of the online softmax */
-#define RB 4  /* rows scored together: each transposed key row is loaded once for RB queries */
+#define RB 8  /* rows scored together: each transposed key row is loaded once for RB queries */
 #define VL 16 /* floats per step of the inner loops (one AVX-512 register); head_dim must be a multiple */
 
 void bowline_paged_prefill_f32(
@@ -77,27 +77,21 @@ void bowline_paged_prefill_f32(
                 }
                 for (int64_t r0 = 0; r0 < rows; r0 += RB) {
                     float s[RB][BK];
-                    const float *q0 = qrow[r0], *q1 = qrow[r0 + 1], *q2 = qrow[r0 + 2], *q3 = qrow[r0 + 3];
-                    /* 16 keys x RB rows at a time: the RB accumulators stay in vector registers */
+                    /* VL keys x RB rows at a time: the RB accumulators stay in vector registers */
                     for (int c = 0; c < BK; c += VL) {
-                        float t0[VL] = {0}, t1[VL] = {0}, t2[VL] = {0}, t3[VL] = {0};
+                        float t[RB][VL] = {{0}};
                         for (int64_t d = 0; d < D; ++d) {
                             const float *kd = kt + d * BK + c;
-                            const float a0 = q0[d], a1 = q1[d], a2 = q2[d], a3 = q3[d];
+#pragma GCC unroll 16
+                            for (int r = 0; r < RB; ++r) {
+                                const float a = qrow[r0 + r][d];
 #pragma omp simd
-                            for (int x = 0; x < VL; ++x) {
-                                t0[x] += a0 * kd[x];
-                                t1[x] += a1 * kd[x];
-                                t2[x] += a2 * kd[x];
-                                t3[x] += a3 * kd[x];
+                                for (int x = 0; x < VL; ++x) t[r][x] += a * kd[x];
                             }
                         }
-                        for (int x = 0; x < VL; ++x) {
-                            s[0][c + x] = t0[x] * scale;
-                            s[1][c + x] = t1[x] * scale;
-                            s[2][c + x] = t2[x] * scale;
-                            s[3][c + x] = t3[x] * scale;
-                        }
+#pragma GCC unroll 16
+                        for (int r = 0; r < RB; ++r)
+                            for (int x = 0; x < VL; ++x) s[r][c + x] = t[r][x] * scale;
                     }
                     for (int r = 0; r < RB; ++r) {
                         /* keys k0 .. pos are allowed: a prefix of this block */
@@ -130,31 +124,22 @@ void bowline_paged_prefill_f32(
                     }
                     /* 16 dims x RB rows at a time over the block's keys: accumulators in registers */
                     for (int64_t c = 0; c < D; c += VL) {
-                        float *a0 = acc + r0 * D + c, *a1 = a0 + D, *a2 = a1 + D, *a3 = a2 + D;
-                        float u0[VL], u1[VL], u2[VL], u3[VL];
-                        for (int x = 0; x < VL; ++x) {
-                            u0[x] = a0[x];
-                            u1[x] = a1[x];
-                            u2[x] = a2[x];
-                            u3[x] = a3[x];
-                        }
+                        float u[RB][VL];
+#pragma GCC unroll 16
+                        for (int r = 0; r < RB; ++r)
+                            for (int x = 0; x < VL; ++x) u[r][x] = acc[(r0 + r) * D + c + x];
                         for (int64_t k = 0; k < tn; ++k) {
                             const float *vr = vrow[k] + c;
-                            const float p0 = s[0][k], p1 = s[1][k], p2 = s[2][k], p3 = s[3][k];
+#pragma GCC unroll 16
+                            for (int r = 0; r < RB; ++r) {
+                                const float p = s[r][k];
 #pragma omp simd
-                            for (int x = 0; x < VL; ++x) {
-                                u0[x] += p0 * vr[x];
-                                u1[x] += p1 * vr[x];
-                                u2[x] += p2 * vr[x];
-                                u3[x] += p3 * vr[x];
+                                for (int x = 0; x < VL; ++x) u[r][x] += p * vr[x];
                             }
                         }
-                        for (int x = 0; x < VL; ++x) {
-                            a0[x] = u0[x];
-                            a1[x] = u1[x];
-                            a2[x] = u2[x];
-                            a3[x] = u3[x];
-                        }
+#pragma GCC unroll 16
+                        for (int r = 0; r < RB; ++r)
+                            for (int x = 0; x < VL; ++x) acc[(r0 + r) * D + c + x] = u[r][x];
                     }
                 }
             }
