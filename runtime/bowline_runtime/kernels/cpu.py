@@ -4,9 +4,10 @@ Why C and not torch ops: decode attention over a paged cache is, in torch, a gat
 context into a padded dense tensor followed by two batched products; the gather costs as much memory
 traffic as the attention itself, and padding/masking more again. `paged_decode.c` reads each key and
 value row once, straight from its block. `paged_prefill.c` is a flash-attention loop over the same
-cache, 2x torch's CPU SDPA at 1,000 causal tokens (no gather or mask for chunks after the first). Plain C (no torch headers) compiles in about a second with
-the system's C compiler; the library is cached per source, flags and CPU, so later starts only load it.
-Without a compiler, or with BOWLINE_CPU_KERNELS=0, the engine keeps its torch path.
+cache, 2x torch's CPU SDPA at 1,000 causal tokens (no gather or mask for chunks after the first).
+Plain C (no torch headers) compiles in about a second with the system's C compiler; the library is
+cached per source, flags and CPU, so later starts only load it. Without a compiler, or with
+BOWLINE_CPU_KERNELS=0, the engine keeps its torch paths.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *_FLAGS, *map(str, _SOURCES), "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *_FLAGS, *map(str, _SOURCES), "-o", tmp, "-lm"],
+                       check=True, capture_output=True, text=True)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -87,13 +89,13 @@ def load() -> ctypes.CDLL | None:
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        logger.warning("no C compiler found: CPU decode attention uses the slower torch path")
+        logger.warning("no C compiler found: CPU attention uses the slower torch path")
         return None
     try:
         lib = ctypes.CDLL(str(build(compiler)))
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
-        logger.warning("CPU kernels could not be built (%s): decode attention uses the torch path", detail)
+        logger.warning("CPU kernels could not be built (%s): attention uses the torch path", detail)
         return None
     fn = lib.bowline_paged_decode_f32
     fn.restype = None
@@ -101,6 +103,16 @@ def load() -> ctypes.CDLL | None:
     fn = lib.bowline_paged_prefill_f32
     fn.restype = None
     fn.argtypes = [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64, _f32, _p, _int]
+    return lib
+
+
+def _library_for(k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> ctypes.CDLL:
+    """The loaded library, once the tensors the kernels address by raw pointer are known to be contiguous."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError("CPU kernels are not available")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and out.is_contiguous()):
+        raise ValueError("the KV cache and the output must be contiguous")
     return lib
 
 
@@ -113,15 +125,11 @@ def paged_decode_attention(
     q: [H, n, D] (any strides); k_cache, v_cache: [Hkv, S, D] contiguous; block_tables: [n, W] int64;
     lens: [n] int64 (this step's token included); out: [n, H, D] contiguous, written in place.
     """
-    lib = load()
-    if lib is None:
-        raise RuntimeError("CPU kernels are not available")
+    lib = _library_for(k_cache, v_cache, out)
     num_heads, n, head_dim = q.shape
     q = q.transpose(0, 1).contiguous()
     tables = block_tables.contiguous()
     lens = lens.contiguous()
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and out.is_contiguous()):
-        raise ValueError("the KV cache and the output must be contiguous")
     lib.bowline_paged_decode_f32(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.shape[1],
         lens.data_ptr(), n, num_heads, k_cache.shape[0], head_dim, k_cache.shape[1], block_size,
@@ -139,14 +147,10 @@ def paged_prefill_attention(
     slots: [ctx_len] int64, the cache slot of every position so far, this chunk's included (its keys
     and values already written); out: [n, H, D] contiguous, written in place.
     """
-    lib = load()
-    if lib is None:
-        raise RuntimeError("CPU kernels are not available")
+    lib = _library_for(k_cache, v_cache, out)
     num_heads, n, head_dim = q.shape
     q = q.contiguous()
     slots = slots.contiguous()
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and out.is_contiguous()):
-        raise ValueError("the KV cache and the output must be contiguous")
     lib.bowline_paged_prefill_f32(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), slots.shape[0], n,
         num_heads, k_cache.shape[0], head_dim, k_cache.shape[1], float(scale), out.data_ptr(),

@@ -25,6 +25,14 @@ static inline void prefetch_row(const float *row, int64_t d)
     for (int64_t x = 0; x < d; x += 16) __builtin_prefetch(row + x, 0, 3);
 }
 
+/* First row of the cache block holding position t of a sequence (one head's cache starts at `head`),
+ * or NULL past the sequence's end: `block_at(.., t0 + block_size, ..)` is the block to prefetch. */
+static inline const float *block_at(const float *head, const int64_t *table, int64_t t, int64_t len,
+                                    int64_t block_size, int64_t d)
+{
+    return t < len ? head + table[t / block_size] * block_size * d : NULL;
+}
+
 void bowline_paged_decode_f32(
     const float *q, const float *k_cache, const float *v_cache,
     const int64_t *tables, int64_t table_stride, const int64_t *lens,
@@ -54,9 +62,9 @@ void bowline_paged_decode_f32(
 
             /* scores[g][t] = scale * q_g . k_t */
             for (int64_t t0 = 0; t0 < len; t0 += block_size) {
-                const float *kb = kh + table[t0 / block_size] * block_size * D;
+                const float *kb = block_at(kh, table, t0, len, block_size, D);
+                const float *next = block_at(kh, table, t0 + block_size, len, block_size, D);
                 const int64_t tn = len - t0 < block_size ? len - t0 : block_size;
-                const float *next = t0 + block_size < len ? kh + table[t0 / block_size + 1] * block_size * D : NULL;
                 for (int64_t j = 0; j < tn; ++j) {
                     const float *kr = kb + j * D;
                     if (next) prefetch_row(next + j * D, D);
@@ -85,9 +93,9 @@ void bowline_paged_decode_f32(
             /* acc[g] = sum_t p[g][t] * v_t */
             for (int64_t x = 0; x < G * D; ++x) acc[x] = 0.0f;
             for (int64_t t0 = 0; t0 < len; t0 += block_size) {
-                const float *vb = vh + table[t0 / block_size] * block_size * D;
+                const float *vb = block_at(vh, table, t0, len, block_size, D);
+                const float *next = block_at(vh, table, t0 + block_size, len, block_size, D);
                 const int64_t tn = len - t0 < block_size ? len - t0 : block_size;
-                const float *next = t0 + block_size < len ? vh + table[t0 / block_size + 1] * block_size * D : NULL;
                 for (int64_t j = 0; j < tn; ++j) {
                     const float *vr = vb + j * D;
                     if (next) prefetch_row(next + j * D, D);

@@ -2,8 +2,8 @@
  * Causal prefill attention straight from the paged KV cache, on the CPU (flash-attention style).
  *
  * A prefill chunk's n queries sit at positions ctx_len - n .. ctx_len - 1 of their sequence; its keys
- * and values, this chunk's included, are already in the cache at slots[0 .. ctx_len). Each query attends to every key at
- * or before its own position. One task is (key/value head, block of BQ query positions): the query
+ * and values, this chunk's included, are already in the cache at slots[0 .. ctx_len). Each query
+ * attends to every key at or before its own position. One task is (key/value head, block of BQ query positions): the query
  * heads sharing that key/value head are all rows of the task, so every key block is loaded and
  * transposed once for all of them. Keys go BK at a time with an online softmax, so no score matrix
  * larger than RB x BK ever exists. Cache layout as in paged_decode.c; q is [H, n, D], out [n, H, D].

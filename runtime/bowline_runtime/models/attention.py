@@ -97,7 +97,7 @@ def paged_attention(
             )
             continue
         keys, values = _staged_context(module.layer_idx, k, v, k_cache, v_cache, group, attn_meta.block_size)
-        out[group.start : group.end] = _decode_attention(q[:, group.start : group.end], keys, values, group, scaling)
+        out[group.start : group.end] = _decode_attention(q[:, group.start : group.end], keys, values, group, scale)
     for span in attn_meta.prefills:
         if attn_meta.prefill_kernel is not None:  # reads this chunk's keys/values back from the cache
             slots = attn_meta.slot_mapping[span.q_start : span.q_end] if span.context_slots is None else span.context_slots
@@ -149,7 +149,7 @@ def _staged_context(layer: int, k, v, k_cache, v_cache, group: DecodeGroup, bloc
     return keys[:, :, :max_len], values[:, :, :max_len]
 
 
-def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, group: DecodeGroup, scaling):
+def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, group: DecodeGroup, scale: float):
     """All of a group's decodes at once: grouped-query scores against [Hkv, n, L, D] contexts.
 
     The cache is head-major, so contexts come out as [Hkv, n, L, D] and both products run as
@@ -160,7 +160,7 @@ def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     per_kv = num_heads // num_kv_heads  # query heads sharing each key/value head
     qg = q.view(num_kv_heads, per_kv, nd, head_dim).transpose(1, 2)  # [Hkv, nd, G, D]
     scores = torch.matmul(qg, keys.transpose(-1, -2))  # [Hkv, nd, G, L]
-    scores.mul_(scaling if scaling is not None else head_dim**-0.5)
+    scores.mul_(scale)
     scores.add_(group.mask)
     probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(probs, values)  # [Hkv, nd, G, D]
