@@ -46,6 +46,9 @@ class Device(ABC):
     def set_device(self, rank: int) -> None:  # noqa: B027 - a deliberate no-op default (one CPU device)
         """Bind this process to its rank's device."""
 
+    def prepare_process(self) -> None:  # noqa: B027 - a deliberate no-op default
+        """Tune this process for serving on the device, once per rank before the model loads."""
+
     def supported_dtypes(self) -> tuple[torch.dtype, ...]:
         return (torch.float32, torch.bfloat16, torch.float16)
 

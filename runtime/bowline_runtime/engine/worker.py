@@ -43,6 +43,7 @@ def _threads_per_rank(device: Device, world_size: int) -> None:
 
 
 def build_runner(config: EngineConfig, device: Device, dtype: torch.dtype, rank: int, world_size: int) -> ModelRunner:
+    device.prepare_process()
     hf_config = loader.load_config(config.model, config.trust_remote_code)
     check_divisible(hf_config, world_size)
     model = loader.load_model(
