@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import torch
 
+from bowline_runtime.models.fused_ops import FusedOps
+
 
 class Device(ABC):
     """A kind of accelerator (or the CPU): how to address it, measure it and join ranks over it."""
@@ -64,6 +66,10 @@ class Device(ABC):
     def paged_prefill_kernel(self, dtype: torch.dtype, head_dim: int) -> Callable[..., None] | None:
         """A kernel attending a prefill chunk straight from the paged KV cache, or None: torch's SDPA."""
         return None
+
+    def fused_ops(self, dtype: torch.dtype) -> FusedOps:
+        """The decoder's small fused operations (models.fused_ops); default: the torch reference."""
+        return FusedOps()
 
     def default_dtype(self) -> torch.dtype:
         """The dtype `--dtype auto` means when the model's config does not say."""

@@ -9,6 +9,7 @@ import torch
 
 from bowline_runtime.devices import host_memory
 from bowline_runtime.devices.base import Device
+from bowline_runtime.models.fused_ops import FusedOps
 
 # Rows per product that oneDNN lays the packed weights out for; any row count works, this one is typical of decode.
 _PACK_BATCH_HINT = 16
@@ -88,6 +89,13 @@ class CpuDevice(Device):
         if dtype != torch.float32 or head_dim % kernels.PREFILL_HEAD_DIM_MULTIPLE or kernels.load() is None:
             return None
         return kernels.paged_prefill_attention
+
+    def fused_ops(self, dtype: torch.dtype) -> FusedOps:
+        """The C versions (float32, where the kernels build), else the torch reference."""
+        from bowline_runtime.kernels import cpu as kernels
+
+        ops = kernels.fused_ops() if dtype == torch.float32 else None
+        return ops or FusedOps()
 
     def optimize_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Pack every float32/bfloat16 Linear for oneDNN (where this torch build has it)."""

@@ -14,6 +14,7 @@ from torch import nn
 
 from bowline_runtime.engine.scheduler import ScheduledBatch
 from bowline_runtime.models.attention import AttentionMetadata, DecodeGroup, PrefillSpan, head_dim
+from bowline_runtime.models.packed_decoder import PackedDecoder
 
 # Tokens of room a staged decode context gets beyond its current length: it is gathered afresh
 # from the paged cache only every this many steps (or when its group changes).
@@ -128,9 +129,10 @@ class ModelRunner:
     def __init__(
         self, model: nn.Module, device: torch.device, dtype: torch.dtype, is_driver: bool, block_size: int,
         stage_decode_context: bool = True, decode_kernel: Callable[..., None] | None = None,
-        prefill_kernel: Callable[..., None] | None = None,
+        prefill_kernel: Callable[..., None] | None = None, decoder: PackedDecoder | None = None,
     ) -> None:
         self.model = model
+        self.decoder = decoder  # the lean forward (models.packed_decoder), or None: transformers' forward
         self.block_size = block_size
         # A kernel reading the paged cache directly needs neither staged copies nor padding masks.
         self.decode_kernel = decode_kernel
@@ -204,6 +206,9 @@ class ModelRunner:
             prefill_kernel=self.prefill_kernel,
         )
         keep = step.keep if self.is_driver else step.keep[:0]
+        if self.decoder is not None:
+            logits = self.decoder(step.input_ids.to(dev), step.positions.to(dev), keep.to(dev), meta)
+            return logits if self.is_driver else None
         out = self.model(
             input_ids=step.input_ids.to(dev).unsqueeze(0),
             position_ids=step.positions.to(dev).unsqueeze(0),

@@ -21,8 +21,9 @@ import torch.multiprocessing as mp
 from bowline_runtime.config import EngineConfig
 from bowline_runtime.devices import Device, get_device
 from bowline_runtime.engine.model_runner import ModelRunner, StepInput
-from bowline_runtime.models import loader
+from bowline_runtime.models import loader, packed_decoder
 from bowline_runtime.models.attention import head_dim
+from bowline_runtime.models.packed_decoder import PackedDecoder
 from bowline_runtime.models.tensor_parallel import check_divisible, shard_model
 
 logger = logging.getLogger("bowline.worker")
@@ -53,8 +54,10 @@ def build_runner(config: EngineConfig, device: Device, dtype: torch.dtype, rank:
     torch_device = device.torch_device(rank)
     model.to(torch_device)
     device.optimize_model(model)
+    use_packed = packed_decoder.enabled() and packed_decoder.supports(model)
+    decoder = PackedDecoder(model, device.fused_ops(dtype)) if use_packed else None
     return ModelRunner(
-        model, torch_device, dtype, is_driver=rank == 0, block_size=config.block_size,
+        model, torch_device, dtype, is_driver=rank == 0, block_size=config.block_size, decoder=decoder,
         stage_decode_context=device.stages_decode_context, decode_kernel=device.paged_decode_kernel(dtype),
         prefill_kernel=device.paged_prefill_kernel(dtype, head_dim(hf_config)),
     )

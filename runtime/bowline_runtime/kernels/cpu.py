@@ -25,11 +25,13 @@ from pathlib import Path
 
 import torch
 
+from bowline_runtime.models.fused_ops import FusedOps
+
 logger = logging.getLogger(__name__)
 
 KERNELS_ENV = "BOWLINE_CPU_KERNELS"
 CACHE_ENV = "BOWLINE_KERNEL_CACHE"
-_SOURCES = tuple(Path(__file__).with_name(name) for name in ("paged_decode.c", "paged_prefill.c"))
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("paged_decode.c", "paged_prefill.c", "fused.c"))
 # -ffast-math lets the softmax's expf and the dot products vectorise; -fopenmp shares the libgomp torch loaded.
 _FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC")
 
@@ -103,6 +105,15 @@ def load() -> ctypes.CDLL | None:
     fn = lib.bowline_paged_prefill_f32
     fn.restype = None
     fn.argtypes = [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64, _f32, _p, _int]
+    fn = lib.bowline_rms_norm_f32
+    fn.restype = None
+    fn.argtypes = [_p, _i64, _p, _p, _p, _i64, _i64, _f32, _int]
+    fn = lib.bowline_silu_mul_f32
+    fn.restype = None
+    fn.argtypes = [_p, _i64, _p, _i64, _p, _i64, _i64, _int]
+    fn = lib.bowline_rotary_f32
+    fn.restype = None
+    fn.argtypes = [_p, _i64, _i64, _i64, _i64, _p, _p, _i64, _int]
     return lib
 
 
@@ -156,3 +167,61 @@ def paged_prefill_attention(
         num_heads, k_cache.shape[0], head_dim, k_cache.shape[1], float(scale), out.data_ptr(),
         torch.get_num_threads(),
     )
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as rows the C loops can stride over: 2-D float32 with unit stride along each row."""
+    if x.dtype != torch.float32 or x.dim() != 2:
+        raise ValueError(f"expected 2-D float32 rows, got {x.dtype} {tuple(x.shape)}")
+    return x if x.stride(1) == 1 else x.contiguous()
+
+
+class CpuFusedOps(FusedOps):
+    """models.fused_ops in C (kernels/fused.c), float32: one pass over memory per operation."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._lib = lib
+
+    def _norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x = _rows(x)
+        rows, dim = x.shape
+        out = torch.empty(rows, dim, dtype=x.dtype)
+        self._lib.bowline_rms_norm_f32(
+            x.data_ptr(), x.stride(0), None if residual is None else residual.data_ptr(), weight.data_ptr(),
+            out.data_ptr(), rows, dim, float(eps), torch.get_num_threads(),
+        )
+        return out
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return self._norm(x, None, weight.contiguous(), eps)
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if not residual.is_contiguous() or residual.shape != x.shape:
+            raise ValueError("the residual must be contiguous and shaped like x")
+        return self._norm(x, residual, weight.contiguous(), eps)
+
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate, up = _rows(gate), _rows(up)
+        rows, dim = gate.shape
+        out = torch.empty(rows, dim, dtype=gate.dtype)
+        self._lib.bowline_silu_mul_f32(
+            gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), out.data_ptr(), rows, dim,
+            torch.get_num_threads(),
+        )
+        return out
+
+    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        rows, heads, head_dim = x.shape
+        if x.stride(2) != 1 or x.stride(1) != head_dim or x.dtype != torch.float32:
+            raise ValueError("rotary needs float32 [T, heads, D] with contiguous heads")
+        cos, sin = cos.contiguous(), sin.contiguous()
+        self._lib.bowline_rotary_f32(
+            x.data_ptr(), x.stride(0), rows, heads, head_dim, cos.data_ptr(), sin.data_ptr(), cos.shape[-1],
+            torch.get_num_threads(),
+        )
+
+
+def fused_ops() -> CpuFusedOps | None:
+    """The C fused operations, or None where the kernels are off or do not build here."""
+    lib = load()
+    return None if lib is None else CpuFusedOps(lib)

@@ -1,0 +1,87 @@
+/*
+ * The small per-layer operations of a Llama-family decoder, each fused into one pass over memory.
+ *
+ * In eager torch, an RMSNorm is six operators (to, pow, mean, add, rsqrt, two muls), a rotary
+ * embedding about sixteen (slices, neg, cat, four muls, two adds per tensor) and SiLU-times-up two:
+ * every one allocates its output and walks the whole activation again, and at decode sizes each
+ * costs more in dispatch than in arithmetic. Here each is one call that reads its inputs once.
+ *
+ * Rows are the packed tokens; threads split rows only when a call is big enough to repay the fork
+ * (a prefill chunk), never for a decode step's handful of rows.
+ */
+#include <math.h>
+#include <stdint.h>
+
+/* Below this many floats a call runs on the calling thread alone. */
+#define PARALLEL_MIN 65536
+
+/*
+ * out[r] = x[r] / rms(x[r]) * w, or with a residual: residual[r] += x[r], then out[r] = norm of
+ * residual[r] (the add of the previous block's output and the norm of the next block, as one pass).
+ * x rows are `x_stride` floats apart; residual and out are contiguous [rows, dim].
+ */
+void bowline_rms_norm_f32(const float *x, int64_t x_stride, float *residual, const float *w, float *out,
+                          int64_t rows, int64_t dim, float eps, int num_threads)
+{
+#pragma omp parallel for num_threads(num_threads) if (rows * dim >= PARALLEL_MIN) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *xr = x + r * x_stride;
+        const float *src = xr;
+        if (residual) {
+            float *rr = residual + r * dim;
+#pragma omp simd
+            for (int64_t d = 0; d < dim; ++d) rr[d] += xr[d];
+            src = rr;
+        }
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t d = 0; d < dim; ++d) ss += src[d] * src[d];
+        const float inv = 1.0f / sqrtf(ss / (float)dim + eps);
+        float *o = out + r * dim;
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) o[d] = w[d] * (src[d] * inv);
+    }
+}
+
+/* out[r] = silu(gate[r]) * up[r]; gate and up rows `gate_stride` / `up_stride` floats apart. */
+void bowline_silu_mul_f32(const float *gate, int64_t gate_stride, const float *up, int64_t up_stride, float *out,
+                          int64_t rows, int64_t dim, int num_threads)
+{
+#pragma omp parallel for num_threads(num_threads) if (rows * dim >= PARALLEL_MIN) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *g = gate + r * gate_stride;
+        const float *u = up + r * up_stride;
+        float *o = out + r * dim;
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) o[d] = g[d] / (1.0f + expf(-g[d])) * u[d];
+    }
+}
+
+/*
+ * Rotary position embedding in place, in transformers' "rotate half" form: for i < rot_dim / 2,
+ *   x[i]            <- x[i] * cos[i] - x[i + half] * sin[i]
+ *   x[i + half]     <- x[i + half] * cos[i + half] + x[i] * sin[i + half]
+ * x: [rows, heads, head_dim] with rows `row_stride` floats apart (heads contiguous); cos, sin:
+ * [rows, rot_dim], the row's position already applied (any rope scaling is in the tables). Dimensions
+ * past rot_dim (partial rotary) are left as they are.
+ */
+void bowline_rotary_f32(float *x, int64_t row_stride, int64_t rows, int64_t heads, int64_t head_dim,
+                        const float *cos_t, const float *sin_t, int64_t rot_dim, int num_threads)
+{
+    const int64_t half = rot_dim / 2;
+#pragma omp parallel for num_threads(num_threads) if (rows * heads * rot_dim >= PARALLEL_MIN) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *c = cos_t + r * rot_dim;
+        const float *s = sin_t + r * rot_dim;
+        for (int64_t h = 0; h < heads; ++h) {
+            float *a = x + r * row_stride + h * head_dim;
+            float *b = a + half;
+#pragma omp simd
+            for (int64_t i = 0; i < half; ++i) {
+                const float lo = a[i], hi = b[i];
+                a[i] = lo * c[i] - hi * s[i];
+                b[i] = hi * c[i + half] + lo * s[i + half];
+            }
+        }
+    }
+}

@@ -1,0 +1,118 @@
+"""A lean forward pass over a transformers Llama-family model's own modules and weights.
+
+transformers' forward is written for every use (training, generation caches, output capture,
+masks): per layer it passes through a dozen wrappers and about forty small operators. For a packed
+batch with paged attention none of that is needed. This forward walks the same modules (so weights,
+tensor-parallel shards and device-swapped Linear layers are used as loaded) and does per layer
+only: norm, q/k/v, rotary, paged attention, o, add+norm, gate/up, SiLU*up, down, with the small
+operations fused by the device's `FusedOps`. On the bench model (2 CPU cores, in process) a batch-1
+decode step went from 6.1 to 4.8 ms, 16 sequences from 9.9 to 9.3 ms, a 512-token prefill from 79 to
+74 ms; through the server, mixed traffic at concurrency 8 from about 560 to 650 tokens/s.
+
+It takes the residual stream vLLM's way: each block's output is added to the stream by the norm
+that follows it (`add_rms_norm`), so no separate residual adds are made.
+
+Architectures whose layers are exactly this (Llama, Mistral, Qwen2, Qwen3) take it; any other
+keeps transformers' forward, which the paged attention also serves.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from bowline_runtime.models.attention import AttentionMetadata, head_dim, paged_attention
+from bowline_runtime.models.fused_ops import FusedOps
+
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# Set to 0 to run transformers' own forward (for before/after benchmarks, or to rule this one out).
+PACKED_DECODER_ENV = "BOWLINE_PACKED_DECODER"
+
+
+def enabled() -> bool:
+    return os.environ.get(PACKED_DECODER_ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+def _eps(norm: nn.Module) -> float:
+    return getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether `model`'s layers are the plain pre-norm Llama block this forward computes."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        return False
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return False
+    base = getattr(model, "model", None)
+    if base is None or not all(hasattr(base, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return False
+    for layer in base.layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attn is None or mlp is None or not hasattr(attn, "layer_idx"):
+            return False
+        if not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            return False
+        if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            return False
+        if not (hasattr(layer, "input_layernorm") and hasattr(layer, "post_attention_layernorm")):
+            return False
+    return hasattr(model, "lm_head")
+
+
+class PackedDecoder:
+    """Callable (input_ids [T], positions [T], keep [K], attention metadata) -> logits [K, vocab]."""
+
+    def __init__(self, model: nn.Module, ops: FusedOps) -> None:
+        if not supports(model):
+            raise ValueError(f"{type(model).__name__} is not a plain Llama-family decoder")
+        self.model = model
+        self.ops = ops
+        base = model.model
+        self.embed = base.embed_tokens
+        self.rotary_emb = base.rotary_emb
+        self.final_norm = (base.norm.weight, _eps(base.norm))
+        self.head_dim = head_dim(model.config)
+        self.layers = [
+            (
+                layer.self_attn,
+                layer.mlp,
+                (layer.input_layernorm.weight, _eps(layer.input_layernorm)),
+                (layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm)),
+                # Qwen3 normalises each head's query and key before the rotary embedding.
+                getattr(layer.self_attn, "q_norm", None),
+                getattr(layer.self_attn, "k_norm", None),
+            )
+            for layer in base.layers
+        ]
+
+    def __call__(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        ops, d = self.ops, self.head_dim
+        hidden = self.embed(input_ids)  # [T, hidden]
+        num_tokens = hidden.shape[0]
+        cos, sin = self.rotary_emb(hidden, positions.unsqueeze(0))  # [1, T, rot_dim] each
+        cos, sin = cos[0], sin[0]
+        residual = hidden  # the stream; each add_rms_norm adds a block's output to it in place
+        out = None  # the previous block's output, not yet added to the stream
+        for attn, mlp, in_norm, post_norm, q_norm, k_norm in self.layers:
+            x = ops.rms_norm(hidden, *in_norm) if out is None else ops.add_rms_norm(out, residual, *in_norm)
+            q = attn.q_proj(x).view(num_tokens, -1, d)
+            k = attn.k_proj(x).view(num_tokens, -1, d)
+            v = attn.v_proj(x).view(num_tokens, -1, d)
+            if q_norm is not None:
+                q = ops.rms_norm(q.reshape(-1, d), q_norm.weight, _eps(q_norm)).view(num_tokens, -1, d)
+                k = ops.rms_norm(k.reshape(-1, d), k_norm.weight, _eps(k_norm)).view(num_tokens, -1, d)
+            ops.rotary(q, cos, sin)
+            ops.rotary(k, cos, sin)
+            attended, _ = paged_attention(
+                attn, q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                v.transpose(0, 1).unsqueeze(0), None, scaling=attn.scaling, attn_meta=meta,
+            )
+            x = ops.add_rms_norm(attn.o_proj(attended.view(num_tokens, -1)), residual, *post_norm)
+            out = mlp.down_proj(ops.silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+        final = ops.add_rms_norm(out, residual, *self.final_norm) if out is not None else residual
+        return self.model.lm_head(final[keep])
