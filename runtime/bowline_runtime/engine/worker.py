@@ -53,9 +53,10 @@ def build_runner(config: EngineConfig, device: Device, dtype: torch.dtype, rank:
     shard_model(model, rank, world_size)
     torch_device = device.torch_device(rank)
     model.to(torch_device)
-    device.optimize_model(model)
+    # Before the device packs its Linear layers: the decoder fuses q/k/v and gate/up into one product each.
     use_packed = packed_decoder.enabled() and packed_decoder.supports(model)
     decoder = PackedDecoder(model, device.fused_ops(dtype)) if use_packed else None
+    device.optimize_model(model)
     return ModelRunner(
         model, torch_device, dtype, is_driver=rank == 0, block_size=config.block_size, decoder=decoder,
         stage_decode_context=device.stages_decode_context, decode_kernel=device.paged_decode_kernel(dtype),

@@ -126,3 +126,30 @@ def test_engine_uses_it_by_default_and_the_switch_gives_the_same_tokens(tiny_mod
     used, plain = tokens()
     assert not used
     assert plain == packed
+
+
+def test_projections_are_fused_once_and_only_plain_linear_layers(tiny_qwen2_dir):
+    """q/k/v and gate/up become one product each (Qwen2's biases included); layers a device has
+    already swapped for its own kernels are left apart, and both forms give transformers' logits."""
+    from bowline_runtime.devices.cpu import CpuDevice, OneDnnLinear
+    from transformers import AutoModelForCausalLM
+
+    config = loader.load_config(str(tiny_qwen2_dir), False)
+    theirs = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    ids = torch.randint(300, config.vocab_size, (29,), generator=torch.Generator().manual_seed(3))
+    expected = _reference_logits(theirs, ids)
+
+    fused = loader.load_model(str(tiny_qwen2_dir), config, torch.float32, "auto", False)
+    decoder = PackedDecoder(fused, FusedOps())
+    attn, mlp = fused.model.layers[0].self_attn, fused.model.layers[0].mlp
+    assert not hasattr(attn, "q_proj") and not hasattr(mlp, "gate_proj")
+    assert attn.qkv_proj.bias is not None and attn.qkv_proj.out_features == sum(attn.qkv_sizes)
+    PackedDecoder(fused, FusedOps())  # a second decoder over the same model fuses nothing again
+    assert attn.qkv_proj.out_features == sum(attn.qkv_sizes)
+    torch.testing.assert_close(_prefill_logits(fused, decoder.ops, ids), expected, rtol=1e-4, atol=1e-4)
+
+    packed_first = CpuDevice().optimize_model(loader.load_model(str(tiny_qwen2_dir), config, torch.float32, "auto", False))
+    PackedDecoder(packed_first, FusedOps())
+    attn = packed_first.model.layers[0].self_attn
+    assert isinstance(attn.q_proj, OneDnnLinear) and not hasattr(attn, "qkv_proj")
+    torch.testing.assert_close(_prefill_logits(packed_first, FusedOps(), ids), expected, rtol=1e-4, atol=1e-4)
