@@ -31,7 +31,9 @@ logger = logging.getLogger(__name__)
 
 KERNELS_ENV = "BOWLINE_CPU_KERNELS"
 CACHE_ENV = "BOWLINE_KERNEL_CACHE"
-_SOURCES = tuple(Path(__file__).with_name(name) for name in ("paged_decode.c", "paged_prefill.c", "fused.c"))
+_SOURCES = tuple(
+    Path(__file__).with_name(name) for name in ("paged_decode.c", "paged_prefill.c", "fused.c", "gemm.c")
+)
 # -ffast-math lets the softmax's expf and the dot products vectorise; -fopenmp shares the libgomp torch loaded.
 _FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC")
 
@@ -114,6 +116,15 @@ def load() -> ctypes.CDLL | None:
     fn = lib.bowline_rotary_f32
     fn.restype = None
     fn.argtypes = [_p, _i64, _i64, _i64, _i64, _p, _p, _i64, _int]
+    if hasattr(lib, "bowline_gemm_f32"):  # compiled only for AVX-512 targets (see gemm.c)
+        lib.bowline_gemm_panel_width.restype = _i64
+        lib.bowline_gemm_panel_width.argtypes = []
+        fn = lib.bowline_gemm_pack_f32
+        fn.restype = None
+        fn.argtypes = [_p, _i64, _i64, _p, _int]
+        fn = lib.bowline_gemm_f32
+        fn.restype = None
+        fn.argtypes = [_p, _i64, _p, _p, _p, _i64, _i64, _i64, _i64, _int]
     return lib
 
 
@@ -225,3 +236,38 @@ def fused_ops() -> CpuFusedOps | None:
     """The C fused operations, or None where the kernels are off or do not build here."""
     lib = load()
     return None if lib is None else CpuFusedOps(lib)
+
+
+def gemm_available() -> bool:
+    """Whether the Linear kernel (kernels/gemm.c) was built here: kernels on, and an AVX-512 CPU."""
+    lib = load()
+    return lib is not None and hasattr(lib, "bowline_gemm_f32")
+
+
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A float32 Linear weight [N, K] in gemm.c's panel layout (flat, about the same size)."""
+    lib = load()
+    if lib is None or not hasattr(lib, "bowline_gemm_f32"):
+        raise RuntimeError("the CPU Linear kernel is not available")
+    if weight.dtype != torch.float32 or weight.dim() != 2:
+        raise ValueError(f"expected a 2-D float32 weight, got {weight.dtype} {tuple(weight.shape)}")
+    weight = weight.contiguous()
+    n, k = weight.shape
+    width = lib.bowline_gemm_panel_width()
+    packed = torch.empty(-(-n // width) * k * width, dtype=torch.float32)
+    lib.bowline_gemm_pack_f32(weight.data_ptr(), n, k, packed.data_ptr(), torch.get_num_threads())
+    return packed
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """x [M, K] (rows may be strided) @ weight^T + bias -> [M, out_features], from a packed weight."""
+    x = _rows(x)
+    m, k = x.shape
+    out = torch.empty(m, out_features, dtype=torch.float32)
+    if m == 0:
+        return out
+    load().bowline_gemm_f32(
+        x.data_ptr(), x.stride(0), packed.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
+        out_features, m, out_features, k, torch.get_num_threads(),
+    )
+    return out

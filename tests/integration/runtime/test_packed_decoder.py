@@ -131,7 +131,7 @@ def test_engine_uses_it_by_default_and_the_switch_gives_the_same_tokens(tiny_mod
 def test_projections_are_fused_once_and_only_plain_linear_layers(tiny_qwen2_dir):
     """q/k/v and gate/up become one product each (Qwen2's biases included); layers a device has
     already swapped for its own kernels are left apart, and both forms give transformers' logits."""
-    from bowline_runtime.devices.cpu import CpuDevice, OneDnnLinear
+    from bowline_runtime.devices.cpu import CpuDevice, KernelLinear, OneDnnLinear
     from transformers import AutoModelForCausalLM
 
     config = loader.load_config(str(tiny_qwen2_dir), False)
@@ -151,5 +151,5 @@ def test_projections_are_fused_once_and_only_plain_linear_layers(tiny_qwen2_dir)
     packed_first = CpuDevice().optimize_model(loader.load_model(str(tiny_qwen2_dir), config, torch.float32, "auto", False))
     PackedDecoder(packed_first, FusedOps())
     attn = packed_first.model.layers[0].self_attn
-    assert isinstance(attn.q_proj, OneDnnLinear) and not hasattr(attn, "qkv_proj")
+    assert isinstance(attn.q_proj, (KernelLinear, OneDnnLinear)) and not hasattr(attn, "qkv_proj")
     torch.testing.assert_close(_prefill_logits(packed_first, FusedOps(), ids), expected, rtol=1e-4, atol=1e-4)
