@@ -1,6 +1,7 @@
-"""Paged attention plugged into transformers' own model code through its AttentionInterface.
+"""Paged attention, called by the packed decoder (models.packed_decoder) for Llama-family models and
+plugged into transformers' own model code through its AttentionInterface for every other architecture.
 
-transformers computes projections, rotary embeddings and MLPs; this function receives each layer's
+Either forward computes projections, rotary embeddings and MLPs; this function receives each layer's
 new queries/keys/values for a *packed* batch (all sequences' new tokens side by side in one row),
 writes the keys/values into the block-based KV cache and attends over each sequence's cached context.
 Decodes (one new token each) are attended in one batched product, prefill chunks one sequence at a
