@@ -153,3 +153,29 @@ def test_projections_are_fused_once_and_only_plain_linear_layers(tiny_qwen2_dir)
     attn = packed_first.model.layers[0].self_attn
     assert isinstance(attn.q_proj, (KernelLinear, OneDnnLinear)) and not hasattr(attn, "qkv_proj")
     torch.testing.assert_close(_prefill_logits(packed_first, FusedOps(), ids), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch_fixture", ["tiny_model_dir", "tiny_qwen2_dir"])
+def test_bfloat16_prefill_follows_transformers(request, arch_fixture):
+    """The torch reference ops in bfloat16: what a GPU or NPU runs (no C kernels), checked here on the CPU."""
+    from transformers import AutoModelForCausalLM
+
+    path = request.getfixturevalue(arch_fixture)
+    config = loader.load_config(str(path), False)
+    ours = loader.load_model(str(path), config, torch.bfloat16, "auto", False)
+    theirs = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    ids = torch.randint(300, config.vocab_size, (33,), generator=torch.Generator().manual_seed(4))
+    n = ids.shape[0]
+    shape = (config.num_key_value_heads, 64, head_dim(config))
+    caches = [(torch.zeros(shape, dtype=torch.bfloat16), torch.zeros(shape, dtype=torch.bfloat16))
+              for _ in range(config.num_hidden_layers)]
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(n), decode_groups=[], block_size=16, prefills=[PrefillSpan(0, n, n, None)],
+        kv_caches=caches,
+    )
+    with torch.inference_mode():
+        got = PackedDecoder(ours, FusedOps())(ids, torch.arange(n), torch.arange(n), meta).float()
+    expected = _reference_logits(theirs, ids).float()
+    scale = expected.abs().max()
+    assert (got - expected).abs().max() < 0.02 * scale
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
