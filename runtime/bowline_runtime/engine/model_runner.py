@@ -68,8 +68,8 @@ def group_by_length(num_blocks: list[int], ratio: float = 1.5, slack: int = 8) -
 
 def prepare_step(batch: ScheduledBatch, block_size: int) -> StepPlan:
     ids: list[int] = []
-    positions: list[torch.Tensor] = []
-    slots: list[torch.Tensor] = []
+    positions: list[int] = []
+    slots: list[int] = []
     keep: list[int] = []
     sample_rows: list[int] = []
     prompt_rows: list[tuple[int, int, int] | None] = []
@@ -83,8 +83,10 @@ def prepare_step(batch: ScheduledBatch, block_size: int) -> StepPlan:
         start = seq.num_computed_tokens
         end = start + n
         ids.extend(seq.token_ids[start:end])
-        positions.append(torch.arange(start, end))
-        slots.append(_slots(seq.block_table, start, end, block_size))
+        positions.extend(range(start, end))
+        # Plain integers: most rows are single-token decodes, where a tensor op per sequence costs more.
+        table = seq.block_table
+        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
         if i < batch.num_decodes:
             decode_tables.append(seq.block_table[: -(-end // block_size)])
             decode_lens.append(end)
@@ -113,8 +115,8 @@ def prepare_step(batch: ScheduledBatch, block_size: int) -> StepPlan:
         decode_groups.append((a, b, tables, decode_lens[a:b], decode_ids[a:b]))
     step = StepInput(
         input_ids=torch.tensor(ids, dtype=torch.long),
-        positions=torch.cat(positions),
-        slot_mapping=torch.cat(slots),
+        positions=torch.tensor(positions, dtype=torch.long),
+        slot_mapping=torch.tensor(slots, dtype=torch.long),
         num_decodes=batch.num_decodes,
         decode_groups=decode_groups,
         prefills=prefills,
