@@ -233,7 +233,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
-        plan = prepare_step(batch, self.block_size)
+        plan = prepare_step(batch, self.block_size, group_decodes=self.runner.decode_kernel is None)
         logits = self.tp.execute(plan.step)
         now = time.time()
         to_sample: list[Sequence] = []

@@ -81,6 +81,24 @@ def test_decode_tables_are_cut_to_the_context_and_padded():
     assert step.keep.tolist() == [0, 1]
 
 
+def test_decodes_of_spread_lengths_split_into_runs_unless_a_kernel_reads_them_whole():
+    # Contexts of 2, 3, 40 and 60 blocks (block size 4): padding the short ones to 60 blocks would waste
+    # work in padded attention, so they form their own run; a paged kernel takes them all at once.
+    seqs = [
+        make_seq(i, list(range(4 * blocks)), 1, 4 * blocks - 1, list(range(100 * i, 100 * i + blocks)))
+        for i, blocks in enumerate([2, 3, 40, 60])
+    ]
+    batch = ScheduledBatch(seqs, [1, 1, 1, 1], num_decodes=4)
+    runs = prepare_step(batch, BS).step.decode_groups
+    assert [(a, b) for a, b, *_ in runs] == [(0, 2), (2, 4)]
+    [(start, end, tables, lens, seq_ids)] = prepare_step(batch, BS, group_decodes=False).step.decode_groups
+    assert (start, end) == (0, 4)
+    assert tables.shape == (4, 60) and tables[0].tolist() == [0, 1] + [0] * 58
+    assert lens == [8, 12, 160, 240]
+    assert seq_ids == [0, 1, 2, 3]
+    assert prepare_step(ScheduledBatch(seqs[:1], [1], num_decodes=0), BS, group_decodes=False).step.decode_groups == []
+
+
 def test_prompt_logprob_rows_cover_every_prompt_position_across_chunks():
     params = SamplingParams(prompt_logprobs=1)
     seq = make_seq(0, [10, 11, 12, 13, 14, 15], 6, 0, [0, 1])
