@@ -67,6 +67,11 @@ class Device(ABC):
         """A kernel attending a prefill chunk straight from the paged KV cache, or None: torch's SDPA."""
         return None
 
+    def paged_cache_writer(self, dtype: torch.dtype) -> Callable[..., None] | None:
+        """A kernel writing a step's keys and values into the paged cache (k, v, k_cache, v_cache, slots),
+        or None: torch's index_copy_, once for keys and once for values."""
+        return None
+
     def fused_ops(self, dtype: torch.dtype) -> FusedOps:
         """The decoder's small fused operations (models.fused_ops); default: the torch reference."""
         return FusedOps()

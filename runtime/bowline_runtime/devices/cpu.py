@@ -116,6 +116,14 @@ class CpuDevice(Device):
             return None
         return kernels.paged_prefill_attention
 
+    def paged_cache_writer(self, dtype: torch.dtype) -> Callable[..., None] | None:
+        """The C cache write (float32), one call for keys and values."""
+        from bowline_runtime.kernels import cpu as kernels
+
+        if dtype != torch.float32 or kernels.load() is None:
+            return None
+        return kernels.write_kv_cache
+
     def fused_ops(self, dtype: torch.dtype) -> FusedOps:
         """The C versions (float32, where the kernels build), else the torch reference."""
         from bowline_runtime.kernels import cpu as kernels

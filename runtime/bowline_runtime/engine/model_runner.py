@@ -138,7 +138,9 @@ class ModelRunner:
         self, model: nn.Module, device: torch.device, dtype: torch.dtype, is_driver: bool, block_size: int,
         stage_decode_context: bool = True, decode_kernel: Callable[..., None] | None = None,
         prefill_kernel: Callable[..., None] | None = None, decoder: PackedDecoder | None = None,
+        cache_writer: Callable[..., None] | None = None,
     ) -> None:
+        self.cache_writer = cache_writer
         self.model = model
         self.decoder = decoder  # the lean forward (models.packed_decoder), or None: transformers' forward
         self.block_size = block_size
@@ -212,6 +214,7 @@ class ModelRunner:
             kv_caches=self.kv_caches,
             decode_kernel=self.decode_kernel,
             prefill_kernel=self.prefill_kernel,
+            cache_writer=self.cache_writer,
         )
         keep = step.keep if self.is_driver else step.keep[:0]
         if self.decoder is not None:

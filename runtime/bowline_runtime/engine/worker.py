@@ -61,6 +61,7 @@ def build_runner(config: EngineConfig, device: Device, dtype: torch.dtype, rank:
         model, torch_device, dtype, is_driver=rank == 0, block_size=config.block_size, decoder=decoder,
         stage_decode_context=device.stages_decode_context, decode_kernel=device.paged_decode_kernel(dtype),
         prefill_kernel=device.paged_prefill_kernel(dtype, head_dim(hf_config)),
+        cache_writer=device.paged_cache_writer(dtype),
     )
 
 

@@ -116,6 +116,9 @@ def load() -> ctypes.CDLL | None:
     fn = lib.bowline_rotary_f32
     fn.restype = None
     fn.argtypes = [_p, _i64, _i64, _i64, _i64, _p, _p, _i64, _int]
+    fn = lib.bowline_write_kv_f32
+    fn.restype = None
+    fn.argtypes = [_p, _i64, _p, _i64, _p, _p, _p, _i64, _i64, _i64, _i64, _int]
     if hasattr(lib, "bowline_gemm_f32"):  # compiled only for AVX-512 targets (see gemm.c)
         lib.bowline_gemm_panel_width.restype = _i64
         lib.bowline_gemm_panel_width.argtypes = []
@@ -156,6 +159,26 @@ def paged_decode_attention(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.shape[1],
         lens.data_ptr(), n, num_heads, k_cache.shape[0], head_dim, k_cache.shape[1], block_size,
         float(scale), out.data_ptr(), torch.get_num_threads(),
+    )
+
+
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """k_cache[:, slots[t]] = k[:, t] and the same for v (float32, CPU), in one call.
+
+    k, v: [Hkv, T, D] (the layer's new keys and values as attention receives them; any row stride,
+    but each token's heads contiguous); caches [Hkv, S, D] contiguous; slots [T] int64.
+    """
+    lib = _library_for(k_cache, v_cache, k_cache)
+    kt, vt = k.transpose(0, 1), v.transpose(0, 1)  # [T, Hkv, D] views
+    num_kv_heads, tokens, head_dim = k.shape
+    if not all(t.stride(2) == 1 and t.stride(1) == head_dim for t in (kt, vt)):
+        kt, vt = kt.contiguous(), vt.contiguous()
+    slots = slots.contiguous()
+    lib.bowline_write_kv_f32(
+        kt.data_ptr(), kt.stride(0), vt.data_ptr(), vt.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+        slots.data_ptr(), tokens, num_kv_heads, head_dim, k_cache.shape[1], torch.get_num_threads(),
     )
 
 

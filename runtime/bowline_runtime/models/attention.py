@@ -64,6 +64,8 @@ class AttentionMetadata:
     decode_kernel: Callable[..., None] | None = None
     # (q [H, n, D], k_cache, v_cache, slots of positions [0, ctx), scale, out [n, H, D]) -> None, or None
     prefill_kernel: Callable[..., None] | None = None
+    # (k [Hkv, T, D], v, k_cache, v_cache, slot_mapping) -> None, or None: torch's index_copy_
+    cache_writer: Callable[..., None] | None = None
 
 
 def paged_attention(
@@ -84,8 +86,11 @@ def paged_attention(
     q = query[0]  # [H, T, D]
     k = key[0]  # [Hkv, T, D]
     v = value[0]
-    k_cache.index_copy_(1, attn_meta.slot_mapping, k)
-    v_cache.index_copy_(1, attn_meta.slot_mapping, v)
+    if attn_meta.cache_writer is not None:
+        attn_meta.cache_writer(k, v, k_cache, v_cache, attn_meta.slot_mapping)
+    else:
+        k_cache.index_copy_(1, attn_meta.slot_mapping, k)
+        v_cache.index_copy_(1, attn_meta.slot_mapping, v)
 
     num_heads, num_tokens, head_dim = q.shape
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)

@@ -114,3 +114,28 @@ def test_without_kernels_the_cpu_keeps_the_torch_ops(monkeypatch):
         assert type(CpuDevice().fused_ops(torch.float32)) is FusedOps
     finally:
         kernels.load.cache_clear()
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 700])
+def test_cache_write_puts_each_tokens_keys_and_values_in_its_slot_only(tokens):
+    torch.manual_seed(tokens)
+    kv_heads, head_dim, num_slots = 4, 64, 2048
+    qkv = torch.randn(tokens, (8 + 2 * kv_heads) * head_dim)  # one product; k and v are strided views of it
+    _, k, v = qkv.split([8 * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    k = k.view(tokens, kv_heads, head_dim).transpose(0, 1)  # [Hkv, T, D], as attention receives them
+    v = v.view(tokens, kv_heads, head_dim).transpose(0, 1)
+    slots = torch.randperm(num_slots)[:tokens]
+    expected_k, expected_v = torch.randn(kv_heads, num_slots, head_dim), torch.randn(kv_heads, num_slots, head_dim)
+    got_k, got_v = expected_k.clone(), expected_v.clone()
+    expected_k.index_copy_(1, slots, k)
+    expected_v.index_copy_(1, slots, v)
+    kernels.write_kv_cache(k, v, got_k, got_v, slots)
+    assert torch.equal(got_k, expected_k) and torch.equal(got_v, expected_v)
+    contiguous_k, contiguous_v = got_k.clone(), got_v.clone()
+    kernels.write_kv_cache(k.contiguous(), v.contiguous(), contiguous_k, contiguous_v, slots)
+    assert torch.equal(contiguous_k, expected_k) and torch.equal(contiguous_v, expected_v)
+
+
+def test_cpu_device_writes_the_cache_in_c_for_float32_only():
+    assert CpuDevice().paged_cache_writer(torch.float32) is kernels.write_kv_cache
+    assert CpuDevice().paged_cache_writer(torch.bfloat16) is None
