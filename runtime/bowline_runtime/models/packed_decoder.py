@@ -153,7 +153,7 @@ class PackedDecoder:
             )
             x = ops.add_rms_norm(attn.o_proj(attended.view(num_tokens, -1)), residual, *post_norm)
             out = mlp.down_proj(ops.silu_mul(*_gate_up(mlp, x)))
-        final = ops.add_rms_norm(out, residual, *self.final_norm) if out is not None else residual
+        final = ops.rms_norm(hidden, *self.final_norm) if out is None else ops.add_rms_norm(out, residual, *self.final_norm)
         return self.model.lm_head(final[keep])
 
 
