@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
@@ -70,6 +71,12 @@ class EngineConfig:
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def switch_on(name: str, environ: Mapping[str, str] | None = None) -> bool:
+    """An on-by-default switch variable (BOWLINE_CPU_KERNELS and the like): off for 0, false, no or off."""
+    value = (os.environ if environ is None else environ).get(name, "1")
+    return value.strip().lower() not in {"0", "false", "no", "off"}
 
 
 def env_name(name: str) -> str:

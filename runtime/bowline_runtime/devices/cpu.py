@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 
+from bowline_runtime.config import switch_on
 from bowline_runtime.devices import host_memory
 from bowline_runtime.devices.base import Device
 from bowline_runtime.models.fused_ops import FusedOps
@@ -19,12 +20,8 @@ _PACK_BATCH_HINT = 16
 PACKED_LINEAR_ENV = "BOWLINE_CPU_PACKED_LINEAR"
 
 
-def _packing_enabled() -> bool:
-    return os.environ.get(PACKED_LINEAR_ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
-
-
 def _onednn_linear_available() -> bool:
-    if not _packing_enabled():
+    if not switch_on(PACKED_LINEAR_ENV):
         return False
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
@@ -136,7 +133,7 @@ class CpuDevice(Device):
         float32/bfloat16 for oneDNN (where this torch build has it)."""
         from bowline_runtime.kernels import cpu as kernels
 
-        own_kernel = _packing_enabled() and kernels.gemm_available()
+        own_kernel = switch_on(PACKED_LINEAR_ENV) and kernels.gemm_available()
         onednn = _onednn_linear_available()
         for module in list(model.modules()):
             for child_name, child in list(module.named_children()):

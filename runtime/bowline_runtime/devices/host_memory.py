@@ -14,7 +14,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-import os
+
+from bowline_runtime.config import switch_on
 
 logger = logging.getLogger("bowline.devices")
 
@@ -31,14 +32,9 @@ MMAP_THRESHOLD = 32 * 2**20
 TRIM_THRESHOLD = 2**30
 
 
-def enabled(environ: dict[str, str] | None = None) -> bool:
-    value = (os.environ if environ is None else environ).get(HOST_MEMORY_ENV, "1")
-    return value.strip().lower() not in {"0", "false", "no", "off"}
-
-
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds for this process; False where there is no glibc (or it is off)."""
-    if not enabled():
+    if not switch_on(HOST_MEMORY_ENV):
         return False
     name = ctypes.util.find_library("c")
     if name is None:

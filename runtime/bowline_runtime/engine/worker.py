@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bowline_runtime.config import EngineConfig
+from bowline_runtime.config import EngineConfig, switch_on
 from bowline_runtime.devices import Device, get_device
 from bowline_runtime.engine.model_runner import ModelRunner, StepInput
 from bowline_runtime.models import loader, packed_decoder
@@ -54,7 +54,7 @@ def build_runner(config: EngineConfig, device: Device, dtype: torch.dtype, rank:
     torch_device = device.torch_device(rank)
     model.to(torch_device)
     # Before the device packs its Linear layers: the decoder fuses q/k/v and gate/up into one product each.
-    use_packed = packed_decoder.enabled() and packed_decoder.supports(model)
+    use_packed = switch_on(packed_decoder.PACKED_DECODER_ENV) and packed_decoder.supports(model)
     decoder = PackedDecoder(model, device.fused_ops(dtype)) if use_packed else None
     device.optimize_model(model)
     return ModelRunner(

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from bowline_runtime.config import switch_on
 from bowline_runtime.models.fused_ops import FusedOps
 
 logger = logging.getLogger(__name__)
@@ -41,10 +42,6 @@ _FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC")
 PREFILL_HEAD_DIM_MULTIPLE = 16
 
 _p, _i64, _f32, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-
-
-def kernels_enabled() -> bool:
-    return os.environ.get(KERNELS_ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
 
 
 def cache_dir() -> Path:
@@ -89,7 +86,7 @@ def build(compiler: str) -> Path:
 @functools.cache
 def load() -> ctypes.CDLL | None:
     """The kernel library, or None (disabled, no compiler, or the build failed: logged once)."""
-    if not kernels_enabled():
+    if not switch_on(KERNELS_ENV):
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:

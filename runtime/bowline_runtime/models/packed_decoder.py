@@ -18,8 +18,6 @@ keeps transformers' forward, which the paged attention also serves.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
@@ -29,10 +27,6 @@ from bowline_runtime.models.fused_ops import FusedOps
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 # Set to 0 to run transformers' own forward (for before/after benchmarks, or to rule this one out).
 PACKED_DECODER_ENV = "BOWLINE_PACKED_DECODER"
-
-
-def enabled() -> bool:
-    return os.environ.get(PACKED_DECODER_ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
 
 
 def _eps(norm: nn.Module) -> float:

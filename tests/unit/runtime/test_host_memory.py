@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from bowline_runtime.config import switch_on
 from bowline_runtime.devices import host_memory
 from bowline_runtime.devices.cpu import CpuDevice
 
@@ -57,10 +58,10 @@ def test_tuning_can_be_switched_off():
 
 
 def test_switch_reads_the_usual_false_words():
-    assert host_memory.enabled({})
-    assert host_memory.enabled({host_memory.HOST_MEMORY_ENV: "1"})
+    assert switch_on(host_memory.HOST_MEMORY_ENV, {})
+    assert switch_on(host_memory.HOST_MEMORY_ENV, {host_memory.HOST_MEMORY_ENV: "1"})
     for off in ("0", "false", "No", " off "):
-        assert not host_memory.enabled({host_memory.HOST_MEMORY_ENV: off})
+        assert not switch_on(host_memory.HOST_MEMORY_ENV, {host_memory.HOST_MEMORY_ENV: off})
 
 
 def test_cpu_device_prepares_the_process(monkeypatch):
