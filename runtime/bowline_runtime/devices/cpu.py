@@ -10,6 +10,7 @@ import torch
 from bowline_runtime.config import switch_on
 from bowline_runtime.devices import host_memory
 from bowline_runtime.devices.base import Device
+from bowline_runtime.kernels import cpu as kernels
 from bowline_runtime.models.fused_ops import FusedOps
 
 # Rows per product that oneDNN lays the packed weights out for; any row count works, this one is typical of decode.
@@ -54,8 +55,6 @@ class KernelLinear(torch.nn.Module):
 
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
-        from bowline_runtime.kernels import cpu as kernels
-
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("packed_weight", kernels.pack_linear_weight(linear.weight.detach()))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().contiguous().clone())
@@ -99,40 +98,30 @@ class CpuDevice(Device):
 
     def paged_decode_kernel(self, dtype: torch.dtype) -> Callable[..., None] | None:
         """The C kernel of bowline_runtime.kernels (float32; built on first use, cached), if it builds here."""
-        from bowline_runtime.kernels import cpu as kernels
-
         if dtype != torch.float32 or kernels.load() is None:
             return None
         return kernels.paged_decode_attention
 
     def paged_prefill_kernel(self, dtype: torch.dtype, head_dim: int) -> Callable[..., None] | None:
         """The C prefill kernel (float32; its inner loops step 16 floats, so head sizes in multiples of 16)."""
-        from bowline_runtime.kernels import cpu as kernels
-
         if dtype != torch.float32 or head_dim % kernels.PREFILL_HEAD_DIM_MULTIPLE or kernels.load() is None:
             return None
         return kernels.paged_prefill_attention
 
     def paged_cache_writer(self, dtype: torch.dtype) -> Callable[..., None] | None:
         """The C cache write (float32), one call for keys and values."""
-        from bowline_runtime.kernels import cpu as kernels
-
         if dtype != torch.float32 or kernels.load() is None:
             return None
         return kernels.write_kv_cache
 
     def fused_ops(self, dtype: torch.dtype) -> FusedOps:
         """The C versions (float32, where the kernels build), else the torch reference."""
-        from bowline_runtime.kernels import cpu as kernels
-
         ops = kernels.fused_ops() if dtype == torch.float32 else None
         return ops or FusedOps()
 
     def optimize_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Pack every Linear once: float32 for Bowline's own product where it builds (KernelLinear), else
         float32/bfloat16 for oneDNN (where this torch build has it)."""
-        from bowline_runtime.kernels import cpu as kernels
-
         own_kernel = switch_on(PACKED_LINEAR_ENV) and kernels.gemm_available()
         onednn = _onednn_linear_available()
         for module in list(model.modules()):
