@@ -140,7 +140,6 @@ class ModelRunner:
         prefill_kernel: Callable[..., None] | None = None, decoder: PackedDecoder | None = None,
         cache_writer: Callable[..., None] | None = None,
     ) -> None:
-        self.cache_writer = cache_writer
         self.model = model
         self.decoder = decoder  # the lean forward (models.packed_decoder), or None: transformers' forward
         self.block_size = block_size
@@ -148,6 +147,7 @@ class ModelRunner:
         self.decode_kernel = decode_kernel
         self.stage_decode_context = stage_decode_context and decode_kernel is None
         self.prefill_kernel = prefill_kernel
+        self.cache_writer = cache_writer  # None: torch's index_copy_
         self.device = device
         self.dtype = dtype
         self.is_driver = is_driver
