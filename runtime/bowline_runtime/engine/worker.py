@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 import signal
 import socket
 
@@ -20,6 +19,7 @@ import torch.multiprocessing as mp
 
 from bowline_runtime.config import EngineConfig, switch_on
 from bowline_runtime.devices import Device, get_device
+from bowline_runtime.devices.threads import usable_cores
 from bowline_runtime.engine.model_runner import ModelRunner, StepInput
 from bowline_runtime.models import loader, packed_decoder
 from bowline_runtime.models.attention import head_dim
@@ -40,7 +40,7 @@ def _free_port() -> int:
 def _threads_per_rank(device: Device, world_size: int) -> None:
     """On CPU the ranks share the cores: give each its fair part instead of oversubscribing."""
     if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        torch.set_num_threads(max(1, usable_cores() // world_size))
 
 
 def build_runner(config: EngineConfig, device: Device, dtype: torch.dtype, rank: int, world_size: int) -> ModelRunner:
