@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -30,7 +31,15 @@ logger = logging.getLogger("bowline.api")
 EngineFactory = Callable[[EngineConfig], Any]
 
 
+# Run the engine core in its own process (engine/core_client.py); 0 keeps it in a thread of this one.
+ENGINE_PROCESS_ENV = "BOWLINE_ENGINE_PROCESS"
+
+
 def _default_engine_factory(config: EngineConfig) -> Any:
+    if os.environ.get(ENGINE_PROCESS_ENV, "0").strip().lower() in {"1", "true", "yes", "on"}:
+        from bowline_runtime.engine.core_client import EngineCoreClient
+
+        return EngineCoreClient(config)
     from bowline_runtime.engine.async_engine import AsyncEngine
 
     return AsyncEngine(config)

@@ -48,6 +48,7 @@ class AsyncEngine:
         self.vocab_size = self.engine.vocab_size
         self.device = self.engine.device
         self.dtype = self.engine.dtype
+        self.eos_token_ids = self.engine.eos_token_ids
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}

@@ -51,7 +51,7 @@ async def beam_search(
     width = max(params.best_of or 0, params.n)
     if width > MAX_BEAM_WIDTH:
         raise ValueError(f"beam width (best_of/n) must be at most {MAX_BEAM_WIDTH}, got {width}")
-    eos = engine.engine.eos_token_ids | set(params.stop_token_ids)
+    eos = set(engine.eos_token_ids) | set(params.stop_token_ids)
     max_tokens = params.max_tokens or (engine.max_model_len - len(prompt_ids))
     step_params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=2 * width, ignore_eos=True)
     beams = [Beam()]

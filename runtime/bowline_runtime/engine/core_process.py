@@ -1,0 +1,135 @@
+"""The engine core's own process: load the model, schedule, run, sample, and send each step's outputs.
+
+The API process starts this with multiprocessing's spawn context, so no torch or OpenMP state is
+inherited and the OpenMP pool is sized here, for the cores this process may use, before torch loads.
+Requests arrive on a PULL socket and outputs leave on a PUSH socket (ZeroMQ over ipc sockets in a
+private temp dir); messages are pickled tuples (see `messages`). The loop polls its parent: when the
+API process is gone (even after kill -9) the core exits instead of holding the cores as an orphan.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import time
+from typing import Any
+
+from bowline_runtime.config import EngineConfig
+
+logger = logging.getLogger("bowline.engine")
+
+# How long an idle core waits for a request before it looks at its parent again (ms).
+IDLE_POLL_MS = 200
+# Failed steps in a row after which the core gives up (as the in-process engine does).
+MAX_CONSECUTIVE_STEP_FAILURES = 3
+
+
+def _place_threads() -> int:
+    """Size torch's pool from the usable cores before torch loads; the API process keeps none of them."""
+    from bowline_runtime.devices.threads import usable_cores
+
+    cores = usable_cores()
+    os.environ.setdefault("OMP_NUM_THREADS", str(cores))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    torch.set_num_threads(cores)
+    return cores
+
+
+class EngineStepErrorLike(RuntimeError):
+    """A failed step, reported to the requests in it as an internal error (not a client error)."""
+
+
+def _error(request_id: str, exc: BaseException) -> tuple:
+    """An error message that keeps the exception's class name, message and `param` for the API side."""
+    client = isinstance(exc, ValueError)
+    return ("error", request_id, type(exc).__module__, type(exc).__name__, str(exc), getattr(exc, "param", None), client)
+
+
+def run_engine_core(config: EngineConfig, in_addr: str, out_addr: str, parent_pid: int) -> None:
+    """The process entry point (spawned): serve until told to stop or until the parent is gone."""
+    import zmq
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cores = _place_threads()
+    ctx = zmq.Context(1)
+    pull = ctx.socket(zmq.PULL)
+    pull.connect(in_addr)
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 1000)
+    push.connect(out_addr)
+    try:
+        from bowline_runtime.engine.llm_engine import LLMEngine
+
+        engine = LLMEngine(config)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails its start
+        push.send(pickle.dumps(("load_failed", type(exc).__name__, str(exc))))
+        push.close()
+        ctx.term()
+        return
+    logger.info("engine core pid %d with %d compute threads", os.getpid(), cores)
+    push.send(pickle.dumps(("ready", {
+        "max_model_len": engine.max_model_len,
+        "vocab_size": engine.vocab_size,
+        "device_type": engine.device.type,
+        "device_name": getattr(engine.device, "name", engine.device.type),
+        "dtype": engine.dtype,
+        "eos_token_ids": set(engine.eos_token_ids),
+        "stats": engine.stats(),
+        "pid": os.getpid(),
+    })))
+    try:
+        _serve(engine, pull, push, parent_pid)
+    finally:
+        engine.shutdown()
+        push.close(linger=500)
+        pull.close(linger=0)
+        ctx.term()
+
+
+def _handle(engine: Any, message: tuple, push: Any) -> bool:
+    """Apply one request message; False when told to stop."""
+    kind = message[0]
+    if kind == "add":
+        _, request_id, prompt_token_ids, params, arrival = message
+        try:
+            prepared = engine.check_request(prompt_token_ids, params)
+            engine.add_request(request_id, prepared, arrival)
+        except Exception as exc:  # refused: only that request hears of it
+            push.send(pickle.dumps(_error(request_id, exc)))
+    elif kind == "abort":
+        engine.abort_request(message[1])
+    elif kind == "stop":
+        return False
+    return True
+
+
+def _serve(engine: Any, pull: Any, push: Any, parent_pid: int) -> None:
+    failures = 0
+    while True:
+        if os.getppid() != parent_pid:
+            logger.warning("the API process is gone; the engine core exits")
+            return
+        timeout = 0 if engine.has_unfinished_requests() else IDLE_POLL_MS
+        while pull.poll(timeout):
+            if not _handle(engine, pickle.loads(pull.recv()), push):
+                return
+            timeout = 0
+        if not engine.has_unfinished_requests():
+            continue
+        try:
+            outputs = engine.step()
+        except Exception as exc:
+            failures += 1
+            if engine.tp.world_size > 1 or failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+                raise
+            logger.exception("engine step failed; failing the requests in flight")
+            for request_id in list(engine.requests):
+                engine.abort_request(request_id)
+                push.send(pickle.dumps(_error(request_id, EngineStepErrorLike(f"generation failed: {exc!r}"))))
+            continue
+        failures = 0
+        # The gauges ride on every step's message, so /metrics reads a cached copy and never waits.
+        push.send(pickle.dumps(("outputs", outputs, engine.stats(), time.time())))
