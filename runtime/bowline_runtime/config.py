@@ -45,6 +45,7 @@ class EngineConfig:
     max_logprobs: int = 20
     api_key: str | None = None
     max_queue_len: int = 1024
+    max_request_body_bytes: int = 4 * 2**20
     shutdown_grace_period: float = 30.0
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
@@ -106,6 +107,7 @@ _HELP = {
     "enable_logprob": "allow logprobs in responses",
     "api_key": "require `Authorization: Bearer KEY` on /v1 routes",
     "max_queue_len": "requests waiting beyond this get HTTP 429",
+    "max_request_body_bytes": "larger request bodies get HTTP 413 before they are read (0: no limit; default 4 MiB)",
     "shutdown_grace_period": "seconds to finish in-flight requests after SIGTERM",
     "tool_call_parser": "parser for tool calls in generated text (e.g. hermes)",
     "reasoning_parser": "parser splitting reasoning from content (e.g. qwen3, deepseek_r1)",

@@ -21,8 +21,10 @@ from fastapi.responses import Response
 from bowline_runtime import __version__
 from bowline_runtime.api import serving_basic, serving_chat, serving_completions
 from bowline_runtime.api.auth import APIKeyMiddleware
-from bowline_runtime.api.errors import install_error_handlers
+from bowline_runtime.api.body_limit import BodyLimitMiddleware
+from bowline_runtime.api.errors import CatchAllMiddleware, install_error_handlers
 from bowline_runtime.api.generation import ClientDisconnected
+from bowline_runtime.api.openapi import without_422
 from bowline_runtime.api.state import ServerState
 from bowline_runtime.config import EngineConfig
 
@@ -122,6 +124,7 @@ def build_app(
         lifespan=lifespan,
     )
     app.state.bowline = state
+    without_422(app)
     install_error_handlers(app)
 
     async def _client_gone(_: Request, __: ClientDisconnected) -> Response:
@@ -133,4 +136,6 @@ def build_app(
     app.include_router(serving_completions.router)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_body_bytes)
+    app.add_middleware(CatchAllMiddleware)  # added last: outermost, so nothing escapes to uvicorn
     return app

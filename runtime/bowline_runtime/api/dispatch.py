@@ -56,8 +56,8 @@ async def run_call(state: ServerState, raw_request: Request, call: Call, prompts
     except (APIError, ClientDisconnected, asyncio.CancelledError):
         await cleanup()
         raise
-    except Exception as exc:  # engine refusals (ValueError) and failures become OpenAI error bodies here
+    except Exception as exc:  # engine refusals (RequestRejected: 400) and failures (500) become error bodies here
         await cleanup()
-        raise to_api_error(exc) from None
+        raise to_api_error(exc, call.id) from None
     await cleanup()
     return Response(call.response(gen).model_dump_json(), media_type="application/json")

@@ -1,13 +1,15 @@
 """Every failure leaves the server as OpenAI's error body, `{"error": {message, type, param, code}}`.
 
 Clients (the OpenAI SDK, LangChain, curl scripts) branch on the status code and print `message`,
-so messages say what to change. A stack trace never reaches the client: unexpected exceptions are
-logged here and answered with a generic 500.
+so messages say what to change. Client mistakes are RequestRejected (or pydantic validation
+errors) and become 400; every other exception is logged with a request id and answered with a
+500 that names that id. A stack trace never reaches the client.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,8 +17,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bowline_runtime.api.protocol import ErrorInfo, ErrorResponse
+from bowline_runtime.engine.errors import RequestRejected
 
 logger = logging.getLogger("bowline.api")
 
@@ -97,16 +101,35 @@ def describe_validation_errors(errors: Sequence[Mapping[str, Any]]) -> tuple[str
     return text or "invalid request", first_param
 
 
-def to_api_error(exc: BaseException) -> APIError:
-    """What the client should see for an exception raised while serving (also used in-band in streams)."""
+def new_request_id() -> str:
+    return f"req-{uuid.uuid4().hex}"
+
+
+def internal_error(exc: BaseException, request_id: str | None = None) -> APIError:
+    """A 500 whose body names the request id that the log line carries, so an operator can find it."""
+    request_id = request_id or new_request_id()
+    logger.error("internal error while serving request %s", request_id, exc_info=exc)
+    return APIError(
+        f"internal server error (request id {request_id}); the server log has the details",
+        500,
+        code="internal_error",
+        headers={"X-Request-Id": request_id},
+    )
+
+
+def to_api_error(exc: BaseException, request_id: str | None = None) -> APIError:
+    """What the client should see for an exception raised while serving (also used in-band in streams).
+
+    Only RequestRejected (a client mistake, named so by whoever raised it) is a 400; any other
+    exception, ValueError included, is a bug or an outage and must not look like the client's fault.
+    """
     if isinstance(exc, APIError):
         return exc
-    if isinstance(exc, ValueError):  # the engine's and SamplingParams' refusals are written for users
-        return APIError(str(exc), 400)
+    if isinstance(exc, RequestRejected):
+        return APIError(exc.message, 400, param=exc.param)
     if type(exc).__name__ == "EngineDeadError":
         return APIError("the engine has stopped; the server log has the details", 503)
-    logger.error("unhandled error while serving", exc_info=exc)
-    return APIError("internal server error; the server log has the details", 500)
+    return internal_error(exc, request_id)
 
 
 async def _on_api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -118,8 +141,8 @@ async def _on_validation_error(_: Request, exc: RequestValidationError) -> JSONR
     return APIError(message, 400, param=param).response()
 
 
-async def _on_value_error(_: Request, exc: ValueError) -> JSONResponse:
-    return APIError(str(exc), 400).response()
+async def _on_rejected(_: Request, exc: RequestRejected) -> JSONResponse:
+    return to_api_error(exc).response()
 
 
 async def _on_http_exception(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -127,13 +150,43 @@ async def _on_http_exception(_: Request, exc: StarletteHTTPException) -> JSONRes
     return APIError(detail, exc.status_code, headers=getattr(exc, "headers", None)).response()
 
 
-async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    return to_api_error(exc).response()
+class CatchAllMiddleware:
+    """The outermost layer: an exception no handler took becomes a 500 body here.
+
+    Why not `add_exception_handler(Exception, ...)`: Starlette runs that handler in its
+    ServerErrorMiddleware and then re-raises, so uvicorn logs "Exception in ASGI application"
+    and closes the socket — a keep-alive client's next request on it then fails with ECONNRESET.
+    Swallowing the exception here, after answering, keeps the connection usable.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:  # noqa: BLE001 - the last place an error can still get a body
+            request_id = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1") or None
+            error = to_api_error(exc, request_id)
+            if started:  # headers are out: nothing can be said; end the body so the socket survives
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            await error.response()(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _on_api_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
-    app.add_exception_handler(ValueError, _on_value_error)
+    app.add_exception_handler(RequestRejected, _on_rejected)
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)
-    app.add_exception_handler(Exception, _on_unexpected)

@@ -1,4 +1,8 @@
-"""From a request to prompt token ids: chat templates, tokenising, and the context-length check.
+"""From a request to prompt token ids: chat templates and tokenising.
+
+The prompt's rules (non-empty, in the vocabulary, shorter than the context) are the engine's
+(engine/request_checks.py); this module only calls them where a prompt must be valid before it
+is decoded.
 
 The chat template comes, first match wins, from the request's `chat_template`, the server's
 `--chat-template` (a file, or the template text itself), then the tokenizer's own.
@@ -12,6 +16,8 @@ from typing import Any
 
 from bowline_runtime.api.errors import bad_request
 from bowline_runtime.api.protocol import ChatCompletionRequest, ChatMessage, ChatTool, CompletionRequest
+from bowline_runtime.engine.errors import RequestRejected
+from bowline_runtime.engine.request_checks import RequestLimits, check_prompt
 
 
 def load_chat_template(value: str | None) -> str | None:
@@ -111,8 +117,12 @@ class Prompt:
     text: str
 
 
-def completion_prompts(req: CompletionRequest, tokenizer: Any) -> list[Prompt]:
-    """A completions request may carry one prompt or a batch: text(s) or token-id list(s)."""
+def completion_prompts(req: CompletionRequest, tokenizer: Any, limits: RequestLimits, param: str) -> list[Prompt]:
+    """A completions request may carry one prompt or a batch: text(s) or token-id list(s).
+
+    Token-id prompts pass the engine's prompt check before they are decoded for `echo`: a
+    tokenizer handed an id outside 0..2^32 raises OverflowError instead of a message.
+    """
     raw: Any = req.prompt if req.prompt_token_ids is None else req.prompt_token_ids
     if isinstance(raw, str):
         items: list[str | list[int]] = [raw]
@@ -120,35 +130,15 @@ def completion_prompts(req: CompletionRequest, tokenizer: Any) -> list[Prompt]:
         items = [list(raw)]
     else:
         items = list(raw)
+    if not items:
+        raise RequestRejected("the prompt is empty: give at least one prompt", param)
     prompts = []
     for item in items:
         if isinstance(item, str):
-            prompts.append(Prompt(tokenizer.encode(item, add_special_tokens=True), item))
+            ids = tokenizer.encode(item, add_special_tokens=True)
+            check_prompt(ids, limits, param)
+            prompts.append(Prompt(ids, item))
         else:
+            check_prompt(item, limits, param)
             prompts.append(Prompt(list(item), tokenizer.decode(item)))
     return prompts
-
-
-def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
-    if not ids:
-        raise bad_request("the prompt is empty after tokenisation", param)
-    for token_id in ids:
-        if not 0 <= token_id < vocab_size:
-            raise bad_request(f"prompt token id {token_id} is outside the vocabulary (0..{vocab_size - 1})", param)
-
-
-def check_length(prompt_len: int, max_tokens: int | None, max_model_len: int, param: str = "messages") -> None:
-    """max_model_len bounds prompt + output; say both numbers so the client can shorten either."""
-    if prompt_len >= max_model_len:
-        raise bad_request(
-            f"this model's maximum context length is {max_model_len} tokens, but the prompt has {prompt_len} "
-            "tokens, leaving no room for output; shorten the prompt",
-            param,
-        )
-    if max_tokens is not None and prompt_len + max_tokens > max_model_len:
-        raise bad_request(
-            f"this model's maximum context length is {max_model_len} tokens; the prompt has {prompt_len} tokens "
-            f"and max_tokens asks for {max_tokens} more ({prompt_len + max_tokens} in all); lower max_tokens "
-            "or shorten the prompt",
-            "max_tokens",
-        )

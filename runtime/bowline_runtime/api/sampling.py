@@ -13,6 +13,7 @@ from typing import Any
 
 from bowline_runtime.api.errors import APIError, bad_request
 from bowline_runtime.api.protocol import SamplingFields
+from bowline_runtime.engine.request_checks import RequestLimits
 from bowline_runtime.engine.sampling_params import GuidedDecodingParams, SamplingParams
 
 
@@ -25,6 +26,11 @@ class ServerLimits:
     enable_logprob: bool = False
     max_logprobs: int = 20
     guided_any_whitespace: bool = False
+
+    @property
+    def request_limits(self) -> RequestLimits:
+        """The engine-dependent part, for the engine's own check (engine/request_checks.py)."""
+        return RequestLimits(self.vocab_size, self.max_model_len, self.max_logprobs)
 
 
 def require_logprobs_enabled(limits: ServerLimits, param: str) -> None:
@@ -42,22 +48,18 @@ def require_logprobs_enabled(limits: ServerLimits, param: str) -> None:
 def check_logprobs(count: int | None, limits: ServerLimits, param: str) -> None:
     if count is None:
         return
-    require_logprobs_enabled(limits, param)
-    if count > limits.max_logprobs:
-        raise bad_request(f"{param}: at most {limits.max_logprobs} alternatives per token, got {count}", param)
+    require_logprobs_enabled(limits, param)  # the ceiling itself is the engine's rule (request_checks)
 
 
 def resolve_best_of(req: SamplingFields) -> int | None:
     """`num_beams` (sent by the Chinese-LLaMA-Alpaca demo) is another name for best_of."""
     if req.num_beams is not None and req.best_of is not None and req.num_beams != req.best_of:
         raise bad_request(f"num_beams ({req.num_beams}) and best_of ({req.best_of}) disagree; send one", "num_beams")
-    best_of = req.best_of if req.best_of is not None else req.num_beams
-    if best_of is not None and best_of < req.n:
-        raise bad_request(f"best_of ({best_of}) must be >= n ({req.n})", "best_of")
-    return best_of
+    return req.best_of if req.best_of is not None else req.num_beams
 
 
-def _logit_bias(raw: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
+def _logit_bias(raw: dict[str, float] | None) -> dict[int, float] | None:
+    """JSON object keys are strings; the engine wants token ids (their range is the engine's rule)."""
     if not raw:
         return None
     bias: dict[int, float] = {}
@@ -66,29 +68,17 @@ def _logit_bias(raw: dict[str, float] | None, vocab_size: int) -> dict[int, floa
             token_id = int(key)
         except ValueError:
             raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
-        if not 0 <= token_id < vocab_size:
-            raise bad_request(f"logit_bias token id {token_id} is outside the vocabulary (0..{vocab_size - 1})", "logit_bias")
-        if not -100 <= value <= 100:
-            raise bad_request(f"logit_bias values must be in [-100, 100], got {value} for {token_id}", "logit_bias")
         bias[token_id] = float(value)
     return bias
 
 
-def _token_ids_in_vocab(ids: list[int], vocab_size: int, param: str) -> None:
-    for token_id in ids:
-        if not 0 <= token_id < vocab_size:
-            raise bad_request(f"{param}: token id {token_id} is outside the vocabulary (0..{vocab_size - 1})", param)
-
-
-def _bad_words_token_ids(raw: list[int] | list[list[int]] | None, vocab_size: int) -> list[list[int]]:
+def _bad_words_token_ids(raw: list[int] | list[list[int]] | None) -> list[list[int]]:
     """FastDeploy sends a flat list (each id banned on its own); vLLM-style lists of sequences also work."""
     if not raw:
         return []
     sequences = [[x] if isinstance(x, int) else list(x) for x in raw]
-    for seq in sequences:
-        if not seq:
-            raise bad_request("bad_words_token_ids must not contain empty sequences", "bad_words_token_ids")
-        _token_ids_in_vocab(seq, vocab_size, "bad_words_token_ids")
+    if any(not seq for seq in sequences):
+        raise bad_request("bad_words_token_ids must not contain empty sequences", "bad_words_token_ids")
     return sequences
 
 
@@ -152,7 +142,7 @@ def build_sampling_params(
     logprobs: int | None,
     prompt_logprobs: int | None = None,
 ) -> SamplingParams:
-    """The engine's parameters for this request. Raises APIError (400) for what cannot be honoured."""
+    """The engine's parameters for this request. Raises APIError or RequestRejected (both 400)."""
     best_of = resolve_best_of(req)
     temperature = 1.0 if req.temperature is None else req.temperature
     if req.use_beam_search:
@@ -167,42 +157,38 @@ def build_sampling_params(
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if any(s == "" for s in stop):
         raise bad_request("stop strings must not be empty", "stop")
-    stop_token_ids = list(req.stop_token_ids or [])
-    _token_ids_in_vocab(stop_token_ids, limits.vocab_size, "stop_token_ids")
-    top_k = req.top_k if req.top_k is not None else 0
-    try:
-        return SamplingParams(
-            n=req.n,
-            best_of=best_of,
-            temperature=temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=0 if top_k == -1 else top_k,
-            min_p=req.min_p or 0.0,
-            seed=req.seed,
-            presence_penalty=req.presence_penalty or 0.0,
-            frequency_penalty=req.frequency_penalty or 0.0,
-            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-            logit_bias=_logit_bias(req.logit_bias, limits.vocab_size),
-            bad_words=list(req.bad_words or []),
-            bad_words_token_ids=_bad_words_token_ids(req.bad_words_token_ids, limits.vocab_size),
-            min_tokens=req.min_tokens or 0,
-            max_tokens=max_tokens,
-            ignore_eos=req.ignore_eos,
-            stop=stop,
-            stop_token_ids=stop_token_ids,
-            include_stop_str_in_output=req.include_stop_str_in_output,
-            logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs,
-            temp_scaled_logprobs=req.temp_scaled_logprobs,
-            top_p_normalized_logprobs=req.top_p_normalized_logprobs,
-            use_beam_search=req.use_beam_search,
-            length_penalty=1.0 if req.length_penalty is None else req.length_penalty,
-            skip_special_tokens=req.skip_special_tokens,
-            guided=guided_params(req, limits),
-            reasoning_max_tokens=req.reasoning_max_tokens,
-        )
-    except ValueError as exc:  # SamplingParams' own range checks
-        raise bad_request(str(exc)) from None
+    # Value ranges (and top_k -1 meaning off) are SamplingParams' rules; token-id ranges and
+    # lengths are the engine's (engine/request_checks.py): neither is repeated here.
+    return SamplingParams(
+        n=req.n,
+        best_of=best_of,
+        temperature=temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k if req.top_k is not None else 0,
+        min_p=req.min_p or 0.0,
+        seed=req.seed,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        logit_bias=_logit_bias(req.logit_bias),
+        bad_words=list(req.bad_words or []),
+        bad_words_token_ids=_bad_words_token_ids(req.bad_words_token_ids),
+        min_tokens=req.min_tokens or 0,
+        max_tokens=max_tokens,
+        ignore_eos=req.ignore_eos,
+        stop=stop,
+        stop_token_ids=list(req.stop_token_ids or []),
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        temp_scaled_logprobs=req.temp_scaled_logprobs,
+        top_p_normalized_logprobs=req.top_p_normalized_logprobs,
+        use_beam_search=req.use_beam_search,
+        length_penalty=1.0 if req.length_penalty is None else req.length_penalty,
+        skip_special_tokens=req.skip_special_tokens,
+        guided=guided_params(req, limits),
+        reasoning_max_tokens=req.reasoning_max_tokens,
+    )
 
 
 def check_stream_compatible(req: SamplingFields, params: SamplingParams) -> None:

@@ -6,8 +6,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from bowline_runtime import __version__
+from bowline_runtime.api import openapi
 from bowline_runtime.api.metrics import CONTENT_TYPE
-from bowline_runtime.api.prompts import check_token_ids, render_chat
+from bowline_runtime.api.prompts import render_chat
 from bowline_runtime.api.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -17,11 +18,12 @@ from bowline_runtime.api.protocol import (
     TokenizeResponse,
 )
 from bowline_runtime.api.state import get_state
+from bowline_runtime.engine.request_checks import check_token_ids
 
 router = APIRouter()
 
 
-@router.get("/health")
+@router.get("/health", response_class=Response, responses=openapi.HEALTH)
 async def health(raw_request: Request) -> Response:
     """200 only when a request would be served: Kubernetes readiness and load balancers rely on it."""
     state = get_state(raw_request)
@@ -43,12 +45,12 @@ async def version() -> dict[str, str]:
     return {"version": __version__}
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response)
 async def metrics(raw_request: Request) -> Response:
     return Response(get_state(raw_request).metrics.render(), media_type=CONTENT_TYPE)
 
 
-@router.get("/v1/models", response_model=ModelList)
+@router.get("/v1/models", response_model=ModelList, responses=openapi.LISTING)
 async def list_models(raw_request: Request) -> ModelList:
     state = get_state(raw_request)
     max_len = state.engine.max_model_len if state.engine is not None else (state.config.max_model_len or 0)
@@ -56,7 +58,7 @@ async def list_models(raw_request: Request) -> ModelList:
     return ModelList(data=[card])
 
 
-@router.post("/tokenize", response_model=TokenizeResponse)
+@router.post("/tokenize", response_model=TokenizeResponse, responses=openapi.TOKENIZER)
 async def tokenize(body: TokenizeRequest, raw_request: Request) -> TokenizeResponse:
     """Text or chat messages → token ids, exactly as a completion or chat request would see them."""
     state = get_state(raw_request)
@@ -81,11 +83,11 @@ async def tokenize(body: TokenizeRequest, raw_request: Request) -> TokenizeRespo
     return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids, token_strs=strs)
 
 
-@router.post("/detokenize", response_model=DetokenizeResponse)
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=openapi.TOKENIZER)
 async def detokenize(body: DetokenizeRequest, raw_request: Request) -> DetokenizeResponse:
     state = get_state(raw_request)
     engine = state.require_engine()
     state.check_model(body.model)
     if body.tokens:
-        check_token_ids(body.tokens, state.limits.vocab_size, "tokens")
+        check_token_ids(body.tokens, state.limits.vocab_size, "tokens")  # before decode: no OverflowError
     return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))

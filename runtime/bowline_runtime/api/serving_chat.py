@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from bowline_runtime.api import openapi
 from bowline_runtime.api.chat_output import ChatOutputProcessor, make_output_processor, prepare_params
 from bowline_runtime.api.dispatch import run_call
 from bowline_runtime.api.generation import Generation, select_best
 from bowline_runtime.api.logprobs import chat_logprobs
-from bowline_runtime.api.prompts import chat_prompt_ids, check_length, check_token_ids
+from bowline_runtime.api.prompts import chat_prompt_ids
 from bowline_runtime.api.protocol import (
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -29,6 +31,7 @@ from bowline_runtime.api.protocol import (
 from bowline_runtime.api.sampling import build_sampling_params, check_logprobs, check_stream_compatible
 from bowline_runtime.api.state import ServerState, get_state
 from bowline_runtime.engine.outputs import RequestOutput
+from bowline_runtime.engine.request_checks import check_request
 from bowline_runtime.engine.sampling_params import SamplingParams
 
 router = APIRouter()
@@ -158,7 +161,11 @@ class ChatCall:
             yield self._chunk([], self.usage(outputs))
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post(
+    "/v1/chat/completions",
+    response_model=None,
+    responses={**openapi.stream_or_json(ChatCompletionResponse), **openapi.GENERATION},
+)
 async def create_chat_completion(body: ChatCompletionRequest, raw_request: Request) -> Response:
     state = get_state(raw_request)
     engine = state.require_engine()
@@ -169,11 +176,18 @@ async def create_chat_completion(body: ChatCompletionRequest, raw_request: Reque
     if body.logprobs:
         logprobs = body.top_logprobs or 0
         check_logprobs(logprobs, limits, "top_logprobs" if body.top_logprobs else "logprobs")
-    prompt_ids = chat_prompt_ids(body, engine.tokenizer, state.chat_template)
-    check_token_ids(prompt_ids, limits.vocab_size, "messages")
-    check_length(len(prompt_ids), body.output_limit, limits.max_model_len)
+    # Rendering and tokenising a long conversation takes seconds: off the event loop.
+    prompt_ids = await asyncio.to_thread(chat_prompt_ids, body, engine.tokenizer, state.chat_template)
     params = build_sampling_params(body, limits, max_tokens=body.output_limit, logprobs=logprobs)
     params = prepare_params(body, params, prompt_ids, engine.tokenizer, state.config)
     check_stream_compatible(body, params)
+    # The engine's rule, applied here so a refusal is a 400 before any header is sent.
+    check_request(
+        prompt_ids,
+        params,
+        limits.request_limits,
+        "prompt_token_ids" if body.prompt_token_ids is not None else "messages",
+        "top_logprobs" if body.top_logprobs else "logprobs",
+    )
     call = ChatCall(state, body, prompt_ids, params)
     return await run_call(state, raw_request, call, [prompt_ids], stream=body.stream)

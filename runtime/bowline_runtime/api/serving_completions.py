@@ -6,17 +6,19 @@ as in OpenAI's API.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from bowline_runtime.api import openapi
 from bowline_runtime.api.dispatch import run_call
 from bowline_runtime.api.errors import bad_request
 from bowline_runtime.api.generation import Generation, select_best
 from bowline_runtime.api.logprobs import completion_logprobs, merge_completion_logprobs
-from bowline_runtime.api.prompts import Prompt, check_length, check_token_ids, completion_prompts
+from bowline_runtime.api.prompts import Prompt, completion_prompts
 from bowline_runtime.api.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -29,6 +31,7 @@ from bowline_runtime.api.protocol import (
 from bowline_runtime.api.sampling import build_sampling_params, check_logprobs, check_stream_compatible
 from bowline_runtime.api.state import ServerState, get_state
 from bowline_runtime.engine.outputs import CompletionOutput, RequestOutput
+from bowline_runtime.engine.request_checks import check_request
 from bowline_runtime.engine.sampling_params import SamplingParams
 
 router = APIRouter()
@@ -152,7 +155,11 @@ class CompletionCall:
             yield self._chunk([], self.usage(gen.latest))
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post(
+    "/v1/completions",
+    response_model=None,
+    responses={**openapi.stream_or_json(CompletionResponse), **openapi.GENERATION},
+)
 async def create_completion(body: CompletionRequest, raw_request: Request) -> Response:
     state = get_state(raw_request)
     engine = state.require_engine()
@@ -162,15 +169,15 @@ async def create_completion(body: CompletionRequest, raw_request: Request) -> Re
     if body.suffix:
         raise bad_request("suffix (fill-in-the-middle) is not supported by this server", "suffix")
     check_logprobs(body.logprobs, limits, "logprobs")
-    prompts = completion_prompts(body, engine.tokenizer)
-    param = "prompt" if body.prompt is not None else "prompt_token_ids"
-    for prompt in prompts:
-        check_token_ids(prompt.token_ids, limits.vocab_size, param)
-        check_length(len(prompt.token_ids), body.max_tokens, limits.max_model_len, param)
+    param = "prompt" if body.prompt_token_ids is None else "prompt_token_ids"
+    # Tokenising a long prompt takes seconds: off the event loop, so /health and streams keep going.
+    prompts = await asyncio.to_thread(completion_prompts, body, engine.tokenizer, limits.request_limits, param)
     prompt_logprobs = body.logprobs if (body.echo and body.logprobs is not None) else None
     params = build_sampling_params(
         body, limits, max_tokens=body.max_tokens, logprobs=body.logprobs, prompt_logprobs=prompt_logprobs
     )
     check_stream_compatible(body, params)
+    for prompt in prompts:  # the engine's rule, applied here so a refusal is a 400 before any header
+        check_request(prompt.token_ids, params, limits.request_limits, param)
     call = CompletionCall(state, body, prompts, params)
     return await run_call(state, raw_request, call, [p.token_ids for p in prompts], stream=body.stream)

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from bowline_runtime.engine.errors import RequestRejected
 from bowline_runtime.engine.outputs import CompletionOutput, RequestOutput
 from bowline_runtime.engine.sampling_params import SamplingParams
 
@@ -50,7 +51,7 @@ async def beam_search(
 ) -> AsyncIterator[RequestOutput]:
     width = max(params.best_of or 0, params.n)
     if width > MAX_BEAM_WIDTH:
-        raise ValueError(f"beam width (best_of/n) must be at most {MAX_BEAM_WIDTH}, got {width}")
+        raise RequestRejected(f"beam width (best_of/n) must be at most {MAX_BEAM_WIDTH}, got {width}", "best_of")
     eos = set(engine.eos_token_ids) | set(params.stop_token_ids)
     max_tokens = params.max_tokens or (engine.max_model_len - len(prompt_ids))
     step_params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=2 * width, ignore_eos=True)

@@ -20,6 +20,7 @@ class IncrementalDetokenizer:
         self.read_offset = 0
         self.text = ""  # all decoded text so far (after a stop: cut)
         self.emitted = 0  # how much of `text` may be shown
+        self.stopped = False  # a stop string matched: the text is final
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -45,12 +46,21 @@ class IncrementalDetokenizer:
             idx, stop = min(matches)
             self.text = self.text[: idx + len(stop)] if self.include_stop else self.text[:idx]
             self.emitted = len(self.text)
+            self.stopped = True
             return stop
         self.emitted = max(self.emitted, len(self.text) - self.holdback)
         return None
 
     def finish(self) -> None:
-        """No more tokens: everything decoded may be shown."""
+        """No more tokens: everything decoded may be shown, including the bytes of an incomplete
+        UTF-8 sequence held back in the hope that the next token completes it. They appear as
+        U+FFFD, exactly as `tokenizer.decode(token_ids)` shows them, so text = decode(ids).
+        After a stop string the text was cut on purpose and stays cut."""
+        if not self.stopped and self.read_offset < len(self.ids):
+            prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
+            new_text = self._decode(self.ids[self.prefix_offset :])
+            self.text += new_text[len(prefix_text) :]
+            self.prefix_offset = self.read_offset = len(self.ids)
         self.emitted = len(self.text)
 
     @property

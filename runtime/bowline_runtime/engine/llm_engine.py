@@ -18,8 +18,10 @@ from bowline_runtime.config import EngineConfig
 from bowline_runtime.devices import get_device
 from bowline_runtime.engine.block_manager import BlockManager
 from bowline_runtime.engine.detokenizer import IncrementalDetokenizer
+from bowline_runtime.engine.errors import RequestRejected
 from bowline_runtime.engine.model_runner import ModelRunner, StepPlan, prepare_step
 from bowline_runtime.engine.outputs import CompletionOutput, EngineStats, RequestOutput, TokenLogprob
+from bowline_runtime.engine.request_checks import RequestLimits, check_request
 from bowline_runtime.engine.sampler import Sampler, token_logprobs
 from bowline_runtime.engine.sampling_params import SamplingParams
 from bowline_runtime.engine.scheduler import Scheduler
@@ -62,6 +64,7 @@ class LLMEngine:
         self.tokenizer = loader.load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
         self.eos_token_ids = loader.eos_token_ids(config.model, hf_config, self.tokenizer)
         self.vocab_size = hf_config.vocab_size
+        self.request_limits = RequestLimits(self.vocab_size, self.max_model_len, config.max_logprobs)
         self.tp = TensorParallelGroup(config, self.device, self.dtype, hf_config)
         t0 = time.perf_counter()
         self.runner: ModelRunner = self.tp.start_driver()
@@ -135,29 +138,9 @@ class LLMEngine:
     # --- requests -----------------------------------------------------------------------------------
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> PreparedRequest:
-        """Refuse what cannot be served, with a message for the user (ValueError); precompute the rest."""
-        n_prompt = len(prompt_token_ids)
-        if n_prompt == 0:
-            raise ValueError("the prompt is empty: give at least one token")
-        bad_ids = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
-        if bad_ids:
-            raise ValueError(f"prompt token ids out of range [0, {self.vocab_size}): {bad_ids[:5]}")
-        if n_prompt >= self.max_model_len:
-            raise ValueError(
-                f"this model's maximum context length is {self.max_model_len} tokens, but the prompt has "
-                f"{n_prompt} tokens; shorten the prompt"
-            )
-        if params.max_tokens is not None and n_prompt + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"this model's maximum context length is {self.max_model_len} tokens, but {n_prompt} prompt "
-                f"tokens plus max_tokens {params.max_tokens} is {n_prompt + params.max_tokens}; "
-                "lower max_tokens or shorten the prompt"
-            )
-        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
-            raise ValueError(f"logprobs must be at most {self.config.max_logprobs}, got {params.logprobs}")
-        for token_id in list(params.stop_token_ids) + list((params.logit_bias or {}).keys()):
-            if not 0 <= token_id < self.vocab_size:
-                raise ValueError(f"token id {token_id} is outside the vocabulary [0, {self.vocab_size})")
+        """Refuse what cannot be served (RequestRejected, the same rule the API applies before any
+        header is sent); precompute the rest."""
+        check_request(prompt_token_ids, params, self.request_limits)
         bad_word_ids = [list(ids) for ids in params.bad_words_token_ids if ids]
         for word in params.bad_words:
             for variant in {word, " " + word.lstrip()}:
@@ -172,7 +155,7 @@ class LLMEngine:
         try:
             from bowline_runtime.guided import compile_constraint
         except ImportError as exc:
-            raise ValueError("guided decoding is not available in this build") from exc
+            raise RequestRejected("guided decoding is not available in this build", "guided_json") from exc
         return compile_constraint(params, self.tokenizer, self.vocab_size)
 
     def add_request(self, request_id: str, prepared: PreparedRequest, arrival_time: float | None = None) -> None:

@@ -5,6 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from bowline_runtime.engine.errors import RequestRejected
+
+# torch.Generator.manual_seed takes a 64-bit value; the engine adds a small per-candidate offset,
+# so the signed range leaves that headroom while still covering every seed OpenAI clients send.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
 
 @dataclass(slots=True)
 class GuidedDecodingParams:
@@ -32,7 +38,10 @@ class GuidedDecodingParams:
 
 @dataclass(slots=True)
 class SamplingParams:
-    """How to pick tokens and when to stop. Defaults are OpenAI's (temperature 1, top_p 1)."""
+    """How to pick tokens and when to stop. Defaults are OpenAI's (temperature 1, top_p 1).
+
+    The one owner of value ranges: each bad value raises RequestRejected naming its field.
+    """
 
     n: int = 1
     best_of: int | None = None
@@ -67,34 +76,36 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         if self.n < 1:
-            raise ValueError(f"n must be at least 1, got {self.n}")
+            raise RequestRejected(f"n must be at least 1, got {self.n}", "n")
         if self.best_of is not None and self.best_of < self.n:
-            raise ValueError(f"best_of must be >= n, got best_of={self.best_of} and n={self.n}")
+            raise RequestRejected(f"best_of must be >= n, got best_of={self.best_of} and n={self.n}", "best_of")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise RequestRejected(f"temperature must be >= 0, got {self.temperature}", "temperature")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise RequestRejected(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be -1 (off) or >= 0, got {self.top_k}")
+            raise RequestRejected(f"top_k must be -1 (off) or >= 0, got {self.top_k}", "top_k")
         if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise RequestRejected(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
         if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise RequestRejected(f"repetition_penalty must be > 0, got {self.repetition_penalty}", "repetition_penalty")
         if not -2 <= self.presence_penalty <= 2:
-            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+            raise RequestRejected(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}", "presence_penalty")
         if not -2 <= self.frequency_penalty <= 2:
-            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+            raise RequestRejected(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}", "frequency_penalty")
         if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+            raise RequestRejected(f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
         if self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+            raise RequestRejected(f"min_tokens must be >= 0, got {self.min_tokens}", "min_tokens")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+            raise RequestRejected(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})", "min_tokens")
         if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
-        if self.use_beam_search and (self.best_of or self.n) < 2 and self.n < 2:
-            # A beam of width 1 is greedy search; allow it but it is pointless. Width comes from best_of or n.
-            pass
+            raise RequestRejected(f"logprobs must be >= 0, got {self.logprobs}", "logprobs")
+        for token_id, bias in (self.logit_bias or {}).items():
+            if not -100 <= bias <= 100:
+                raise RequestRejected(f"logit_bias values must be in [-100, 100], got {bias} for {token_id}", "logit_bias")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise RequestRejected(f"seed must be a 64-bit integer ({SEED_MIN}..{SEED_MAX}), got {self.seed}", "seed")
 
     @property
     def greedy(self) -> bool:

@@ -17,6 +17,8 @@ import llguidance
 import llguidance.hf
 from llguidance import LLMatcher, LLTokenizer
 
+from bowline_runtime.engine.errors import RequestRejected
+
 _FIELD = {
     "json": "guided_json",
     "json_object": "response_format json_object",
@@ -45,7 +47,7 @@ def ll_tokenizer(tokenizer: Any, vocab_size: int) -> LLTokenizer:
         if cached is not None:
             return cached
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("guided decoding needs a fast (Rust) Hugging Face tokenizer; this model's is a slow one")
+        raise RequestRejected("guided decoding needs a fast (Rust) Hugging Face tokenizer; this model's is a slow one")
     n_vocab = max(vocab_size, len(tokenizer))
     built = llguidance.hf.from_tokenizer(tokenizer, n_vocab=n_vocab)
     with _lock:
@@ -71,10 +73,10 @@ def compile_matcher(grammar: str, llt: LLTokenizer, kind: str) -> LLMatcher:
     """A fresh matcher for `grammar`, or ValueError naming the request field and llguidance's reason."""
     is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, llt)
     if is_error:
-        raise ValueError(f"{field_name(kind)}: {_first_line_block(messages[0])}")
+        raise RequestRejected(f"{field_name(kind)}: {_first_line_block(messages[0])}", field_name(kind))
     matcher = LLMatcher(llt, grammar, log_level=0)
     if matcher.is_error():
-        raise ValueError(f"{field_name(kind)}: {_first_line_block(matcher.get_error())}")
+        raise RequestRejected(f"{field_name(kind)}: {_first_line_block(matcher.get_error())}", field_name(kind))
     return matcher
 
 

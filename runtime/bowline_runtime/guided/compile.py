@@ -9,6 +9,7 @@ from typing import Any
 
 from llguidance import LLMatcher
 
+from bowline_runtime.engine.errors import RequestRejected
 from bowline_runtime.engine.outputs import LogitsConstraint
 from bowline_runtime.engine.sampling_params import GuidedDecodingParams, SamplingParams
 from bowline_runtime.guided.backend import compile_matcher, ll_tokenizer, special_tokens, tokenizer_key
@@ -48,7 +49,7 @@ def compile_constraint(
     if budget is None:
         return grammar_factory
     if budget < 0:
-        raise ValueError(f"reasoning_max_tokens must be >= 0, got {budget}")
+        raise RequestRejected(f"reasoning_max_tokens must be >= 0, got {budget}", "reasoning_max_tokens")
     end_id = think_end_id(tokenizer)
     eos_ids = tuple(i for i in {tokenizer.eos_token_id, tokenizer.pad_token_id} if i is not None)
 
@@ -63,7 +64,7 @@ def think_end_id(tokenizer: Any) -> int:
     """`</think>` must be a single token: a budget can only force one token."""
     token_id = tokenizer.convert_tokens_to_ids(THINK_END)
     if token_id is None or token_id == tokenizer.unk_token_id or THINK_END not in special_tokens(tokenizer):
-        raise ValueError(f"reasoning_max_tokens: this model's tokenizer has no {THINK_END} token, so it has no reasoning section to bound")
+        raise RequestRejected(f"reasoning_max_tokens: this model's tokenizer has no {THINK_END} token, so it has no reasoning section to bound", "reasoning_max_tokens")
     return int(token_id)
 
 

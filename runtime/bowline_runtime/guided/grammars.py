@@ -15,6 +15,7 @@ from typing import Any
 from llguidance import LLMatcher
 from llguidance.gbnf_to_lark import any_to_lark
 
+from bowline_runtime.engine.errors import RequestRejected
 from bowline_runtime.engine.sampling_params import GuidedDecodingParams
 
 # JSON layout when whitespace is not free: json.dumps' default separators, as xgrammar's
@@ -34,10 +35,54 @@ def load_schema(schema: dict[str, Any] | str, field: str = "guided_json") -> dic
         try:
             schema = json.loads(schema)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{field}: the schema is not valid JSON ({exc})") from None
+            raise RequestRejected(f"{field}: the schema is not valid JSON ({exc})", field) from None
     if not isinstance(schema, dict):
-        raise ValueError(f"{field}: a JSON Schema must be a JSON object, got {type(schema).__name__}")
+        raise RequestRejected(f"{field}: a JSON Schema must be a JSON object, got {type(schema).__name__}", field)
+    reject_ref_cycles(schema, field)
     return schema
+
+
+def _resolve_pointer(root: dict[str, Any], ref: str) -> Any:
+    """The node a local `$ref` ("#/a/b") names, or None when it names nothing here."""
+    node: Any = root
+    for part in ref.removeprefix("#").split("/")[1:]:
+        part = part.replace("~1", "/").replace("~0", "~")
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _refs(node: Any) -> Iterable[tuple[dict[str, Any], str]]:
+    """Every (schema node, local $ref) pair anywhere in `node`."""
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#"):
+            yield node, ref
+        for value in node.values():
+            yield from _refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _refs(value)
+
+
+def reject_ref_cycles(schema: dict[str, Any], field: str) -> None:
+    """A `$ref` chain that comes back to itself without describing any value (`a` is `a`) admits
+    no JSON document; llguidance compiles it to a grammar whose only sentence is empty, and the
+    client would get an empty, non-JSON answer with a 200. Refuse it instead."""
+    for _, ref in _refs(schema):
+        chain = [ref]
+        target = _resolve_pointer(schema, ref)
+        while isinstance(target, dict) and isinstance(target.get("$ref"), str):
+            nxt = target["$ref"]
+            if nxt in chain:
+                raise RequestRejected(
+                    f"{field}: the $ref {ref!r} only refers to itself ({' -> '.join([*chain, nxt])}), so no JSON "
+                    "value matches the schema; give the definition a type or properties",
+                    field,
+                )
+            chain.append(nxt)
+            target = _resolve_pointer(schema, nxt)
 
 
 _SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
@@ -95,29 +140,29 @@ def json_schema_grammar(schema: dict[str, Any] | str, any_whitespace: bool, fiel
 
 def regex_grammar(regex: str) -> str:
     if not isinstance(regex, str) or not regex:
-        raise ValueError("guided_regex: must be a non-empty regular expression")
+        raise RequestRejected("guided_regex: must be a non-empty regular expression", "guided_regex")
     return LLMatcher.grammar_from_regex(regex)
 
 
 def choice_grammar(choices: Iterable[Any]) -> str:
     items = list(choices) if choices is not None else []
     if not items:
-        raise ValueError("guided_choice: needs at least one choice")
+        raise RequestRejected("guided_choice: needs at least one choice", "guided_choice")
     if not all(isinstance(c, str) for c in items):
-        raise ValueError("guided_choice: every choice must be a string")
+        raise RequestRejected("guided_choice: every choice must be a string", "guided_choice")
     if any(c == "" for c in items):
-        raise ValueError("guided_choice: choices must not be empty strings")
+        raise RequestRejected("guided_choice: choices must not be empty strings", "guided_choice")
     return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in items))
 
 
 def ebnf_grammar(grammar: str) -> str:
     """GBNF (llama.cpp's `root ::= ...`), EBNF in that style, or Lark (`start: ...`) are all accepted."""
     if not isinstance(grammar, str) or not grammar.strip():
-        raise ValueError("guided_grammar: must be a non-empty grammar")
+        raise RequestRejected("guided_grammar: must be a non-empty grammar", "guided_grammar")
     try:
         lark = any_to_lark(grammar)
     except Exception as exc:  # the converter raises bare Exceptions with useful text
-        raise ValueError(f"guided_grammar: cannot read the grammar as GBNF/EBNF or Lark ({exc})") from None
+        raise RequestRejected(f"guided_grammar: cannot read the grammar as GBNF/EBNF or Lark ({exc})", "guided_grammar") from None
     return LLMatcher.grammar_from_lark(lark)
 
 
@@ -128,26 +173,26 @@ def structural_tag_grammar(spec: dict[str, Any] | str, any_whitespace: bool, spe
         try:
             spec = json.loads(spec)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"structural_tag: not valid JSON ({exc})") from None
+            raise RequestRejected(f"structural_tag: not valid JSON ({exc})", "structural_tag") from None
     if not isinstance(spec, dict):
-        raise ValueError("structural_tag: must be a JSON object with `structures` and `triggers`")
+        raise RequestRejected("structural_tag: must be a JSON object with `structures` and `triggers`", "structural_tag")
     if "format" in spec and "structures" not in spec:
-        raise ValueError(
+        raise RequestRejected(
             "structural_tag: the nested `format` form is not supported; send "
             '{"type": "structural_tag", "structures": [{"begin", "schema", "end"}], "triggers": [...]}'
         )
     structures, triggers = spec.get("structures"), spec.get("triggers")
     if not isinstance(structures, list) or not structures:
-        raise ValueError("structural_tag: `structures` must be a non-empty list")
+        raise RequestRejected("structural_tag: `structures` must be a non-empty list", "structural_tag")
     if not isinstance(triggers, list) or not triggers or not all(isinstance(t, str) and t for t in triggers):
-        raise ValueError("structural_tag: `triggers` must be a non-empty list of non-empty strings")
+        raise RequestRejected("structural_tag: `triggers` must be a non-empty list of non-empty strings", "structural_tag")
     rules = []
     for i, s in enumerate(structures):
         if not isinstance(s, dict) or not isinstance(s.get("begin"), str) or not isinstance(s.get("end", ""), str):
-            raise ValueError(f"structural_tag: structures[{i}] needs string `begin` and `end`")
+            raise RequestRejected(f"structural_tag: structures[{i}] needs string `begin` and `end`", "structural_tag")
         trigger = next((t for t in triggers if s["begin"].startswith(t)), None)
         if trigger is None:
-            raise ValueError(f"structural_tag: structures[{i}].begin {s['begin']!r} starts with none of the triggers")
+            raise RequestRejected(f"structural_tag: structures[{i}].begin {s['begin']!r} starts with none of the triggers", "structural_tag")
         schema = with_json_options(load_schema(s.get("schema", {}), f"structural_tag.structures[{i}].schema"), any_whitespace)
         body = " ".join(
             part
@@ -188,7 +233,7 @@ def grammar_for(guided: GuidedDecodingParams, special_tokens: frozenset[str] = f
         return ebnf_grammar(guided.grammar)
     if kind == "structural_tag":
         return structural_tag_grammar(guided.structural_tag, guided.any_whitespace, special_tokens)
-    raise ValueError("guided decoding: no constraint given (set one of json, regex, choice, grammar, structural_tag)")
+    raise RequestRejected("guided decoding: no constraint given (set one of json, regex, choice, grammar, structural_tag)")
 
 
 def canonical_key(guided: GuidedDecodingParams) -> str:

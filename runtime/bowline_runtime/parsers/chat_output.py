@@ -15,6 +15,7 @@ from typing import Any
 from bowline_runtime.api.chat_output import ChatOutputProcessor, DeltaParts, MessageParts
 from bowline_runtime.api.protocol import DeltaFunctionCall, DeltaToolCall, FunctionCall, ToolCall
 from bowline_runtime.config import EngineConfig
+from bowline_runtime.engine.errors import RequestRejected
 from bowline_runtime.engine.sampling_params import GuidedDecodingParams, SamplingParams
 from bowline_runtime.guided.backend import special_tokens
 from bowline_runtime.parsers import get_reasoning_parser, get_tool_parser
@@ -53,7 +54,7 @@ def prepare_chat_params(
     choice = request.tool_choice
     if request.tools and (choice == "required" or not isinstance(choice, (str, type(None)))):
         if guided is not None:
-            raise ValueError(
+            raise RequestRejected(
                 "tool_choice: `required` or a named function already constrains the output; "
                 "it cannot be combined with guided_*, structured_outputs or response_format"
             )

@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from bowline_runtime.engine.errors import RequestRejected
 from bowline_runtime.parsers.reasoning_parsers import _held_prefix
 
 
@@ -198,7 +199,7 @@ class HermesToolParser:
 def _tool_function(tool: dict[str, Any]) -> dict[str, Any]:
     fn = tool.get("function", tool) if isinstance(tool, dict) else None
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-        raise ValueError("tools: every tool needs {'type': 'function', 'function': {'name': ...}}")
+        raise RequestRejected("tools: every tool needs {'type': 'function', 'function': {'name': ...}}", "tools")
     return fn
 
 
@@ -220,9 +221,9 @@ def tool_call_grammar(
     if only is not None:
         functions = [f for f in functions if f["name"] == only]
         if not functions:
-            raise ValueError(f"tool_choice: names function {only!r}, which is not in `tools`")
+            raise RequestRejected(f"tool_choice: names function {only!r}, which is not in `tools`", "tool_choice")
     if not functions:
-        raise ValueError("tool_choice: `required` needs at least one tool in `tools`")
+        raise RequestRejected("tool_choice: `required` needs at least one tool in `tools`", "tool_choice")
 
     def tag(text: str) -> str:
         return text if text in special_tokens else json.dumps(text)

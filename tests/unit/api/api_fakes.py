@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any
 
+from bowline_runtime.engine.errors import RequestRejected
 from bowline_runtime.engine.outputs import CompletionOutput, EngineStats, RequestOutput, TokenLogprob
 from bowline_runtime.engine.sampling_params import SamplingParams
 
@@ -56,7 +57,7 @@ class FakeEngine:
     async def generate(self, prompt_token_ids, params: SamplingParams, request_id=None, arrival_time=None):
         self.calls.append((list(prompt_token_ids), params))
         if params.guided is not None and params.guided.regex == "(":
-            raise ValueError("guided_regex does not compile: missing )")
+            raise RequestRejected("guided_regex does not compile: missing )", "guided_regex")
         limit = params.max_tokens or 6
         outs = [CompletionOutput(index=i, logprobs=[] if params.logprobs is not None else None) for i in range(params.num_candidates)]
         finished = False

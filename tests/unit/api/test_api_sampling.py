@@ -4,9 +4,11 @@ and what cannot be honoured is refused with the field named."""
 from __future__ import annotations
 
 import pytest
-from bowline_runtime.api.errors import APIError
+from bowline_runtime.api.errors import APIError, to_api_error
 from bowline_runtime.api.protocol import ChatCompletionRequest, CompletionRequest
 from bowline_runtime.api.sampling import ServerLimits, build_sampling_params, check_stream_compatible
+from bowline_runtime.engine.errors import RequestRejected
+from bowline_runtime.engine.request_checks import check_request
 
 LIMITS = ServerLimits(vocab_size=2048, max_model_len=256, enable_logprob=True)
 
@@ -22,12 +24,15 @@ def params_of(req, **kw):
 
 
 def refused(req, param: str | None = None) -> APIError:
-    with pytest.raises(APIError) as info:
-        params_of(req)
-    assert info.value.status_code == 400
+    """Refused by the API's conversion, SamplingParams' ranges or the engine-side check, whichever
+    owns the rule, and answered as a 400 naming the field."""
+    with pytest.raises((APIError, RequestRejected)) as info:
+        check_request([1, 2], params_of(req), LIMITS.request_limits)
+    error = to_api_error(info.value)
+    assert error.status_code == 400
     if param is not None:
-        assert info.value.param == param
-    return info.value
+        assert error.param == param
+    return error
 
 
 def test_openai_defaults_are_kept():
@@ -132,6 +137,8 @@ def test_logprobs_need_the_enable_logprob_flag():
     with pytest.raises(APIError) as info:
         check_logprobs(0, off, "logprobs")
     assert "--enable-logprob" in info.value.message
-    with pytest.raises(APIError):
-        check_logprobs(21, LIMITS, "logprobs")
-    check_logprobs(20, LIMITS, "logprobs")
+    check_logprobs(21, LIMITS, "logprobs")  # the ceiling is the engine's rule, checked below
+    with pytest.raises(RequestRejected) as rejected:
+        check_request([1], build_sampling_params(chat(), LIMITS, max_tokens=None, logprobs=21), LIMITS.request_limits)
+    assert rejected.value.param == "logprobs"
+    check_request([1], build_sampling_params(chat(), LIMITS, max_tokens=None, logprobs=20), LIMITS.request_limits)

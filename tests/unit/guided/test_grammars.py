@@ -60,3 +60,25 @@ def test_same_schema_as_string_or_object_shares_a_cache_key():
 def test_malformed_specs_are_refused_with_the_field_named(guided, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         grammar_for(guided)
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"$ref": "#/definitions/a", "definitions": {"a": {"$ref": "#/definitions/a"}}},
+        {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}},
+        json.dumps({"type": "object", "properties": {"x": {"$ref": "#/$defs/x"}}, "$defs": {"x": {"$ref": "#/$defs/x"}}}),
+    ],
+)
+def test_a_ref_that_only_refers_to_itself_is_refused(schema):
+    """Issue 17, defect 6: such a schema admits no JSON value; compiled, it produced an empty 200."""
+    from bowline_runtime.engine.errors import RequestRejected
+
+    with pytest.raises(RequestRejected) as info:
+        grammar_for(GuidedDecodingParams(json=schema))
+    assert info.value.param == "guided_json" and "refers to itself" in info.value.message
+
+
+def test_a_recursive_schema_that_describes_values_is_kept():
+    tree = {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#"}}}}
+    assert grammar_for(GuidedDecodingParams(json=tree))

@@ -160,3 +160,24 @@ def test_special_tokens_are_skipped_unless_asked(tokenizer):
     feed(det, ids)
     det.finish()
     assert det.visible_text == "hi" + tokenizer.eos_token
+
+
+def test_finish_flushes_an_incomplete_utf8_tail_so_text_equals_decode(tokenizer):
+    """Issue 17, defect 8: a generation that ends inside a multi-byte character must not drop the
+    held-back bytes; they show as U+FFFD, exactly as decode(ids) shows them."""
+    ids = tokenizer.encode("ok 🚀", add_special_tokens=False)
+    assert tokenizer.decode(ids[:-1]).endswith("\ufffd")  # the last token completes the emoji
+    det = IncrementalDetokenizer(tokenizer, stop=[], include_stop=False)
+    feed(det, ids[:-1])
+    assert not det.visible_text.endswith("\ufffd")  # still held back while more tokens may come
+    det.finish()
+    assert det.visible_text == tokenizer.decode(ids[:-1])
+
+
+def test_finish_after_a_stop_string_keeps_the_cut(tokenizer):
+    ids = tokenizer.encode("abc STOP 🚀", add_special_tokens=False)
+    det = IncrementalDetokenizer(tokenizer, stop=["STOP"], include_stop=False)
+    stop, _ = feed(det, ids[:-1])
+    assert stop == "STOP"
+    det.finish()
+    assert det.visible_text == "abc "
