@@ -9,6 +9,7 @@ reason (`tool_calls`). The chat route never looks inside the text itself.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,12 +65,32 @@ class ChatOutputProcessor:
         return engine_reason
 
 
+# The format a forced tool call is written in when the server runs without --tool-call-parser.
+DEFAULT_FORCED_TOOL_FORMAT = "hermes"
+
+
+def _forces_tool_call(request: ChatCompletionRequest) -> bool:
+    return bool(request.tools) and (request.tool_choice == "required" or not isinstance(request.tool_choice, (str, type(None))))
+
+
+def with_tool_format(request: ChatCompletionRequest, config: EngineConfig) -> EngineConfig:
+    """As vLLM does, tool_choice "required" or a named function needs no --tool-call-parser: the
+    output is forced through structured outputs (a guided grammar), so its format is known in
+    advance. Without a configured parser it is Hermes' `<tool_call>{json}</tool_call>`, which the
+    Hermes parser then reads back into `tool_calls`."""
+    if config.tool_call_parser or not _forces_tool_call(request):
+        return config
+    return dataclasses.replace(config, tool_call_parser=DEFAULT_FORCED_TOOL_FORMAT)
+
+
 def check_tool_choice(request: ChatCompletionRequest, config: EngineConfig) -> None:
     """Tools go into the chat template either way; acting on tool calls needs a parser.
 
-    As in vLLM: with `tools`, a tool_choice of "auto" (the default), "required" or a named
-    function needs `--tool-call-parser`; "none" only shows the tools to the model.
+    As in vLLM: with `tools`, a tool_choice of "auto" (the default) needs `--tool-call-parser`;
+    "required" and a named function are served through a guided grammar (see with_tool_format);
+    "none" only shows the tools to the model.
     """
+    config = with_tool_format(request, config)
     if not request.tools:
         if request.tool_choice not in (None, "none"):
             raise bad_request("tool_choice needs tools", "tool_choice")
@@ -93,6 +114,7 @@ def prepare_params(
     """The request's SamplingParams adjusted by the parsers (bowline_runtime.parsers): tool_choice
     required/named becomes a guided grammar, special tokens stay in the text for the parsers, the
     reasoning budget is fitted to the prompt. Without parsers, unchanged."""
+    config = with_tool_format(request, config)
     check_tool_choice(request, config)
     if not (config.tool_call_parser or config.reasoning_parser):
         return params
@@ -110,6 +132,7 @@ def make_output_processor(
     ChatOutputProcessor chosen by `config.tool_call_parser` / `config.reasoning_parser`.
     `prompt_ids` lets a reasoning parser see whether the prompt opened a `<think>` block.
     """
+    config = with_tool_format(request, config)
     check_tool_choice(request, config)
     if config.tool_call_parser or config.reasoning_parser:
         from bowline_runtime.parsers import make_chat_output_processor

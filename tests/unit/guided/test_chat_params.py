@@ -51,3 +51,30 @@ def test_budget_follows_the_prompt(tokenizer):
     guided = SamplingParams(guided=GuidedDecodingParams(regex="a"))
     assert prepare_chat_params(request(), guided, opened, tokenizer, CONFIG).reasoning_max_tokens == UNBOUNDED_REASONING
     assert prepare_chat_params(request(), SamplingParams(reasoning_max_tokens=5), opened, tokenizer, CONFIG).reasoning_max_tokens == 5
+
+
+NO_PARSER = EngineConfig(model="m")
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "add"}}])
+def test_forced_tool_choice_needs_no_parser_and_reads_back_as_tool_calls(tokenizer, choice):
+    """Issue 17, defect 9: as in vLLM, required/named are served through a guided grammar in the
+    default Hermes format when the server runs without --tool-call-parser."""
+    from bowline_runtime.api.chat_output import make_output_processor, prepare_params
+
+    req = request(tools=[TOOL], tool_choice=choice)
+    params = prepare_params(req, SamplingParams(), ids(tokenizer, "x"), tokenizer, NO_PARSER)
+    assert params.guided is not None and "<tool_call>" in params.guided.grammar
+    proc = make_output_processor(req, tokenizer, NO_PARSER)
+    text = '<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>'
+    parts = proc.final(text, ids(tokenizer, text))
+    assert [(c.function.name, c.function.arguments) for c in parts.tool_calls] == [("add", '{"a": 1}')]
+    assert proc.finish_reason("stop") == "tool_calls"
+
+
+def test_auto_tool_choice_still_needs_a_parser(tokenizer):
+    from bowline_runtime.api.chat_output import prepare_params
+    from bowline_runtime.api.errors import APIError
+
+    with pytest.raises(APIError, match="--tool-call-parser"):
+        prepare_params(request(tools=[TOOL], tool_choice="auto"), SamplingParams(), ids(tokenizer, "x"), tokenizer, NO_PARSER)
