@@ -22,14 +22,47 @@ STAGING_HEADROOM = 64
 
 
 @dataclass(slots=True)
+class DecodeGroupInput:
+    """A run of single-token decodes attended together (see group_by_length), device-neutral."""
+
+    start: int  # first packed row of the run (decodes sit at the front of the packed batch)
+    end: int  # one past its last row
+    block_tables: torch.Tensor  # [end - start, max blocks] each sequence's blocks, padded with block 0
+    context_lens: list[int]  # each sequence's context length including this step's token
+    seq_ids: list[int]  # which sequences, so the runner can reuse last step's staged contexts
+
+
+@dataclass(slots=True)
+class PrefillInput:
+    """One sequence's chunk of prompt tokens in this step."""
+
+    q_start: int  # first packed row of the chunk
+    q_end: int  # one past its last row
+    context_len: int  # tokens attended: cached ones plus this chunk
+    context_slots: torch.Tensor | None  # KV-cache slots of all context_len positions; None: nothing cached yet
+
+
+@dataclass(slots=True)
 class StepInput:
+    """One step's packed batch: the same object is broadcast to every tensor-parallel rank."""
+
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     slot_mapping: torch.Tensor  # [T]
     num_decodes: int
-    decode_groups: list[tuple[int, int, torch.Tensor, list[int], list[int]]]  # (start, end, tables, lens, seq ids)
-    prefills: list[tuple[int, int, int, torch.Tensor | None]]  # (q_start, q_end, context_len, context slots)
+    decode_groups: list[DecodeGroupInput]
+    prefills: list[PrefillInput]
     keep: torch.Tensor  # [K] packed positions whose logits are needed
+
+
+@dataclass(slots=True)
+class _StagedContext:
+    """A decode group's gathered context, kept for the next step when the same sequences grow by one."""
+
+    seq_ids: tuple[int, ...]  # the group's sequences, in order
+    context_lens: list[int]  # their lengths at the step that staged it
+    capacity: int  # tokens the staged buffers hold
+    store: dict  # the per-layer buffers (models.attention fills them)
 
 
 @dataclass(slots=True)
@@ -77,7 +110,7 @@ def prepare_step(batch: ScheduledBatch, block_size: int, group_decodes: bool = T
     keep: list[int] = []
     sample_rows: list[int] = []
     prompt_rows: list[tuple[int, int, int] | None] = []
-    prefills: list[tuple[int, int, int, torch.Tensor | None]] = []
+    prefills: list[PrefillInput] = []
     decode_tables: list[list[int]] = []
     decode_lens: list[int] = []
     decode_ids: list[int] = []
@@ -97,7 +130,7 @@ def prepare_step(batch: ScheduledBatch, block_size: int, group_decodes: bool = T
             decode_ids.append(seq.seq_id)
         else:
             context = None if start == 0 else _slots(seq.block_table, 0, end, block_size)
-            prefills.append((cursor, cursor + n, end, context))
+            prefills.append(PrefillInput(cursor, cursor + n, end, context))
         wants_prompt = seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1
         if wants_prompt:
             count = min(end, seq.num_prompt_tokens - 1) - start
@@ -112,13 +145,13 @@ def prepare_step(batch: ScheduledBatch, block_size: int, group_decodes: bool = T
             sample_rows.append(-1)
         cursor += n
 
-    decode_groups = []
+    decode_groups: list[DecodeGroupInput] = []
     sizes = [len(t) for t in decode_tables]
     runs = group_by_length(sizes) if group_decodes else ([(0, len(sizes))] if sizes else [])
     for a, b in runs:
         width = max(len(t) for t in decode_tables[a:b])
         tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables[a:b]], dtype=torch.long)
-        decode_groups.append((a, b, tables, decode_lens[a:b], decode_ids[a:b]))
+        decode_groups.append(DecodeGroupInput(a, b, tables, decode_lens[a:b], decode_ids[a:b]))
     step = StepInput(
         input_ids=torch.tensor(ids, dtype=torch.long),
         positions=torch.tensor(positions, dtype=torch.long),
@@ -155,7 +188,7 @@ class ModelRunner:
         self.num_layers = config.num_hidden_layers
         self.head_dim = head_dim(config)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._staged: dict[int, tuple[tuple[int, ...], list[int], int, dict]] = {}
+        self._staged: dict[int, _StagedContext] = {}  # by decode-group index
 
     def kv_bytes_per_token(self, num_kv_heads_local: int) -> int:
         return 2 * self.num_layers * num_kv_heads_local * self.head_dim * torch.finfo(self.dtype).bits // 8
@@ -173,21 +206,23 @@ class ModelRunner:
         """Attention groups for this step, reusing last step's staged contexts where the same
         sequences simply grew by one token (see models.attention.DecodeGroup)."""
         groups: list[DecodeGroup] = []
-        staged: dict[int, tuple[tuple[int, ...], list[int], int, dict]] = {}
-        for index, (start, end, tables, lens, seq_ids) in enumerate(step.decode_groups):
-            ids, longest = tuple(seq_ids), max(lens)
+        staged: dict[int, _StagedContext] = {}
+        for index, group in enumerate(step.decode_groups):
+            start, end, tables, lens = group.start, group.end, group.block_tables, group.context_lens
+            ids, longest = tuple(group.seq_ids), max(lens)
             prev = self._staged.get(index)
             reuse = (
-                prev is not None and prev[0] == ids and longest <= prev[2]
-                and all(now == before + 1 for now, before in zip(lens, prev[1], strict=True))
+                prev is not None and prev.seq_ids == ids and longest <= prev.capacity
+                and all(now == before + 1 for now, before in zip(lens, prev.context_lens, strict=True))
             )
             if reuse:
-                capacity, store = prev[2], prev[3]
+                assert prev is not None
+                capacity, store = prev.capacity, prev.store
             else:
                 headroom = STAGING_HEADROOM if self.stage_decode_context else 0
                 capacity, store = -(-(longest + headroom) // self.block_size) * self.block_size, {}
             if self.stage_decode_context:
-                staged[index] = (ids, lens, capacity, store)
+                staged[index] = _StagedContext(ids, lens, capacity, store)
             lens_t = torch.tensor(lens)
             mask = None
             if self.decode_kernel is None:
@@ -209,7 +244,8 @@ class ModelRunner:
             decode_groups=groups,
             block_size=self.block_size,
             prefills=[
-                PrefillSpan(a, b, ctx, None if slots is None else slots.to(dev)) for a, b, ctx, slots in step.prefills
+                PrefillSpan(p.q_start, p.q_end, p.context_len, None if p.context_slots is None else p.context_slots.to(dev))
+                for p in step.prefills
             ],
             kv_caches=self.kv_caches,
             decode_kernel=self.decode_kernel,

@@ -18,6 +18,8 @@ keeps transformers' forward, which the paged attention also serves.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -95,6 +97,18 @@ def fuse_projections(model: nn.Module) -> None:
             del mlp.gate_proj, mlp.up_proj
 
 
+@dataclass(slots=True)
+class PackedLayer:
+    """One decoder layer as the lean forward reads it."""
+
+    attn: nn.Module  # the attention block (fused qkv_proj where fuse_projections could)
+    mlp: nn.Module  # the MLP (fused gate_up_proj where it could)
+    input_norm: tuple[torch.Tensor, float]  # RMSNorm (weight, eps) before attention
+    post_norm: tuple[torch.Tensor, float]  # RMSNorm (weight, eps) before the MLP
+    q_norm: nn.Module | None  # Qwen3 normalises each head's query and key before the rotary embedding
+    k_norm: nn.Module | None
+
+
 class PackedDecoder:
     """Callable (input_ids [T], positions [T], keep [K], attention metadata) -> logits [K, vocab]."""
 
@@ -110,14 +124,13 @@ class PackedDecoder:
         self.final_norm = (base.norm.weight, _eps(base.norm))
         self.head_dim = head_dim(model.config)
         self.layers = [
-            (
-                layer.self_attn,
-                layer.mlp,
-                (layer.input_layernorm.weight, _eps(layer.input_layernorm)),
-                (layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm)),
-                # Qwen3 normalises each head's query and key before the rotary embedding.
-                getattr(layer.self_attn, "q_norm", None),
-                getattr(layer.self_attn, "k_norm", None),
+            PackedLayer(
+                attn=layer.self_attn,
+                mlp=layer.mlp,
+                input_norm=(layer.input_layernorm.weight, _eps(layer.input_layernorm)),
+                post_norm=(layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm)),
+                q_norm=getattr(layer.self_attn, "q_norm", None),
+                k_norm=getattr(layer.self_attn, "k_norm", None),
             )
             for layer in base.layers
         ]
@@ -132,7 +145,10 @@ class PackedDecoder:
         cos, sin = cos[0], sin[0]
         residual = hidden  # the stream; each add_rms_norm adds a block's output to it in place
         out = None  # the previous block's output, not yet added to the stream
-        for attn, mlp, in_norm, post_norm, q_norm, k_norm in self.layers:
+        for layer in self.layers:
+            attn, mlp, in_norm, post_norm, q_norm, k_norm = (
+                layer.attn, layer.mlp, layer.input_norm, layer.post_norm, layer.q_norm, layer.k_norm
+            )
             x = ops.rms_norm(hidden, *in_norm) if out is None else ops.add_rms_norm(out, residual, *in_norm)
             q, k, v = _qkv(attn, x)
             q, k, v = q.view(num_tokens, -1, d), k.view(num_tokens, -1, d), v.view(num_tokens, -1, d)

@@ -45,18 +45,18 @@ def test_slot_mapping_follows_the_block_tables(plan):
 def test_decode_blocks_and_lengths(plan):
     step = plan.step
     assert step.num_decodes == 1
-    [(start, end, tables, lens, seq_ids)] = step.decode_groups
-    assert (start, end) == (0, 1)
-    assert tables.tolist() == [[7, 2]]
-    assert lens == [6]
-    assert seq_ids == [0]  # the decode sequence's id: staged contexts are matched by sequence
+    [group] = step.decode_groups
+    assert (group.start, group.end) == (0, 1)
+    assert group.block_tables.tolist() == [[7, 2]]
+    assert group.context_lens == [6]
+    assert group.seq_ids == [0]  # the decode sequence's id: staged contexts are matched by sequence
 
 
 def test_prefill_spans(plan):
-    (q0, q1, ctx, slots), (r0, r1, ctx2, slots2) = plan.step.prefills
-    assert (q0, q1, ctx, slots) == (1, 6, 5, None)  # a fresh prompt needs no cached context
-    assert (r0, r1, ctx2) == (6, 9, 7)
-    assert slots2.tolist() == [0, 1, 2, 3, 4, 5, 6]  # all 7 context positions: 4 cached + 3 new
+    fresh, chunk = plan.step.prefills
+    assert (fresh.q_start, fresh.q_end, fresh.context_len, fresh.context_slots) == (1, 6, 5, None)  # nothing cached
+    assert (chunk.q_start, chunk.q_end, chunk.context_len) == (6, 9, 7)
+    assert chunk.context_slots.tolist() == [0, 1, 2, 3, 4, 5, 6]  # all 7 context positions: 4 cached + 3 new
 
 
 def test_kept_rows_only_where_a_token_is_sampled(plan):
@@ -71,11 +71,11 @@ def test_decode_tables_are_cut_to_the_context_and_padded():
     short = make_seq(1, [1, 2], 1, 1, [8])
     batch = ScheduledBatch([long, short], [1, 1], num_decodes=2)
     step = prepare_step(batch, BS).step
-    [(start, end, tables, lens, seq_ids)] = step.decode_groups  # similar lengths: one group
-    assert (start, end) == (0, 2)
-    assert tables.tolist() == [[4, 5, 6], [8, 0, 0]]
-    assert lens == [9, 2]
-    assert seq_ids == [long.seq_id, short.seq_id]  # staged contexts are matched by sequence
+    [group] = step.decode_groups  # similar lengths: one group
+    assert (group.start, group.end) == (0, 2)
+    assert group.block_tables.tolist() == [[4, 5, 6], [8, 0, 0]]
+    assert group.context_lens == [9, 2]
+    assert group.seq_ids == [long.seq_id, short.seq_id]  # staged contexts are matched by sequence
     assert step.slot_mapping.tolist() == [6 * 4 + 0, 8 * 4 + 1]
     assert step.prefills == []
     assert step.keep.tolist() == [0, 1]
@@ -90,12 +90,12 @@ def test_decodes_of_spread_lengths_split_into_runs_unless_a_kernel_reads_them_wh
     ]
     batch = ScheduledBatch(seqs, [1, 1, 1, 1], num_decodes=4)
     runs = prepare_step(batch, BS).step.decode_groups
-    assert [(a, b) for a, b, *_ in runs] == [(0, 2), (2, 4)]
-    [(start, end, tables, lens, seq_ids)] = prepare_step(batch, BS, group_decodes=False).step.decode_groups
-    assert (start, end) == (0, 4)
-    assert tables.shape == (4, 60) and tables[0].tolist() == [0, 1] + [0] * 58
-    assert lens == [8, 12, 160, 240]
-    assert seq_ids == [0, 1, 2, 3]
+    assert [(g.start, g.end) for g in runs] == [(0, 2), (2, 4)]
+    [group] = prepare_step(batch, BS, group_decodes=False).step.decode_groups
+    assert (group.start, group.end) == (0, 4)
+    assert group.block_tables.shape == (4, 60) and group.block_tables[0].tolist() == [0, 1] + [0] * 58
+    assert group.context_lens == [8, 12, 160, 240]
+    assert group.seq_ids == [0, 1, 2, 3]
     assert prepare_step(ScheduledBatch(seqs[:1], [1], num_decodes=0), BS, group_decodes=False).step.decode_groups == []
 
 
