@@ -118,7 +118,7 @@ def prepare_params(
     check_tool_choice(request, config)
     if not (config.tool_call_parser or config.reasoning_parser):
         return params
-    from bowline_runtime.parsers import prepare_chat_params
+    from bowline_runtime.api.parsed_output import prepare_chat_params  # subclasses this module's processor
 
     return prepare_chat_params(request, params, prompt_ids, tokenizer, config)
 
@@ -135,7 +135,7 @@ def make_output_processor(
     config = with_tool_format(request, config)
     check_tool_choice(request, config)
     if config.tool_call_parser or config.reasoning_parser:
-        from bowline_runtime.parsers import make_chat_output_processor
+        from bowline_runtime.api.parsed_output import make_chat_output_processor
 
         return make_chat_output_processor(request, tokenizer, config, prompt_ids)
     return ChatOutputProcessor(request, tokenizer, config)

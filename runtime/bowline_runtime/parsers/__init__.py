@@ -1,4 +1,9 @@
-"""Output parsers chosen by name at server start: `--tool-call-parser` and `--reasoning-parser`."""
+"""Output parsers chosen by name at server start: `--tool-call-parser` and `--reasoning-parser`.
+
+Parsers turn generated text into their own dataclasses (ToolCall, ToolCallDelta, reasoning
+pieces) and import nothing from the API layer; api/parsed_output.py turns those into the
+protocol's message fields.
+"""
 
 from __future__ import annotations
 
@@ -35,23 +40,8 @@ __all__ = [
     "ThinkReasoningParser",
     "ToolCall",
     "get_reasoning_parser",
-    "make_chat_output_processor",
-    "prepare_chat_params",
     "get_tool_parser",
     "prompt_opens_reasoning",
     "tool_call_grammar",
 ]
 
-
-def make_chat_output_processor(request, tokenizer, config, prompt_ids=None):
-    """See parsers.chat_output (imported lazily: it needs the API layer, the parsers do not)."""
-    from bowline_runtime.parsers.chat_output import make_chat_output_processor as make
-
-    return make(request, tokenizer, config, prompt_ids)
-
-
-def prepare_chat_params(request, params, prompt_ids, tokenizer, config):
-    """See parsers.chat_output.prepare_chat_params."""
-    from bowline_runtime.parsers.chat_output import prepare_chat_params as prepare
-
-    return prepare(request, params, prompt_ids, tokenizer, config)

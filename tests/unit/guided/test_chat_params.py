@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from bowline_runtime.api.parsed_output import UNBOUNDED_REASONING, prepare_chat_params, reasoning_state
 from bowline_runtime.api.protocol import ChatCompletionRequest
 from bowline_runtime.config import EngineConfig
 from bowline_runtime.engine.sampling_params import GuidedDecodingParams, SamplingParams
-from bowline_runtime.parsers.chat_output import UNBOUNDED_REASONING, prepare_chat_params, reasoning_state
 
 TOOL = {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}}
 CONFIG = EngineConfig(model="m", tool_call_parser="hermes", reasoning_parser="qwen3")
