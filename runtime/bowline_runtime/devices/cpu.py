@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 
@@ -25,6 +26,26 @@ def _onednn_linear_available() -> bool:
     if not switch_on(PACKED_LINEAR_ENV):
         return False
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+@functools.cache
+def onednn_packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's packed Linear works for `dtype` on this CPU, found by packing a tiny weight once.
+
+    Why a probe and not a flag table: oneDNN's bfloat16 reorder needs avx_ne_convert or AVX-512
+    (bw, vl, dq); on an AVX2-only EPYC Zen 3 it raises `mkldnn_reorder_linear_weight: bf16 path needs
+    the cpu support ...` at start-up. Which features a torch build asks for changes between versions;
+    trying it costs well under a millisecond and is exactly the question.
+    """
+    if not _onednn_linear_available():
+        return False
+    try:
+        weight = torch.zeros(8, 8, dtype=dtype)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_BATCH_HINT)
+        torch.ops.mkldnn._linear_pointwise(torch.zeros(1, 8, dtype=dtype), packed, None, "none", [], "")
+    except RuntimeError:
+        return False
+    return True
 
 
 class OneDnnLinear(torch.nn.Module):
@@ -121,15 +142,15 @@ class CpuDevice(Device):
 
     def optimize_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Pack every Linear once: float32 for Bowline's own product where it builds (KernelLinear), else
-        float32/bfloat16 for oneDNN (where this torch build has it)."""
+        float32/bfloat16 for oneDNN where this torch build and CPU pack that dtype (see onednn_packs),
+        else plain nn.Linear (bfloat16 on an AVX2-only CPU)."""
         own_kernel = switch_on(PACKED_LINEAR_ENV) and kernels.gemm_available()
-        onednn = _onednn_linear_available()
         for module in list(model.modules()):
             for child_name, child in list(module.named_children()):
                 if type(child) is not torch.nn.Linear:
                     continue
                 if own_kernel and child.weight.dtype == torch.float32:
                     setattr(module, child_name, KernelLinear(child))
-                elif onednn and child.weight.dtype in (torch.float32, torch.bfloat16):
+                elif child.weight.dtype in (torch.float32, torch.bfloat16) and onednn_packs(child.weight.dtype):
                     setattr(module, child_name, OneDnnLinear(child))
         return model

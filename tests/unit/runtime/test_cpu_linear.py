@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bowline_runtime.devices.cpu import CpuDevice, KernelLinear, OneDnnLinear
+from bowline_runtime.devices import cpu as cpu_device
+from bowline_runtime.devices.cpu import CpuDevice, KernelLinear, OneDnnLinear, onednn_packs
 from bowline_runtime.kernels import cpu as kernels
 
 needs_kernel = pytest.mark.skipif(
@@ -49,10 +50,17 @@ def test_cpu_device_swaps_float32_linears_for_the_kernel_and_keeps_their_output(
         torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
 
 
+needs_onednn_bf16 = pytest.mark.skipif(
+    not onednn_packs(torch.bfloat16),
+    reason="oneDNN packs bfloat16 only with avx_ne_convert or AVX-512 (bw, vl, dq); this CPU has neither",
+)
+
+
 def test_bfloat16_and_switched_off_kernels_keep_onednn(monkeypatch):
+    # Where oneDNN packs bfloat16 (AVX-512 or avx_ne_convert) the Linear is packed; elsewhere it stays plain.
     bf16 = torch.nn.Sequential(torch.nn.Linear(32, 32).to(torch.bfloat16))
     CpuDevice().optimize_model(bf16)
-    assert isinstance(bf16[0], OneDnnLinear)
+    assert type(bf16[0]) is (OneDnnLinear if onednn_packs(torch.bfloat16) else torch.nn.Linear)
     monkeypatch.setenv(kernels.KERNELS_ENV, "0")
     kernels.load.cache_clear()
     try:
@@ -61,3 +69,42 @@ def test_bfloat16_and_switched_off_kernels_keep_onednn(monkeypatch):
         assert isinstance(plain[0], OneDnnLinear)
     finally:
         kernels.load.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_linears_stay_plain_where_onednn_cannot_pack_them_and_still_compute(monkeypatch, dtype):
+    # Forces the AVX2-only outcome everywhere: the probe says no, so the Linear must stay torch's own.
+    monkeypatch.setattr(cpu_device, "onednn_packs", lambda _dtype: False)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48).to(dtype))
+    x = torch.randn(3, 32, dtype=dtype)
+    with torch.inference_mode():
+        expected = model(x)
+        CpuDevice().optimize_model(model)
+        assert type(model[0]) is torch.nn.Linear
+        torch.testing.assert_close(model(x), expected)
+
+
+@needs_onednn_bf16
+def test_bfloat16_is_packed_for_onednn_where_the_cpu_supports_it():
+    bf16 = torch.nn.Sequential(torch.nn.Linear(32, 32).to(torch.bfloat16))
+    CpuDevice().optimize_model(bf16)
+    assert isinstance(bf16[0], OneDnnLinear)
+
+
+def test_onednn_probe_answers_for_every_dtype_without_raising():
+    assert onednn_packs(torch.float32) == cpu_device._onednn_linear_available()
+    for dtype in (torch.bfloat16, torch.float16):
+        assert isinstance(onednn_packs(dtype), bool)
+    if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16") and cpu_device._onednn_linear_available():
+        assert onednn_packs(torch.bfloat16)
+
+
+def test_bfloat16_linears_keep_their_output_through_optimize_model():
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 40).to(torch.bfloat16))
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        expected = model(x).float()
+        CpuDevice().optimize_model(model)
+        torch.testing.assert_close(model(x).float(), expected, rtol=2e-2, atol=2e-2)
