@@ -49,8 +49,9 @@ unit: install
 integration: install
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
-lint: install ## ruff over the Python code
+lint: install ## ruff over the Python code, mypy over the runtime and operator (mypy.ini)
 	$(BIN)/ruff check runtime operator tests bench hack
+	$(BIN)/mypy
 
 # Benchmarks (never part of `make test`). `make bench`: the default set (Bowline and sequential generate(),
 # short workload, c=1 and 16); BENCH_VLLM=1 adds vLLM's CPU backend from .venv-vllm. BENCH_ARGS passes flags on.

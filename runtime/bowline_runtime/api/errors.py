@@ -132,20 +132,24 @@ def to_api_error(exc: BaseException, request_id: str | None = None) -> APIError:
     return internal_error(exc, request_id)
 
 
-async def _on_api_error(_: Request, exc: APIError) -> JSONResponse:
+# Starlette types every handler as (Request, Exception); each narrows to the class it is registered for.
+async def _on_api_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
     return exc.response()
 
 
-async def _on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+async def _on_validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
     message, param = describe_validation_errors(exc.errors())
     return APIError(message, 400, param=param).response()
 
 
-async def _on_rejected(_: Request, exc: RequestRejected) -> JSONResponse:
+async def _on_rejected(_: Request, exc: Exception) -> JSONResponse:
     return to_api_error(exc).response()
 
 
-async def _on_http_exception(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _on_http_exception(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
     detail = exc.detail if isinstance(exc.detail, str) else "request failed"
     return APIError(detail, exc.status_code, headers=getattr(exc, "headers", None)).response()
 

@@ -89,5 +89,5 @@ async def detokenize(body: DetokenizeRequest, raw_request: Request) -> Detokeniz
     engine = state.require_engine()
     state.check_model(body.model)
     if body.tokens:
-        check_token_ids(body.tokens, state.limits.vocab_size, "tokens")  # before decode: no OverflowError
+        check_token_ids(body.tokens, engine.vocab_size, "tokens")  # before decode: no OverflowError
     return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from fastapi import Request
 
 from bowline_runtime.api.admission import Admission
+from bowline_runtime.api.engine_client import EngineClient
 from bowline_runtime.api.errors import APIError
 from bowline_runtime.api.logprobs import TokenTexts
 from bowline_runtime.api.metrics import ServerMetrics
@@ -17,15 +17,6 @@ from bowline_runtime.config import EngineConfig
 from bowline_runtime.engine.outputs import EngineStats
 
 
-def vocab_size_of(engine: Any) -> int:
-    """The number of valid token ids: the model's embedding rows when known, else the tokenizer's."""
-    for owner in (engine, getattr(engine, "engine", None)):
-        size = getattr(owner, "vocab_size", None)
-        if isinstance(size, int) and size > 0:
-            return size
-    return len(engine.tokenizer)
-
-
 class ServerState:
     """Lives on `app.state.bowline`. The engine is None until loading finishes."""
 
@@ -33,7 +24,7 @@ class ServerState:
         self.config = config
         self.model_name = config.model_name
         self.created = int(time.time())
-        self.engine: Any = None
+        self.engine: EngineClient | None = None
         self.load_error: BaseException | None = None
         self.draining = False
         self.limits: ServerLimits | None = None
@@ -42,10 +33,10 @@ class ServerState:
         self.admission = Admission(config.max_num_seqs, config.max_queue_len)
         self.metrics = ServerMetrics(self.model_name, self.stats)
 
-    def attach(self, engine: Any) -> None:
+    def attach(self, engine: EngineClient) -> None:
         """Called once the engine has loaded: from here on the server is ready."""
         self.limits = ServerLimits(
-            vocab_size=vocab_size_of(engine),
+            vocab_size=engine.vocab_size,
             max_model_len=engine.max_model_len,
             enable_logprob=self.config.enable_logprob,
             max_logprobs=self.config.max_logprobs,
@@ -61,7 +52,7 @@ class ServerState:
     def stats(self) -> EngineStats | None:
         return self.engine.stats() if self.engine is not None else None
 
-    def require_engine(self) -> Any:
+    def require_engine(self) -> EngineClient:
         """The engine, or 503 while loading, shutting down, or after a crash."""
         if self.draining:
             raise APIError("the server is shutting down; retry on another replica", 503, headers={"Retry-After": "1"})

@@ -1,0 +1,39 @@
+"""What the API needs from an engine, as a typing.Protocol.
+
+The in-process AsyncEngine and the client of an engine core running in another process
+(engine/core_client.py) both satisfy it structurally, so the routes depend on this surface
+only — no `Any`, no attribute probing — and a type checker verifies both implementations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from bowline_runtime.engine.outputs import EngineStats, RequestOutput
+from bowline_runtime.engine.sampling_params import SamplingParams
+
+
+class EngineClient(Protocol):
+    tokenizer: Any  # a Hugging Face tokenizer (transformers has no common static type for them)
+    max_model_len: int  # prompt + output tokens
+    vocab_size: int  # valid token ids are 0..vocab_size-1 (the model's embedding rows)
+
+    def generate(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Cumulative snapshots until the request finishes; RequestRejected before the first."""
+        ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+    @property
+    def is_alive(self) -> bool: ...
+
+    async def shutdown(self) -> None: ...
