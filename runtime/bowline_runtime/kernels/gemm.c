@@ -12,8 +12,8 @@
  * the panels. Up to 48 rows every panel is read once; beyond, rows go in chunks of 96, so a chunk's x
  * stays in cache while the panels stream past it.
  *
- * Built only where the compiler targets AVX-512 (-march=native on such a CPU); elsewhere the symbols
- * are absent and the engine keeps oneDNN.
+ * Built for AVX-512 (NR = 64) or AVX2 + FMA (NR = 16, below), whichever -march=native targets;
+ * elsewhere the symbols are absent and the engine keeps oneDNN.
  */
 #include <stdint.h>
 
@@ -72,6 +72,71 @@ static inline __attribute__((always_inline)) void rows_by_panel(
     }
 }
 
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+/* AVX2 + FMA (16 ymm registers): panels of NR = 16 columns, MR = 6 rows -> 12 accumulators, 2 weight
+ * vectors and 1 broadcast = 15 registers. Narrower panels than AVX-512's keep one row's product a pure
+ * stream of the weight: 2 loads and 2 FMAs per k. */
+#define NR 16
+#define MR 6
+#define NV (NR / 8)
+#define SMALL_M 48
+#define MC 96
+
+int64_t bowline_gemm_panel_width(void) { return NR; }
+
+void bowline_gemm_pack_f32(const float *w, int64_t n, int64_t k, float *wp, int num_threads)
+{
+    const int64_t panels = (n + NR - 1) / NR;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t p = 0; p < panels; ++p)
+        for (int64_t kk = 0; kk < k; ++kk)
+            for (int64_t j = 0; j < NR; ++j) {
+                const int64_t col = p * NR + j;
+                wp[(p * k + kk) * NR + j] = col < n ? w[col * k + kk] : 0.0f;
+            }
+}
+
+static inline __attribute__((always_inline)) void rows_by_panel(
+    const float *x, int64_t xs, const float *panel, int64_t k, const float *bias, float *out, int64_t os,
+    int64_t ncols, const int mr)
+{
+    __m256 acc[MR][NV];
+#pragma GCC unroll 8
+    for (int m = 0; m < mr; ++m)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_setzero_ps();
+    for (int64_t kk = 0; kk < k; ++kk) {
+        __m256 w[NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) w[v] = _mm256_loadu_ps(panel + kk * NR + 8 * v);
+#pragma GCC unroll 8
+        for (int m = 0; m < mr; ++m) {
+            const __m256 xb = _mm256_broadcast_ss(x + m * xs + kk);
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_fmadd_ps(xb, w[v], acc[m][v]);
+        }
+    }
+    if (ncols == NR) {
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) {
+            const __m256 b = bias ? _mm256_loadu_ps(bias + 8 * v) : _mm256_setzero_ps();
+#pragma GCC unroll 8
+            for (int m = 0; m < mr; ++m) _mm256_storeu_ps(out + m * os + 8 * v, _mm256_add_ps(acc[m][v], b));
+        }
+        return;
+    }
+    /* the last, partial panel: through a buffer, so nothing past column n is read or written */
+    float tmp[NR];
+    for (int m = 0; m < mr; ++m) {
+        for (int v = 0; v < NV; ++v) _mm256_storeu_ps(tmp + 8 * v, acc[m][v]);
+        for (int64_t j = 0; j < ncols; ++j) out[m * os + j] = tmp[j] + (bias ? bias[j] : 0.0f);
+    }
+}
+#endif
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 static void block(const float *x, int64_t xs, const float *panel, int64_t k, const float *bias, float *out,
                   int64_t os, int64_t ncols, int64_t mr)
 {

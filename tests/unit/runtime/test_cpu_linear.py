@@ -9,7 +9,7 @@ from bowline_runtime.devices.cpu import CpuDevice, KernelLinear, OneDnnLinear, o
 from bowline_runtime.kernels import cpu as kernels
 
 needs_kernel = pytest.mark.skipif(
-    not kernels.gemm_available(), reason="the Linear kernel needs a C compiler and an AVX-512 CPU; oneDNN serves here"
+    not kernels.gemm_available(), reason="the Linear kernel needs a C compiler and an AVX-512 or AVX2 + FMA CPU; oneDNN serves here"
 )
 
 
