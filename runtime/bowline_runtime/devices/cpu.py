@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Callable
 
@@ -12,7 +13,10 @@ from bowline_runtime.config import switch_on
 from bowline_runtime.devices import host_memory
 from bowline_runtime.devices.base import Device
 from bowline_runtime.kernels import cpu as kernels
+from bowline_runtime.kernels import linear_choice
 from bowline_runtime.models.fused_ops import FusedOps
+
+logger = logging.getLogger(__name__)
 
 # Rows per product that oneDNN lays the packed weights out for; any row count works, this one is typical of decode.
 _PACK_BATCH_HINT = 16
@@ -141,16 +145,84 @@ class CpuDevice(Device):
         return ops or FusedOps()
 
     def optimize_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Pack every Linear once: float32 for Bowline's own product where it builds (KernelLinear), else
-        float32/bfloat16 for oneDNN where this torch build and CPU pack that dtype (see onednn_packs),
-        else plain nn.Linear (bfloat16 on an AVX2-only CPU)."""
-        own_kernel = switch_on(PACKED_LINEAR_ENV) and kernels.gemm_available()
+        """Serve every Linear by what measured fastest for its shape here (kernels.linear_choice):
+        Bowline's own product (KernelLinear, float32, where gemm.c builds), oneDNN-packed (where this
+        torch build and CPU pack that dtype, see onednn_packs) or plain torch (bfloat16 on an AVX2-only
+        CPU). One packed weight per Linear is kept. BOWLINE_CPU_LINEAR forces a choice;
+        BOWLINE_CPU_PACKED_LINEAR=0 keeps plain torch everywhere."""
+        chooser = LinearChooser()
         for module in list(model.modules()):
             for child_name, child in list(module.named_children()):
                 if type(child) is not torch.nn.Linear:
                     continue
-                if own_kernel and child.weight.dtype == torch.float32:
-                    setattr(module, child_name, KernelLinear(child))
-                elif child.weight.dtype in (torch.float32, torch.bfloat16) and onednn_packs(child.weight.dtype):
-                    setattr(module, child_name, OneDnnLinear(child))
+                replacement = chooser.replacement(child)
+                if replacement is not None:
+                    setattr(module, child_name, replacement)
+        chooser.finish()
         return model
+
+
+_BUILDERS: dict[str, Callable[[torch.nn.Linear], torch.nn.Module]] = {
+    "kernel": lambda linear: KernelLinear(linear),
+    "onednn": lambda linear: OneDnnLinear(linear),
+}
+
+
+class LinearChooser:
+    """The measuring edge around linear_choice.choose: per shape once per process, cached on disk."""
+
+    def __init__(self) -> None:
+        self._path = kernels.cache_dir() / "linear_choice.json"
+        self._disk = linear_choice.load_cache(self._path)
+        self._dirty = False
+        self._seen: dict[str, str] = {}
+
+    def available(self, dtype: torch.dtype) -> list[str]:
+        if not switch_on(PACKED_LINEAR_ENV):
+            return ["torch"]
+        names = ["kernel"] if dtype == torch.float32 and kernels.gemm_available() else []
+        if dtype in (torch.float32, torch.bfloat16) and onednn_packs(dtype):
+            names.append("onednn")
+        return [*names, "torch"]
+
+    def replacement(self, linear: torch.nn.Linear) -> torch.nn.Module | None:
+        dtype = linear.weight.dtype
+        available = self.available(dtype)
+        name = linear_choice.forced_choice(available)
+        if name is None:
+            name = self._measured(linear, available)
+        return None if name == "torch" else _BUILDERS[name](linear)
+
+    def _measured(self, linear: torch.nn.Linear, available: list[str]) -> str:
+        if len(available) == 1:
+            return available[0]
+        n, k, dtype = linear.out_features, linear.in_features, linear.weight.dtype
+        key = linear_choice.cache_key(kernels.cpu_signature(), dtype, n, k, linear.bias is not None)
+        if key in self._seen:
+            return self._seen[key]
+        entry = self._disk.get(key)
+        if entry is None or entry.get("choice") not in available:
+            timings = {}
+            for name in available:
+                module = linear if name == "torch" else _BUILDERS[name](linear)
+                timings[name] = linear_choice.measure(module, k, dtype)
+                del module  # one extra packed weight at a time
+            entry = {"choice": linear_choice.choose(timings), "us": timings}
+            self._disk[key] = entry
+            self._dirty = True
+        us = ", ".join(f"{c} " + "/".join(f"{t:.0f}" for t in entry["us"][c].values()) for c in entry["us"])
+        logger.info("Linear %dx%d %s: %s (us at rows %s: %s)", n, k, str(dtype).removeprefix("torch."),
+                    entry["choice"], "/".join(map(str, linear_choice.ROW_WEIGHTS)), us)
+        self._seen[key] = entry["choice"]
+        return entry["choice"]
+
+    def finish(self) -> None:
+        if self._dirty:
+            try:
+                linear_choice.save_cache(self._path, self._disk)
+            except OSError as exc:
+                logger.warning("could not cache the Linear choices (%s)", exc)
+
+    @property
+    def chosen(self) -> dict[str, str]:
+        return dict(self._seen)

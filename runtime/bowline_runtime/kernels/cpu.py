@@ -51,7 +51,7 @@ def cache_dir() -> Path:
     return Path(base) / "bowline" / "kernels"
 
 
-def _cpu_signature() -> str:
+def cpu_signature() -> str:
     """What -march=native depends on: a library built on one CPU may not run on another."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -65,7 +65,7 @@ def build(compiler: str) -> Path:
     """Compile the kernels (once per source, flags, compiler and CPU) and return the library's path."""
     sources = [path.read_bytes() for path in _SOURCES]
     key = hashlib.sha256(b"\0".join([*sources, " ".join(_FLAGS).encode(), compiler.encode(),
-                                     _cpu_signature().encode()])).hexdigest()[:16]
+                                     cpu_signature().encode()])).hexdigest()[:16]
     target = cache_dir() / f"bowline_cpu_kernels-{key}.so"
     if target.exists():
         return target

@@ -128,7 +128,7 @@ def test_engine_uses_it_by_default_and_the_switch_gives_the_same_tokens(tiny_mod
     assert plain == packed
 
 
-def test_projections_are_fused_once_and_only_plain_linear_layers(tiny_qwen2_dir):
+def test_projections_are_fused_once_and_only_plain_linear_layers(tiny_qwen2_dir, monkeypatch):
     """q/k/v and gate/up become one product each (Qwen2's biases included); layers a device has
     already swapped for its own kernels are left apart, and both forms give transformers' logits."""
     from bowline_runtime.devices.cpu import CpuDevice, KernelLinear, OneDnnLinear
@@ -148,6 +148,7 @@ def test_projections_are_fused_once_and_only_plain_linear_layers(tiny_qwen2_dir)
     assert attn.qkv_proj.out_features == sum(attn.qkv_sizes)
     torch.testing.assert_close(_prefill_logits(fused, decoder.ops, ids), expected, rtol=1e-4, atol=1e-4)
 
+    monkeypatch.setenv("BOWLINE_CPU_LINEAR", "onednn")  # packed whatever measures fastest on tiny shapes
     packed_first = CpuDevice().optimize_model(loader.load_model(str(tiny_qwen2_dir), config, torch.float32, "auto", False))
     PackedDecoder(packed_first, FusedOps())
     attn = packed_first.model.layers[0].self_attn

@@ -20,6 +20,7 @@ def test_packed_linear_matches_nn_linear(rows, bias):
 
 
 def test_optimize_model_swaps_every_float_linear_and_keeps_outputs(monkeypatch):
+    monkeypatch.setenv("BOWLINE_CPU_LINEAR", "onednn")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.SiLU(), torch.nn.Sequential(torch.nn.Linear(64, 8)))
     x = torch.randn(5, 32)

@@ -7,6 +7,7 @@ import torch
 from bowline_runtime.devices import cpu as cpu_device
 from bowline_runtime.devices.cpu import CpuDevice, KernelLinear, OneDnnLinear, onednn_packs
 from bowline_runtime.kernels import cpu as kernels
+from bowline_runtime.kernels import linear_choice
 
 needs_kernel = pytest.mark.skipif(
     not kernels.gemm_available(), reason="the Linear kernel needs a C compiler and an AVX-512 or AVX2 + FMA CPU; oneDNN serves here"
@@ -39,7 +40,8 @@ def test_kernel_reads_strided_rows_and_zero_rows():
 
 
 @needs_kernel
-def test_cpu_device_swaps_float32_linears_for_the_kernel_and_keeps_their_output():
+def test_cpu_device_swaps_float32_linears_for_the_kernel_and_keeps_their_output(monkeypatch):
+    monkeypatch.setenv(linear_choice.LINEAR_ENV, "kernel")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 96), torch.nn.Linear(96, 16, bias=False))
     x = torch.randn(2, 5, 32)  # transformers' [batch, tokens, hidden]
@@ -57,6 +59,7 @@ needs_onednn_bf16 = pytest.mark.skipif(
 
 
 def test_bfloat16_and_switched_off_kernels_keep_onednn(monkeypatch):
+    monkeypatch.setenv(linear_choice.LINEAR_ENV, "onednn")
     # Where oneDNN packs bfloat16 (AVX-512 or avx_ne_convert) the Linear is packed; elsewhere it stays plain.
     bf16 = torch.nn.Sequential(torch.nn.Linear(32, 32).to(torch.bfloat16))
     CpuDevice().optimize_model(bf16)
@@ -86,7 +89,8 @@ def test_half_linears_stay_plain_where_onednn_cannot_pack_them_and_still_compute
 
 
 @needs_onednn_bf16
-def test_bfloat16_is_packed_for_onednn_where_the_cpu_supports_it():
+def test_bfloat16_is_packed_for_onednn_where_the_cpu_supports_it(monkeypatch):
+    monkeypatch.setenv(linear_choice.LINEAR_ENV, "onednn")
     bf16 = torch.nn.Sequential(torch.nn.Linear(32, 32).to(torch.bfloat16))
     CpuDevice().optimize_model(bf16)
     assert isinstance(bf16[0], OneDnnLinear)

@@ -1,0 +1,85 @@
+"""Which implementation serves each Linear shape on this CPU: chosen by a short measurement, not assumed.
+
+Why measure: on an AVX2-only EPYC Zen 3 (1 thread, µs per call, torch F.linear / oneDNN-packed /
+gemm.c) 3072x512 at 1 row is 225 / 268 / 177 but at 16 rows 1340 / 1051 / 2212, and the head
+16000x512 at 1 row 3359 / 3333 / 2726 but at 8 rows 9290 / 4857 / 5993: no one implementation wins
+every shape and row count, and the order differs again on AVX-512 machines. `choose` is the pure
+decision (timings in, name out); `measure` and the JSON cache are the thin edge around it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+
+LINEAR_ENV = "BOWLINE_CPU_LINEAR"
+CHOICES = ("kernel", "onednn", "torch")
+# Serving is decode-bound: a step's products mostly have 1-16 rows, so those rows weigh most.
+ROW_WEIGHTS: Mapping[int, float] = {1: 4.0, 8: 2.0, 16: 1.0}
+_REPEATS = 5
+_TIME_BOX_S = 0.25  # per candidate and shape: bounded start-up on big models
+
+
+def choose(timings: Mapping[str, Mapping[int, float]], row_weights: Mapping[int, float] = ROW_WEIGHTS) -> str:
+    """The candidate with the least row-weighted time; ties go to the earlier name in CHOICES."""
+    if not timings:
+        raise ValueError("no candidate to choose from")
+
+    def cost(name: str) -> float:
+        return sum(weight * timings[name].get(rows, float("inf")) for rows, weight in row_weights.items())
+
+    return min(sorted(timings, key=CHOICES.index), key=cost)
+
+
+def forced_choice(available: list[str]) -> str | None:
+    """BOWLINE_CPU_LINEAR=kernel|onednn|torch forces that implementation (where available); auto measures."""
+    forced = os.environ.get(LINEAR_ENV, "auto").strip().lower()
+    if forced in ("", "auto"):
+        return None
+    if forced not in CHOICES:
+        raise ValueError(f"{LINEAR_ENV} must be auto, kernel, onednn or torch, not {forced!r}")
+    return forced if forced in available else "torch"
+
+
+def measure(fn: Callable[[torch.Tensor], torch.Tensor], in_features: int, dtype: torch.dtype) -> dict[int, float]:
+    """Median µs per call of fn at each row count of ROW_WEIGHTS (a warm-up call first, time-boxed)."""
+    result = {}
+    with torch.inference_mode():
+        for rows in ROW_WEIGHTS:
+            x = torch.randn(rows, in_features).to(dtype)
+            fn(x)
+            samples, start = [], time.perf_counter()
+            while len(samples) < _REPEATS and time.perf_counter() - start < _TIME_BOX_S:
+                t0 = time.perf_counter()
+                fn(x)
+                samples.append((time.perf_counter() - t0) * 1e6)
+            result[rows] = statistics.median(samples)
+    return result
+
+
+def cache_key(cpu_signature: str, dtype: torch.dtype, out_features: int, in_features: int, bias: bool) -> str:
+    """One entry per CPU (model and flags), torch version, dtype and shape."""
+    cpu = hashlib.sha256(cpu_signature.encode()).hexdigest()[:12]
+    return f"{cpu}|torch {torch.__version__}|{dtype}|{out_features}x{in_features}|bias={bias}"
+
+
+def load_cache(path: Path) -> dict[str, dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def save_cache(path: Path, entries: dict[str, dict]) -> None:
+    """Write beside and rename: concurrent starts never read half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
+    os.replace(tmp, path)
