@@ -243,6 +243,8 @@ class EngineCoreClient:
                 _, outputs, stats, _sent = message
                 self._stats = stats
                 self._deliver([(out.request_id, out) for out in outputs])
+            elif kind == "stats":
+                self._stats = message[1]
             elif kind == "error":
                 _, request_id, module, class_name, text, param, client = message
                 self._deliver([(request_id, rebuild_error(module, class_name, text, param, client))])

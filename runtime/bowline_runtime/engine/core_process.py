@@ -120,11 +120,14 @@ def _serve(engine: Any, pull: Any, push: Any, parent_pid: int) -> None:
             logger.warning("the API process is gone; the engine core exits")
             return
         timeout = 0 if engine.has_unfinished_requests() else IDLE_POLL_MS
+        handled = False
         while pull.poll(timeout):
             if not _handle(engine, pickle.loads(pull.recv()), push):
                 return
-            timeout = 0
+            timeout, handled = 0, True
         if not engine.has_unfinished_requests():
+            if handled:  # an abort freed blocks with no step to carry the new gauges: send them alone
+                push.send(pickle.dumps(("stats", engine.stats())))
             continue
         try:
             outputs = engine.step()

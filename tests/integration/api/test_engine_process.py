@@ -79,7 +79,6 @@ def test_engine_side_rejection_is_the_same_400(core_server):
     assert resp.status_code == 400, resp.text
     error = resp.json()["error"]
     assert error["type"] == "invalid_request_error" and "Traceback" not in error["message"]
-    print(error)
     assert httpx.get(core_server.url + "/health", timeout=5).status_code == 200
 
 
