@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bench import cpu_info
+
 # The engine goal: at concurrency 16, 4x sequential generate()'s output tokens/s.
 TARGET_CONCURRENCY = 16
 TARGET_RATIO = 4.0
@@ -112,6 +114,7 @@ def render_markdown(meta: dict, points: list[dict], notes: list[str]) -> str:
         f"{meta['cpu_count']} CPU cores); "
         f"{meta['requests']} requests per point; git {meta['git']}; "
         f"versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}.",
+        *([cpu_info.header_line(meta["cpu"])] if meta.get("cpu") else []),
         "",
         markdown_table(points),
     ]

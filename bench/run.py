@@ -31,7 +31,7 @@ from pathlib import Path
 
 from bowline_runtime.tools.tiny_model import PRESETS
 
-from bench import hf_baseline, loadgen, report, servers
+from bench import cpu_info, hf_baseline, loadgen, report, servers
 
 ALL_SYSTEMS = ["hf-seq", "hf-batch", "vllm", "bowline"]
 SERVER_SYSTEMS = {"bowline", "vllm"}
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device, "dtype": args.dtype, "cpu_count": os.cpu_count(),
         "requests": requests, "systems": systems, "workloads": workloads, "concurrency": concs,
         "length_scale": scale, "seed": args.seed, "kv_gib": args.kv_gib, "max_num_seqs": args.max_num_seqs,
-        "versions": _versions(vllm_version), "loadavg_start": os.getloadavg(),
+        "versions": _versions(vllm_version), "loadavg_start": os.getloadavg(), "cpu": cpu_info.cpu_facts(),
     }
     _log(f"bench {run_id}: systems {systems}, workloads {workloads}, concurrency {concs}, {requests} requests/point")
 
