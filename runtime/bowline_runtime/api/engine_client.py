@@ -26,7 +26,7 @@ class EngineClient(Protocol):
         request_id: str | None = None,
         arrival_time: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Cumulative snapshots until the request finishes; RequestRejected before the first."""
+        """Per-step deltas (engine/outputs.py) until the request finishes; RequestRejected before the first."""
         ...
 
     async def abort(self, request_id: str) -> None: ...

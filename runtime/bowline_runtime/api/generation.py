@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 
 from bowline_runtime.api.metrics import RequestMetrics, ServerMetrics
-from bowline_runtime.engine.outputs import CompletionOutput, RequestOutput
+from bowline_runtime.engine.outputs import CompletionOutput, OutputAccumulator, RequestOutput
 from bowline_runtime.engine.sampling_params import SamplingParams
 
 T = TypeVar("T")
@@ -72,8 +72,13 @@ def select_best(outputs: list[CompletionOutput], params: SamplingParams) -> list
 class Generation:
     """Drives `engine.generate` for each prompt and yields (prompt index, snapshot) as they come.
 
-    Snapshots are cumulative, so a consumer that falls behind loses nothing. `aclose()` cancels
-    every engine iteration still running, which aborts those requests in the engine.
+    The engine sends per-step deltas, queued as they come; `next()` appends each into its prompt's
+    OutputAccumulator (amortised O(1) per token) and hands out that prompt's cumulative snapshot,
+    updated in place, whose `new_*` fields are exactly the delta just taken. Accumulating on the
+    consumer's side keeps one chunk per engine message however far the consumer lags, and nothing
+    is lost. Usage counts, metrics and the non-streaming answers read the cumulative lists; streams
+    slice them from their own counters, O(new tokens) per chunk. `aclose()` cancels every engine
+    iteration still running, which aborts those requests in the engine.
     """
 
     def __init__(
@@ -92,6 +97,7 @@ class Generation:
         self.arrival_time = arrival_time or time.time()
         self.latest: list[RequestOutput | None] = [None] * len(prompts)
         self._meters: list[RequestMetrics] = [metrics.request(self.arrival_time, len(p)) for p in prompts]
+        self._accumulators = [OutputAccumulator() for _ in prompts]
         self._queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
         self._remaining = len(prompts)
@@ -102,12 +108,11 @@ class Generation:
 
     async def _pump(self, i: int) -> None:
         try:
-            async for out in self.engine.generate(
+            async for delta in self.engine.generate(
                 self.prompts[i], self.params, request_id=self._engine_request_id(i), arrival_time=self.arrival_time
             ):
-                self.latest[i] = out
-                self._meters[i].observe_tokens(sum(len(o.token_ids) for o in out.outputs))
-                self._queue.put_nowait((i, out))
+                self._meters[i].observe_tokens(sum(len(o.new_token_ids) for o in delta.outputs))
+                self._queue.put_nowait((i, delta))
             self._queue.put_nowait(None)
         except asyncio.CancelledError:
             raise
@@ -126,8 +131,13 @@ class Generation:
                 continue
             if isinstance(item, BaseException):
                 raise item
-            return item
+            return self._take(*item)
         return None
+
+    def _take(self, i: int, delta: RequestOutput) -> tuple[int, RequestOutput]:
+        snapshot = self._accumulators[i].add(delta)
+        self.latest[i] = snapshot
+        return i, snapshot
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         while (item := await self.next()) is not None:
@@ -160,6 +170,10 @@ class Generation:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        while not self._queue.empty():  # deltas nobody read: still generated, so still metered
+            item = self._queue.get_nowait()
+            if isinstance(item, tuple):
+                self._take(*item)
         for meter, out in zip(self._meters, self.latest, strict=True):
             if out is None:
                 meter.finish(0, ["abort"])

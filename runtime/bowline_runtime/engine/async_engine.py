@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from bowline_runtime.config import EngineConfig
-from bowline_runtime.engine.outputs import EngineStats, RequestOutput
+from bowline_runtime.engine.outputs import EngineStats, RequestOutput, merge_delta
 from bowline_runtime.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger("bowline.engine")
@@ -66,7 +66,7 @@ class AsyncEngine:
         request_id: str | None = None,
         arrival_time: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield cumulative snapshots until the request finishes.
+        """Yield each step's delta (see engine.outputs) until the request finishes.
 
         Raises ValueError before the first yield when the request cannot be served (prompt over
         max_model_len, ...). Closing or cancelling the iterator aborts the request and frees its blocks.
@@ -89,12 +89,12 @@ class AsyncEngine:
                 item = await stream.get()
                 if isinstance(item, BaseException):
                     raise item
-                # Drain what else is ready: a slow consumer then skips intermediate snapshots.
+                # Drain what else is ready into one delta: a slow consumer gets fewer, larger ones.
                 while not item.finished and not stream.empty():
                     nxt = stream.get_nowait()
                     if isinstance(nxt, BaseException):
                         raise nxt
-                    item = nxt
+                    item = merge_delta(item, nxt)
                 finished = item.finished
                 yield item
                 if finished:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from bowline_runtime.engine.errors import RequestRejected
-from bowline_runtime.engine.outputs import CompletionOutput, RequestOutput
+from bowline_runtime.engine.outputs import CompletionOutput, OutputAccumulator, RequestOutput
 from bowline_runtime.engine.sampling_params import SamplingParams
 
 MAX_BEAM_WIDTH = 10
@@ -39,10 +39,11 @@ def _cut_at_stop(text: str, stops: list[str], include: bool) -> tuple[str, str |
 
 
 async def _step(engine, tokens: list[int], params: SamplingParams) -> list[tuple[int, float]]:
-    last = None
-    async for out in engine.generate(tokens, params, request_id=uuid.uuid4().hex):
-        last = out
-    lp = last.outputs[0].logprobs[0]
+    acc = OutputAccumulator()
+    async for delta in engine.generate(tokens, params, request_id=uuid.uuid4().hex):
+        acc.add(delta)
+    assert acc.latest is not None
+    lp = acc.latest.outputs[0].logprobs[0]
     return lp.top
 
 
@@ -90,9 +91,10 @@ async def beam_search(
         ids = [t for t in beam.tokens if not (t in eos and beam.finish_reason == "stop")]
         text = tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
         text, stop = _cut_at_stop(text, params.stop, params.include_stop_str_in_output)
+        # generate() yields deltas: the ranked beams are one delta each, from nothing to the answer.
         outputs.append(
             CompletionOutput(
-                index=index, text=text, token_ids=beam.tokens, cumulative_logprob=beam.logprob,
+                index=index, new_text=text, new_token_ids=beam.tokens, cumulative_logprob=beam.logprob,
                 finish_reason="stop" if stop else beam.finish_reason, stop_reason=stop,
             )
         )

@@ -21,6 +21,7 @@ class IncrementalDetokenizer:
         self.text = ""  # all decoded text so far (after a stop: cut)
         self.emitted = 0  # how much of `text` may be shown
         self.stopped = False  # a stop string matched: the text is final
+        self.sent = 0  # how much of the visible text `take_new_text` has handed out
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -66,3 +67,15 @@ class IncrementalDetokenizer:
     @property
     def visible_text(self) -> str:
         return self.text[: self.emitted]
+
+    def take_new_text(self) -> str:
+        """The visible text not handed out yet, O(its length): what a step's delta carries.
+
+        Visible text only grows (a stop string is only ever cut from held-back text), so the
+        concatenation of what this returns is `visible_text`.
+        """
+        if self.emitted <= self.sent:
+            return ""
+        new = self.text[self.sent : self.emitted]
+        self.sent = self.emitted
+        return new

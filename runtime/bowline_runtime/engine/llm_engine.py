@@ -51,6 +51,7 @@ class _Request:
     params: SamplingParams
     seqs: list[Sequence]
     arrival_time: float
+    reported: bool = False  # its first output is out: prompt ids and prompt logprobs went with it
 
 
 class LLMEngine:
@@ -239,7 +240,7 @@ class LLMEngine:
         outputs = []
         for request in touched.values():
             finished = all(s.is_finished for s in request.seqs)
-            outputs.append(self._snapshot(request, finished))
+            outputs.append(self._delta(request, finished))
             if finished:
                 del self.requests[request.request_id]
         return outputs
@@ -288,15 +289,22 @@ class LLMEngine:
             seq.detokenizer.finish()
             self.scheduler.finish(seq)
 
-    def _snapshot(self, request: _Request, finished: bool) -> RequestOutput:
+    def _delta(self, request: _Request, finished: bool) -> RequestOutput:
+        """What this step added to `request`: O(new tokens), not O(output length), per step."""
         outputs = []
         for seq in request.seqs:
+            new_ids = seq.token_ids[seq.num_prompt_tokens + seq.num_sent_tokens :]
+            seq.num_sent_tokens += len(new_ids)
+            new_lps = None
+            if seq.logprobs is not None:
+                new_lps = seq.logprobs[seq.num_sent_logprobs :]
+                seq.num_sent_logprobs += len(new_lps)
             outputs.append(
                 CompletionOutput(
                     index=seq.index,
-                    text=seq.detokenizer.visible_text,
-                    token_ids=list(seq.output_token_ids),
-                    logprobs=None if seq.logprobs is None else list(seq.logprobs),
+                    new_token_ids=new_ids,
+                    new_text=seq.detokenizer.take_new_text(),
+                    new_logprobs=new_lps,
                     cumulative_logprob=seq.cumulative_logprob,
                     finish_reason=seq.finish_reason,
                     stop_reason=seq.stop_reason,
@@ -304,12 +312,21 @@ class LLMEngine:
             )
         first = request.seqs[0]
         firsts = [s.first_token_time for s in request.seqs if s.first_token_time is not None]
+        # The prompt's ids and logprobs do not change: they go once, with the first output (a request
+        # is first reported when it samples, i.e. after its whole prompt was computed).
+        prompt_ids: list[int] = []
+        prompt_logprobs = None
+        if not request.reported:
+            request.reported = True
+            prompt_ids = request.prompt_token_ids
+            if first.prompt_logprobs is not None:
+                prompt_logprobs = list(first.prompt_logprobs)
         return RequestOutput(
             request_id=request.request_id,
-            prompt_token_ids=request.prompt_token_ids,
+            prompt_token_ids=prompt_ids,
             outputs=outputs,
             finished=finished,
-            prompt_logprobs=None if first.prompt_logprobs is None else list(first.prompt_logprobs),
+            prompt_logprobs=prompt_logprobs,
             arrival_time=request.arrival_time,
             first_token_time=min(firsts) if firsts else None,
             num_cached_tokens=first.num_cached_tokens,

@@ -42,6 +42,9 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     first_token_time: float | None = None
+    # How many output tokens / logprobs the engine has already sent: each step sends only the rest.
+    num_sent_tokens: int = 0
+    num_sent_logprobs: int = 0
 
     @property
     def num_tokens(self) -> int:

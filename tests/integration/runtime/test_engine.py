@@ -9,6 +9,7 @@ import pytest
 import torch
 from bowline_runtime.config import EngineConfig
 from bowline_runtime.engine.async_engine import AsyncEngine
+from bowline_runtime.engine.outputs import OutputAccumulator
 from bowline_runtime.engine.sampling_params import SamplingParams
 
 PROMPTS = [
@@ -31,10 +32,11 @@ def run(coro):
 
 
 async def generate(engine: AsyncEngine, ids: list[int], **kw):
-    last = None
+    """The request's final cumulative state: the engine streams deltas, accumulated here."""
+    acc = OutputAccumulator()
     async for out in engine.generate(ids, SamplingParams(**kw)):
-        last = out
-    return last
+        acc.add(out)
+    return acc.latest
 
 
 def make_engine(model_dir, **kw) -> AsyncEngine:

@@ -107,10 +107,10 @@ def test_engine_uses_it_by_default_and_the_switch_gives_the_same_tokens(tiny_mod
         engine = AsyncEngine(EngineConfig(model=str(tiny_model_dir), device="cpu"))
 
         async def one(ids):
-            last = None
+            ids_out: list[int] = []  # the engine streams deltas: each step's new tokens
             async for out in engine.generate(ids, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)):
-                last = out
-            return last.outputs[0].token_ids
+                ids_out.extend(out.outputs[0].new_token_ids)
+            return ids_out
 
         async def batch():
             return await asyncio.gather(*(one(ids) for ids in prompts))

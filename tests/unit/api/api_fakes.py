@@ -61,6 +61,7 @@ class FakeEngine:
         limit = params.max_tokens or 6
         outs = [CompletionOutput(index=i, logprobs=[] if params.logprobs is not None else None) for i in range(params.num_candidates)]
         finished = False
+        sent_ids, sent_text = 0, [0] * len(outs)
         self.running += 1
         try:
             for step in range(limit):
@@ -80,12 +81,24 @@ class FakeEngine:
                 prompt_lps = None
                 if params.prompt_logprobs is not None:
                     prompt_lps = [None] + [self._logprob(t, params.prompt_logprobs or 1) for t in prompt_token_ids[1:]]
+                # Like the engine: each step carries only what it added; prompt data with the first.
+                deltas = [
+                    dataclasses.replace(
+                        o, text="", token_ids=[], logprobs=None,
+                        new_token_ids=o.token_ids[sent_ids:],
+                        new_text=o.text[sent_text[o.index] :],
+                        new_logprobs=None if o.logprobs is None else o.logprobs[sent_ids:],
+                    )
+                    for o in outs
+                ]
+                sent_ids = step + 1
+                sent_text = [len(o.text) for o in outs]
                 yield RequestOutput(
                     request_id=request_id or "r",
-                    prompt_token_ids=list(prompt_token_ids),
-                    outputs=[dataclasses.replace(o, token_ids=list(o.token_ids), logprobs=None if o.logprobs is None else list(o.logprobs)) for o in outs],
+                    prompt_token_ids=list(prompt_token_ids) if step == 0 else [],
+                    outputs=deltas,
                     finished=finished,
-                    prompt_logprobs=prompt_lps,
+                    prompt_logprobs=prompt_lps if step == 0 else None,
                 )
         finally:
             self.running -= 1
