@@ -36,7 +36,11 @@ _SOURCES = tuple(
     Path(__file__).with_name(name) for name in ("paged_decode.c", "paged_prefill.c", "fused.c", "gemm.c")
 )
 # -ffast-math lets the softmax's expf and the dot products vectorise; -fopenmp shares the libgomp torch loaded.
-_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC")
+_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC")
+# Linked without -ffast-math: given at link time, gcc adds crtfastmath.o, whose constructor switches the
+# whole process to flush-to-zero/denormals-are-zero the moment the library loads, changing the
+# numbers of torch and of every other library in the process (subnormal floats become 0).
+_LINK_FLAGS = ("-shared", "-fopenmp")
 
 # paged_prefill.c's inner loops step VL = 16 floats through the head dimension.
 PREFILL_HEAD_DIM_MULTIPLE = 16
@@ -64,7 +68,7 @@ def cpu_signature() -> str:
 def build(compiler: str) -> Path:
     """Compile the kernels (once per source, flags, compiler and CPU) and return the library's path."""
     sources = [path.read_bytes() for path in _SOURCES]
-    key = hashlib.sha256(b"\0".join([*sources, " ".join(_FLAGS).encode(), compiler.encode(),
+    key = hashlib.sha256(b"\0".join([*sources, " ".join(_FLAGS + _LINK_FLAGS).encode(), compiler.encode(),
                                      cpu_signature().encode()])).hexdigest()[:16]
     target = cache_dir() / f"bowline_cpu_kernels-{key}.so"
     if target.exists():
@@ -73,13 +77,16 @@ def build(compiler: str) -> Path:
     # Build beside the target and rename: concurrent starts (tensor-parallel ranks) never see half a file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
+    objects = [f"{tmp}.{i}.o" for i in range(len(_SOURCES))]
     try:
-        subprocess.run([compiler, *_FLAGS, *map(str, _SOURCES), "-o", tmp, "-lm"],
-                       check=True, capture_output=True, text=True)
+        for source, obj in zip(_SOURCES, objects, strict=True):
+            subprocess.run([compiler, *_FLAGS, "-c", str(source), "-o", obj], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *_LINK_FLAGS, *objects, "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
         os.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for path in (tmp, *objects):
+            if os.path.exists(path):
+                os.unlink(path)
     return target
 
 
