@@ -52,14 +52,20 @@ async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
     loop = asyncio.get_running_loop()
     future: asyncio.Future = loop.create_future()
 
+    def hand_over(callback: Callable[[], Any]) -> None:
+        try:
+            loop.call_soon_threadsafe(callback)
+        except RuntimeError:  # the server stopped while the model loaded: nobody is waiting any more
+            logger.info("the model finished loading after the server had stopped; discarding it")
+
     def run() -> None:
         try:
             result = fn()
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
             error = exc  # `exc` is unbound after the except block; the callback runs later
-            loop.call_soon_threadsafe(lambda: future.done() or future.set_exception(error))
+            hand_over(lambda: future.done() or future.set_exception(error))
         else:
-            loop.call_soon_threadsafe(lambda: future.done() or future.set_result(result))
+            hand_over(lambda: future.done() or future.set_result(result))
 
     threading.Thread(target=run, name="bowline-model-load", daemon=True).start()
     return await future
