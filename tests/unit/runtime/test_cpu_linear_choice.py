@@ -12,11 +12,11 @@ from bowline_runtime.kernels import cpu as kernels
 from bowline_runtime.kernels import linear_choice
 
 
-def test_choose_weighs_decode_rows_most():
+def test_choose_takes_the_least_time_over_the_decode_row_counts():
     timings = {
-        "kernel": {1: 100.0, 8: 500.0, 16: 900.0},  # 4*100 + 2*500 + 900 = 2300
-        "onednn": {1: 200.0, 8: 300.0, 16: 500.0},  # 800 + 600 + 500 = 1900
-        "torch": {1: 90.0, 8: 900.0, 16: 1300.0},  # 360 + 1800 + 1300 = 3460
+        "kernel": {1: 100.0, 8: 500.0, 16: 900.0},  # 1500: fastest at 1 row only
+        "onednn": {1: 200.0, 8: 300.0, 16: 500.0},  # 1000
+        "torch": {1: 90.0, 8: 900.0, 16: 1300.0},  # 2290
     }
     assert linear_choice.choose(timings) == "onednn"
     assert linear_choice.choose(timings, {1: 1.0}) == "torch"
