@@ -156,18 +156,7 @@ class AsyncEngine:
         self._deliver_many([(request_id, item)])
 
     def _deliver_many(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
-        """Hand a step's outputs to their requests with one wake-up per event loop, not one per request:
-        each wake-up is a syscall and a GIL hand-over that the next forward pass waits behind."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput | BaseException]]] = {}
-        for request_id, item in items:
-            target = self._streams.get(request_id)
-            if target is not None:
-                by_loop.setdefault(target[0], []).append((target[1], item))
-        for loop, batch in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, batch)
-            except RuntimeError:  # that loop is closed
-                pass
+        deliver_by_loop(self._streams, items)
 
     def _fail_in_flight(self, exc: Exception) -> None:
         """A step raised: fail (and free) the requests it was serving, keep serving new ones."""
@@ -201,6 +190,25 @@ class AsyncEngine:
             logger.exception("engine step loop crashed")
             self._dead = exc
             self._deliver_many([(rid, EngineDeadError(f"engine stopped: {exc!r}")) for rid in list(self._streams)])
+
+
+def deliver_by_loop(
+    streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]],
+    items: list[tuple[str, RequestOutput | BaseException]],
+) -> None:
+    """Hand a step's outputs to their requests' queues with one wake-up per event loop, not one per
+    request: each wake-up is a syscall and a GIL hand-over that the next forward pass waits behind.
+    Called from a thread that is not the loops' own (the engine thread, or the core client's reader)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput | BaseException]]] = {}
+    for request_id, item in items:
+        target = streams.get(request_id)
+        if target is not None:
+            by_loop.setdefault(target[0], []).append((target[1], item))
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, batch)
+        except RuntimeError:  # that loop is closed
+            pass
 
 
 def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput | BaseException]]) -> None:

@@ -44,7 +44,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from bowline_runtime.config import EngineConfig
-from bowline_runtime.engine.async_engine import EngineDeadError, EngineStepError
+from bowline_runtime.engine.async_engine import EngineDeadError, EngineStepError, deliver_by_loop
 from bowline_runtime.engine.outputs import EngineStats, RequestOutput, merge_delta
 from bowline_runtime.engine.sampling_params import SamplingParams
 
@@ -262,16 +262,7 @@ class EngineCoreClient:
         self._deliver([(rid, EngineDeadError(f"engine stopped: {self._dead}")) for rid in list(self._streams)])
 
     def _deliver(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
-        for request_id, item in items:
-            target = self._streams.get(request_id)
-            if target is not None:
-                by_loop.setdefault(target[0], []).append((target[1], item))
-        for loop, batch in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, batch)
-            except RuntimeError:  # that loop is closed
-                pass
+        deliver_by_loop(self._streams, items)
 
     def _cleanup(self) -> None:
         """Close the sockets; with the reader running, term() wakes it and it closes its own socket."""
@@ -281,7 +272,3 @@ class EngineCoreClient:
         self._ctx.term()
         shutil.rmtree(self._dir, ignore_errors=True)
 
-
-def _put_all(batch: list[tuple[asyncio.Queue, Any]]) -> None:
-    for stream, item in batch:
-        stream.put_nowait(item)
