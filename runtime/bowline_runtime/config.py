@@ -39,6 +39,14 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes; default on CPU: 1 GiB
     enable_prefix_caching: bool = False
     enable_chunked_prefill: bool = True
+    # Speculative decoding (engine/spec_decode): vLLM's separate flags and its JSON form.
+    speculative_model: str | None = None
+    num_speculative_tokens: int | None = None
+    speculative_draft_tensor_parallel_size: int | None = None
+    ngram_prompt_lookup_max: int | None = None
+    ngram_prompt_lookup_min: int | None = None
+    speculative_disable_by_batch_size: int | None = None
+    speculative_config: str | None = None
     seed: int = 0
     chat_template: str | None = None
     enable_logprob: bool = False
@@ -68,6 +76,9 @@ class EngineConfig:
             raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"--max-model-len must be >= 1, got {self.max_model_len}")
+        from bowline_runtime.engine.spec_decode.config import speculative_config_from
+
+        speculative_config_from(self)  # bad speculative settings fail at start-up, with the flag's name
 
 
 def _flag(name: str) -> str:
@@ -102,6 +113,14 @@ _HELP = {
     "kv_cache_memory": "KV-cache size in bytes (CPU default: 1 GiB; overrides the utilization fraction)",
     "enable_prefix_caching": "share full KV blocks between requests with the same prefix",
     "enable_chunked_prefill": "split long prompts over steps (off: a prompt waits until it fits one step whole)",
+    "speculative_model": "draft model folder (same tokenizer), or [ngram] for prompt lookup: speculative decoding",
+    "num_speculative_tokens": "tokens proposed per sequence and step for speculative decoding",
+    "speculative_draft_tensor_parallel_size": "the draft model's tensor-parallel size (1)",
+    "ngram_prompt_lookup_max": "longest n-gram matched in the prompt + output ([ngram] method; default 4)",
+    "ngram_prompt_lookup_min": "shortest n-gram matched ([ngram] method; default 1)",
+    "speculative_disable_by_batch_size": "no speculation while at least this many sequences run",
+    "speculative_config": "speculative decoding as JSON: {\"method\": \"ngram\"|\"draft_model\", \"model\": ..., "
+    "\"num_speculative_tokens\": k, \"prompt_lookup_max\": ..., ...}",
     "seed": "seed of the engine's random state: dummy weights and requests that give no seed",
     "chat_template": "Jinja chat template file (or inline template) overriding the tokenizer's",
     "enable_logprob": "allow logprobs in responses",

@@ -112,6 +112,17 @@ class BlockManager:
         for _ in range(self._blocks_to_grow(seq, num_new_tokens)):
             seq.block_table.append(self._take_free().block_id)
 
+    def trim(self, seq: Sequence) -> None:
+        """Free the blocks beyond what the sequence's tokens need: the lookahead slots that rejected
+        speculative tokens were written to (their KV is garbage; no hash was ever given to it)."""
+        keep = seq.num_blocks_needed(self.block_size)
+        while len(seq.block_table) > keep:
+            block = self.blocks[seq.block_table.pop()]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                block.hash = None
+                self.free[block.block_id] = None
+
     def register_full_blocks(self, seq: Sequence) -> None:
         """After a step, hash blocks that became full so later requests can share them."""
         if not self.enable_prefix_caching:

@@ -26,6 +26,7 @@ from bowline_runtime.engine.sampler import Sampler, token_logprobs
 from bowline_runtime.engine.sampling_params import SamplingParams
 from bowline_runtime.engine.scheduler import Scheduler
 from bowline_runtime.engine.sequence import Sequence
+from bowline_runtime.engine.spec_decode import speculative_config_from
 from bowline_runtime.engine.worker import TensorParallelGroup
 from bowline_runtime.models import loader
 
@@ -75,8 +76,11 @@ class LLMEngine:
             self.device.type, config.tensor_parallel_size, time.perf_counter() - t0,
         )
         self.block_size = config.block_size
+        self.speculator = self._load_speculator(hf_config)
         num_blocks = self._num_kv_blocks()
         self.tp.allocate_kv_cache(num_blocks * self.block_size)
+        if self.speculator is not None:
+            self.speculator.allocate_kv_cache(num_blocks * self.block_size)
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB per rank)",
             num_blocks, self.block_size, num_blocks * self.block_size,
@@ -98,6 +102,8 @@ class LLMEngine:
                 f"must be at least --max-model-len ({self.max_model_len})"
             )
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_batched, config.enable_chunked_prefill)
+        if self.speculator is not None:
+            self.scheduler.num_lookahead_slots = self.speculator.k
         torch.manual_seed(config.seed)  # the draws of requests that bring no seed of their own
         self.sampler = Sampler(min(self.vocab_size, len(self.tokenizer)), self.eos_token_ids)
         self.requests: dict[str, _Request] = {}
@@ -119,8 +125,20 @@ class LLMEngine:
             )
         return wanted
 
+    def _load_speculator(self, hf_config):
+        """The speculative decoder the flags ask for (engine.spec_decode), or None."""
+        spec = speculative_config_from(self.config)
+        if spec is None:
+            return None
+        from bowline_runtime.engine.spec_decode.decoder import SpeculativeDecoder
+
+        vocab = min(self.vocab_size, len(self.tokenizer))
+        return SpeculativeDecoder(spec, self.config, self.device, self.dtype, hf_config, vocab)
+
     def _num_kv_blocks(self) -> int:
         per_token = self.runner.kv_bytes_per_token(self.tp.num_kv_heads_local)
+        if self.speculator is not None:  # a draft model's KV lives in the same blocks
+            per_token += self.speculator.kv_bytes_per_token()
         if self.device.type == "cpu" or self.config.kv_cache_memory:
             budget = self.config.kv_cache_memory or CPU_DEFAULT_KV_BYTES
         else:
@@ -209,11 +227,14 @@ class LLMEngine:
             num_waiting=len(self.scheduler.waiting),
             num_free_blocks=self.block_manager.num_free_blocks,
             num_total_blocks=self.block_manager.num_blocks,
+            spec_decode=self.speculator.stats.copy() if self.speculator is not None else None,
         )
 
     # --- the step -------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self.speculator is not None:
+            return self.speculator.step(self)
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []

@@ -158,6 +158,23 @@ class OutputAccumulator:
 
 
 @dataclass(slots=True)
+class SpecDecodeStats:
+    """Speculative decoding's running totals (vLLM's vllm:spec_decode_* counters).
+
+    A draft is one sequence's proposal in one step; `accepted_per_pos[j]` counts drafts whose token at
+    position j was accepted (so it never exceeds position j - 1's count).
+    """
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)
+
+    def copy(self) -> SpecDecodeStats:
+        return SpecDecodeStats(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens, list(self.accepted_per_pos))
+
+
+@dataclass(slots=True)
 class EngineStats:
     """Engine-wide gauges for /metrics and tests."""
 
@@ -165,6 +182,7 @@ class EngineStats:
     num_waiting: int
     num_free_blocks: int
     num_total_blocks: int
+    spec_decode: SpecDecodeStats | None = None  # None: no speculative decoding
 
     @property
     def kv_cache_usage(self) -> float:

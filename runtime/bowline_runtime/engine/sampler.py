@@ -90,13 +90,25 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+        raw, logits, scaled, greedy = self.distributions(logits, seqs)
+        sampled = logits.argmax(dim=-1)
+        if not bool(greedy.all()):
+            drawn = exponential_race(torch.softmax(scaled, dim=-1), [s.generator for s in seqs])
+            sampled = torch.where(greedy, sampled, drawn)
+        token_ids = sampled.tolist()
+        return SampleResult(token_ids, self._logprobs(raw, logits, scaled, seqs, token_ids))
+
+    @torch.inference_mode()
+    def distributions(self, logits: torch.Tensor, seqs: list[Sequence]):
+        """(raw, processed, scaled, greedy): the float logits, after processors and penalties, after
+        temperature / top-k / top-p / min-p (softmax of `scaled` is what a draw follows), and which
+        rows are greedy (argmax of `processed`). Speculative verification scores draft tokens on these."""
         logits = logits.float()
         raw = logits
         logits = self._process(logits.clone(), seqs)
         params = [s.params for s in seqs]
         dev = logits.device
         greedy = torch.tensor([p.greedy for p in params], device=dev)
-        sampled = logits.argmax(dim=-1)
         scaled = logits
         if not bool(greedy.all()):
             temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=dev)
@@ -107,10 +119,11 @@ class Sampler:
             min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
             if bool((top_k > 0).any() | (top_p < 1).any() | (min_p > 0).any()):
                 scaled = apply_top_k_top_p_min_p(scaled, top_k, top_p, min_p)
-            drawn = exponential_race(torch.softmax(scaled, dim=-1), [s.generator for s in seqs])
-            sampled = torch.where(greedy, sampled, drawn)
-        token_ids = sampled.tolist()
-        return SampleResult(token_ids, self._logprobs(raw, logits, scaled, seqs, token_ids))
+        return raw, logits, scaled, greedy
+
+    def token_logprobs(self, raw, processed, scaled, seqs, token_ids) -> list[TokenLogprob | None]:
+        """The logprobs entry of each row's chosen token, as the sampler reports them."""
+        return self._logprobs(raw, processed, scaled, seqs, token_ids)
 
     def _process(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Logits processors that change which tokens are possible, then penalties."""

@@ -39,6 +39,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # Slots each decode reserves beyond its next token: speculative decoding writes the KV of
+        # k draft tokens in the same step (engine.spec_decode); 0 otherwise.
+        self.num_lookahead_slots = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -59,7 +62,7 @@ class Scheduler:
             if seq.is_prefilling:
                 kept.append(seq)
                 continue
-            # The token this step feeds is already counted in seq.num_tokens: room for it, nothing more.
+            # The token this step feeds is already counted in seq.num_tokens: room for it (and lookahead).
             while not self.block_manager.can_append(seq, 0):
                 if running:
                     self._preempt(running.pop())
@@ -68,10 +71,15 @@ class Scheduler:
             if not self.block_manager.can_append(seq, 0):
                 self._preempt(seq)
                 continue
-            self.block_manager.append_slots(seq, 0)
+            # Lookahead is best effort, never a reason to preempt: a sequence speculates as far as its
+            # block table reaches (engine.spec_decode caps its proposals there).
+            lookahead = self.num_lookahead_slots
+            if lookahead and not self.block_manager.can_append(seq, lookahead):
+                lookahead = 0
+            self.block_manager.append_slots(seq, lookahead)
             decodes.append(seq)
             kept.append(seq)
-            budget -= 1
+            budget -= 1 + lookahead
         self.running = kept
 
         # 2. Partially prefilled running sequences continue their chunks.

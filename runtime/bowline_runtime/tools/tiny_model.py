@@ -257,3 +257,41 @@ def _embed_chat_template(out: Path) -> None:
     config["chat_template"] = CHAT_TEMPLATE
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     (out / "chat_template.jinja").unlink(missing_ok=True)
+
+
+def build_draft_model(target_dir: str | Path, out_dir: str | Path, num_layers: int | None = 1) -> Path:
+    """A draft model for speculative decoding that shares `target_dir`'s tokenizer: the target's first
+    `num_layers` decoder layers with its embedding, final norm and LM head (a truncated target agrees
+    with it far more often than unrelated random weights would), or, with `num_layers` None, a full copy
+    of the target (which accepts every proposal: the ceiling of the speed-up). A config-only target gives
+    a config-only draft (serve both with --load-format dummy)."""
+    import shutil
+
+    from transformers import AutoConfig
+
+    target, out = Path(target_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = AutoConfig.from_pretrained(target)
+    if num_layers is not None:
+        if not 1 <= num_layers <= config.num_hidden_layers:
+            raise ValueError(f"a draft of {num_layers} layers: choose 1..{config.num_hidden_layers}")
+    if not any(target.glob("*.safetensors")):
+        if num_layers is not None:
+            config.num_hidden_layers = num_layers
+        config.save_pretrained(out)
+    else:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+        if num_layers is not None:
+            model.model.layers = model.model.layers[:num_layers]
+            model.config.num_hidden_layers = num_layers
+            if getattr(model.config, "layer_types", None):
+                model.config.layer_types = model.config.layer_types[:num_layers]
+        model.save_pretrained(out, safe_serialization=True)
+    for path in target.iterdir():
+        if path.is_file() and (path.name.startswith(("tokenizer", "special_tokens", "vocab", "merges"))
+                               or path.name in ("generation_config.json", "chat_template.jinja")):
+            shutil.copy2(path, out / path.name)
+    return out
