@@ -7,6 +7,7 @@ paged prefill attention, or one token through the decode path) without knowing a
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,9 @@ class SeqView:
         return len(self.token_ids)
 
 
+_ROW_IDS = itertools.count(1)
+
+
 def view(seq: Sequence, extra: list[int], num_computed: int) -> SeqView:
     return SeqView(seq.seq_id, seq.token_ids + extra, num_computed, seq.block_table, seq.params, seq.num_prompt_tokens)
 
@@ -54,54 +58,49 @@ def build_verify_plan(
     batch: ScheduledBatch, drafts: list[list[int]], proposals: list[list[torch.Tensor | None]],
     block_size: int, group_decodes: bool,
 ) -> VerifyPlan:
-    """Decodes without drafts stay single-token decodes; decodes with k drafts feed last token + drafts
-    (k + 1 positions, every one's logits kept); prefill chunks go as scheduled."""
+    """A decode with k drafts feeds its last token and the k drafts as k + 1 decode rows, row j a view
+    of the sequence grown by j drafts (context length N + j, the same block table): each row attends
+    through the decode path exactly as the non-speculative step would at that position, and the
+    keys/values of all rows are written before any row attends. Prefill chunks go as scheduled."""
     d = batch.num_decodes
-    plain = [i for i in range(d) if not drafts[i]]
-    spec = [i for i in range(d) if drafts[i]]
-    order = plain + spec + list(range(d, len(batch.seqs)))
     packed: list = []
-    counts: list[int] = []
-    for i in order:
+    owner: list[int] = []  # packed entry -> index into batch.seqs
+    for i in range(d):
         seq = batch.seqs[i]
-        if i < d and drafts[i]:
-            packed.append(view(seq, drafts[i], seq.num_computed_tokens))
-            counts.append(len(drafts[i]) + 1)
-        else:
+        if not drafts[i]:
             packed.append(seq)
-            counts.append(batch.num_tokens[i])
-    inner = prepare_step(ScheduledBatch(packed, counts, len(plain)), block_size, group_decodes=group_decodes)
+            owner.append(i)
+            continue
+        for j in range(len(drafts[i]) + 1):
+            row = view(seq, drafts[i][:j], seq.num_computed_tokens + j)
+            row.seq_id = -next(_ROW_IDS)  # never reuse a staged context for rows that may be rejected
+            packed.append(row)
+            owner.append(i)
+    num_rows = len(packed)
+    packed.extend(batch.seqs[d:])
+    owner.extend(range(d, len(batch.seqs)))
+    counts = [1] * num_rows + batch.num_tokens[d:]
+    inner = prepare_step(ScheduledBatch(packed, counts, num_rows), block_size, group_decodes=group_decodes)
 
-    old_keep = inner.step.keep.tolist()
-    keep: list[int] = []
     sample_rows: list[int] = []
     prompt_rows: list[tuple[int, int, int] | None] = []
     spec_rows: list[tuple[int, int] | None] = []
-    cursor = 0
-    for j, n in enumerate(counts):
-        if len(plain) <= j < len(plain) + len(spec):
-            spec_rows.append((len(keep), n))
-            keep.extend(range(cursor, cursor + n))
+    first_entry: dict[int, int] = {}
+    for entry, i in enumerate(owner):
+        first_entry.setdefault(i, entry)
+    for i in range(len(batch.seqs)):
+        entry = first_entry[i]
+        if i < d and drafts[i]:
+            spec_rows.append((inner.sample_rows[entry], len(drafts[i]) + 1))
             sample_rows.append(-1)
             prompt_rows.append(None)
         else:
             spec_rows.append(None)
-            rows = inner.prompt_rows[j]
-            if rows is not None:
-                first, pos, count = rows
-                prompt_rows.append((len(keep), pos, count))
-                keep.extend(old_keep[first : first + count])
-            else:
-                prompt_rows.append(None)
-            if inner.sample_rows[j] >= 0:
-                sample_rows.append(len(keep))
-                keep.append(old_keep[inner.sample_rows[j]])
-            else:
-                sample_rows.append(-1)
-        cursor += n
-    inner.step.keep = torch.tensor(keep, dtype=torch.long)
+            sample_rows.append(inner.sample_rows[entry])
+            prompt_rows.append(inner.prompt_rows[entry])
     plan = StepPlan(inner.step, sample_rows, prompt_rows)
     return VerifyPlan(
-        plan, [batch.seqs[i] for i in order], counts, spec_rows,
-        [drafts[i] if i < d else [] for i in order], [proposals[i] if i < d else [] for i in order],
+        plan, list(batch.seqs), list(batch.num_tokens), spec_rows,
+        [drafts[i] if i < d else [] for i in range(len(batch.seqs))],
+        [proposals[i] if i < d else [] for i in range(len(batch.seqs))],
     )

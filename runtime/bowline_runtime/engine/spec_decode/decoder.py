@@ -39,6 +39,16 @@ def draft_budget(seq: Sequence, k: int, max_model_len: int, block_size: int) -> 
     return max(0, budget)
 
 
+def depends_on_output(seq: Sequence) -> bool:
+    """Whether the sampler's processing of a row depends on the tokens before it (penalties, bad words,
+    min_tokens, a grammar): then each position is processed after the previous one is accepted."""
+    p = seq.params
+    return bool(
+        seq.constraint is not None or seq.bad_word_ids or seq.num_output_tokens < p.min_tokens
+        or p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
+    )
+
+
 class SpeculativeDecoder:
     def __init__(self, spec: SpeculativeConfig, engine_config, device, dtype, hf_config, vocab_size: int) -> None:
         self.spec = spec
@@ -119,10 +129,16 @@ class SpeculativeDecoder:
         draft, qs = verify.drafts[i], verify.proposals[i]
         sampler = engine.sampler
         accepted = 0
+        batched = None
+        if not depends_on_output(seq):  # every position processed alike: one call for all of them
+            batched = sampler.distributions(logits[first : first + count], [seq] * count)
         for j in range(count):
             # Processed on the sequence as it stands: penalties, bad words, min_tokens and the grammar
             # see exactly the tokens accepted so far, as they would without speculation.
-            raw, processed, scaled, greedy = sampler.distributions(logits[first + j : first + j + 1], [seq])
+            if batched is not None:
+                raw, processed, scaled, greedy = (t[j : j + 1] for t in batched)
+            else:
+                raw, processed, scaled, greedy = sampler.distributions(logits[first + j : first + j + 1], [seq])
             is_draft = j < len(draft)
             if bool(greedy[0]):
                 token = int(processed[0].argmax())
