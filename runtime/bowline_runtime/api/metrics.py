@@ -11,10 +11,10 @@ import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from bowline_runtime.engine.outputs import EngineStats
+from bowline_runtime.engine.outputs import EngineStats, SpecDecodeStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -42,6 +42,28 @@ class _EngineGauges(Collector):
             family = GaugeMetricFamily(name, doc, labels=["model_name"])
             family.add_metric([self._model_name], float(value))
             yield family
+        if stats is not None and stats.spec_decode is not None:
+            yield from spec_decode_counters(self._model_name, stats.spec_decode)
+
+
+def spec_decode_counters(model_name: str, spec: SpecDecodeStats) -> Iterator[CounterMetricFamily]:
+    """vLLM's speculative-decoding counters, read from the engine's running totals at scrape time."""
+    totals = {
+        "vllm:spec_decode_num_drafts": ("Speculative proposals (one per sequence and step).", spec.num_drafts),
+        "vllm:spec_decode_num_draft_tokens": ("Draft tokens proposed.", spec.num_draft_tokens),
+        "vllm:spec_decode_num_accepted_tokens": ("Draft tokens accepted.", spec.num_accepted_tokens),
+    }
+    for name, (doc, value) in totals.items():
+        family = CounterMetricFamily(name, doc, labels=["model_name"])
+        family.add_metric([model_name], float(value))
+        yield family
+    per_pos = CounterMetricFamily(
+        "vllm:spec_decode_num_accepted_tokens_per_pos", "Draft tokens accepted, by position in the draft.",
+        labels=["model_name", "position"],
+    )
+    for position, value in enumerate(spec.accepted_per_pos):
+        per_pos.add_metric([model_name, str(position)], float(value))
+    yield per_pos
 
 
 class ServerMetrics:
