@@ -251,3 +251,22 @@ def test_seeded_sampling_with_a_draft_follows_the_targets_distribution(tiny_mode
     p_next = _top_k_probs(ref, prompt + [top_b], vocab)
     tv = 0.5 * sum(abs(p_next.get(t, 0.0) - float(q[t])) for t in set(p_next) | set(torch.topk(q, 20).indices.tolist()))
     assert tv > 0.3, "the draft is too close to the target for this test to detect a wrong rule"
+
+
+def test_tensor_parallel_two_ranks_greedy_is_the_same_with_a_draft_and_with_ngram(tiny_model_dir, drafts):
+    """Target sharded over two ranks, the draft beside rank 0; compared with the same tp=2 engine unspeculated."""
+    reqs = None
+    results = {}
+    for name, kw in (("plain", {}), ("draft", {"speculative_model": drafts["layer1"], "num_speculative_tokens": 3}),
+                     ("ngram", {"speculative_model": "[ngram]", "num_speculative_tokens": 3})):
+        engine = make(tiny_model_dir, tensor_parallel_size=2, **kw)
+        try:
+            reqs = reqs or greedy_requests(engine, max_new=16)
+            results[name] = ([r["ids"] for r in one_at_a_time(engine, reqs[:1])],
+                             [r["ids"] for r in concurrently(engine, reqs)])
+            if kw:
+                assert engine.stats().spec_decode.num_draft_tokens > 0
+        finally:
+            engine.shutdown()
+    assert results["draft"] == results["plain"] and results["ngram"] == results["plain"]
+    assert results["plain"][0] == results["plain"][1][:1]
