@@ -7,7 +7,7 @@ PORT   ?= 8000
 MODEL  ?= models/tiny
 PYTEST_ARGS ?=
 
-.PHONY: help install run test unit integration lint bench bench-operator images kind-up kind-down e2e helm-lint tiny-model clean
+.PHONY: help install run test unit integration lint bench bench-spec-decode bench-operator images kind-up kind-down e2e helm-lint tiny-model clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -68,6 +68,12 @@ bench: install $(BIN)/.bench-installed ## engine and server benchmarks against b
 
 bench-full: install $(BIN)/.bench-installed ## the full matrix: bowline, vllm, generate() seq+batch; short+mixed; c=1,8,16,32
 	$(BIN)/python -m bench.run --full $(BENCH_ARGS)
+
+# Speculative decoding rows (none / n-gram / copy-of-target / 2-layer draft at c=1 and c=8). SPEC_ARGS passes flags on.
+SPEC_ARGS ?=
+
+bench-spec-decode: install ## speculative decoding against none, in process, on the bench model
+	$(BIN)/python -m bench.spec_decode_bench $(SPEC_ARGS)
 
 # Batch-1 decode against the memory-bandwidth limit, in process. ROOFLINE_ARGS passes flags on; on a GPU:
 # make bench-roofline ROOFLINE_ARGS="--device cuda --dtype bfloat16 --model-preset qwen2.5-0.5b"

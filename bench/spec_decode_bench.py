@@ -1,0 +1,115 @@
+"""`python -m bench.spec_decode_bench`: speculative decoding against no speculation, same engine, same run.
+
+    python -m bench.spec_decode_bench                 # bench preset, c=1 and c=8, k=4
+    python -m bench.spec_decode_bench --quick         # smoke run: tiny preset, 2 requests, 16 tokens
+
+Rows: no speculation, n-gram prompt lookup on a repetitive workload (prompts whose continuation repeats
+their text), a copy-of-target draft (accepts everything: the ceiling, i.e. how cheap verification is)
+and a 2-layer draft (the target's first two layers). Each row reports output tok/s, its ratio to the
+no-speculation row of the same workload and concurrency, and the acceptance rate (accepted / drafted).
+Greedy decoding, in process (LLMEngine), so the figures are the engine's, not HTTP's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from bowline_runtime.config import EngineConfig
+from bowline_runtime.engine.llm_engine import LLMEngine
+from bowline_runtime.engine.sampling_params import SamplingParams
+from bowline_runtime.tools.tiny_model import build_draft_model, build_tiny_model
+
+_REPEAT = "the model serves tokens on a cluster of nodes and every request streams text back to the client "
+_SHORT = ["write a short story about a boat", "hello world how are you today", "one two three four five",
+          "kubernetes operator deployment service pod", "json schema object array string number"]
+
+
+def workload(kind: str, n: int) -> list[str]:
+    if kind == "repetitive":  # text the continuation can copy: what n-gram lookup is for
+        return [(_REPEAT * 3) + " ".join(_REPEAT.split()[: 3 + i % 5]) for i in range(n)]
+    return [_SHORT[i % len(_SHORT)] for i in range(n)]
+
+
+def measure(engine: LLMEngine, prompts: list[str], concurrency: int, max_tokens: int) -> tuple[float, float | None]:
+    """Output tok/s over all prompts, `concurrency` in flight; and the acceptance rate of this run."""
+    before = engine.stats().spec_decode
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    pending = [engine.tokenizer.encode(p) for p in prompts]
+    next_id, tokens = 0, 0
+    t0 = time.perf_counter()
+    while pending or engine.has_unfinished_requests():
+        while pending and len(engine.requests) < concurrency:
+            engine.add_request(str(next_id), engine.check_request(pending.pop(0), params))
+            next_id += 1
+        for out in engine.step():
+            tokens += sum(len(c.new_token_ids) for c in out.outputs)
+    elapsed = time.perf_counter() - t0
+    after = engine.stats().spec_decode
+    rate = None
+    if after is not None:
+        drafted = after.num_draft_tokens - (before.num_draft_tokens if before else 0)
+        accepted = after.num_accepted_tokens - (before.num_accepted_tokens if before else 0)
+        rate = accepted / drafted if drafted else 0.0
+    return tokens / elapsed, rate
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.spec_decode_bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="bench")
+    p.add_argument("--models", default="models", help="folder of the model folders (built if missing)")
+    p.add_argument("--concurrency", default="1,8")
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("-k", "--num-speculative-tokens", type=int, default=4)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny preset, 2 requests, 16 tokens")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.preset, args.requests, args.max_tokens, args.concurrency = "tiny", 2, 16, "1,2"
+    root = Path(args.models)
+    target = root / args.preset
+    if not (target / "config.json").exists():
+        build_tiny_model(target, preset=args.preset)
+    copy, two = root / f"{args.preset}-draft-copy", root / f"{args.preset}-draft-2layer"
+    if not (copy / "config.json").exists():
+        build_draft_model(target, copy, num_layers=None)
+    if not (two / "config.json").exists():
+        build_draft_model(target, two, num_layers=min(2, _layers(target)))
+    k = args.num_speculative_tokens
+    rows = [
+        ("no speculation", "short", {}),
+        ("no speculation", "repetitive", {}),
+        ("n-gram", "repetitive", {"speculative_model": "[ngram]", "num_speculative_tokens": k}),
+        ("copy-of-target draft", "short", {"speculative_model": str(copy), "num_speculative_tokens": k}),
+        ("2-layer draft", "short", {"speculative_model": str(two), "num_speculative_tokens": k}),
+    ]
+    levels = [int(c) for c in args.concurrency.split(",")]
+    baseline: dict[tuple[str, int], float] = {}
+    print(f"| method | workload | c | output tok/s | x no speculation | acceptance |  (k={k}, {args.preset})")
+    print("|---|---|---|---|---|---|")
+    for name, kind, kw in rows:
+        engine = LLMEngine(EngineConfig(model=str(target), device=args.device, **kw))
+        try:
+            measure(engine, workload(kind, 1), 1, 8)  # warm-up
+            for c in levels:
+                tps, rate = measure(engine, workload(kind, args.requests), c, args.max_tokens)
+                if not kw:
+                    baseline[(kind, c)] = tps
+                ratio = tps / baseline[(kind, c)] if (kind, c) in baseline else float("nan")
+                acc = "-" if rate is None else f"{rate:.0%}"
+                print(f"| {name} | {kind} | {c} | {tps:.1f} | {ratio:.2f} | {acc} |", flush=True)
+        finally:
+            engine.shutdown()
+
+
+def _layers(model_dir: Path) -> int:
+    import json
+
+    return json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+
+
+if __name__ == "__main__":
+    main()
