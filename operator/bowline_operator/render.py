@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .accelerators import AcceleratorProfile, profile_for
-from .spec import InferenceServiceSpec
+from .spec import InferenceServiceSpec, ModelSpec
 
 GROUP = "serving.bowline.dev"
 VERSION = "v1alpha1"
@@ -22,6 +22,7 @@ PLURAL = "inferenceservices"
 
 INSTANCE_LABEL = f"{GROUP}/inferenceservice"
 MODEL_DIR = "/mnt/models"
+DRAFT_MODEL_DIR = "/mnt/draft-model"  # spec.speculative.model
 CONTAINER = "runtime"
 PORT_NAME = "http"
 # preStop gives endpoints controllers time to drop the pod before SIGTERM; the runtime then drains
@@ -84,25 +85,30 @@ def _profile(spec: InferenceServiceSpec) -> AcceleratorProfile:
 
 def _model_volume(spec: InferenceServiceSpec) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
     """Where the runtime finds the weights: (path in the container, volumes, volume mounts)."""
-    source = spec.model.source
+    return _volume_for(spec.model, "model", MODEL_DIR)
+
+
+def _volume_for(model: ModelSpec, name: str, mount_dir: str) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
+    """A model source as (path in the container, volumes, mounts); volumes are `name` / `name`-cache."""
+    source = model.source
     if source.startswith("pvc://"):
         claim, _, sub = source.removeprefix("pvc://").partition("/")
-        volume = {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
-        mount = {"name": "model", "mountPath": MODEL_DIR, "readOnly": True}
-        return f"{MODEL_DIR}/{sub}".rstrip("/"), [volume], [mount]
+        volume = {"name": name, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        mount = {"name": name, "mountPath": mount_dir, "readOnly": True}
+        return f"{mount_dir}/{sub}".rstrip("/"), [volume], [mount]
     if source.startswith("hostPath://"):
         path = source.removeprefix("hostPath://")
-        volume = {"name": "model", "hostPath": {"path": path, "type": "Directory"}}
-        mount = {"name": "model", "mountPath": MODEL_DIR, "readOnly": True}
-        return MODEL_DIR, [volume], [mount]
+        volume = {"name": name, "hostPath": {"path": path, "type": "Directory"}}
+        mount = {"name": name, "mountPath": mount_dir, "readOnly": True}
+        return mount_dir, [volume], [mount]
     if source.startswith("hf://"):
         repo = source.removeprefix("hf://")
         empty_dir: dict[str, Any] = {}
-        if spec.model.cache_size_limit is not None:
-            empty_dir["sizeLimit"] = str(spec.model.cache_size_limit)
-        volume = {"name": "model-cache", "emptyDir": empty_dir}
-        mount = {"name": "model-cache", "mountPath": MODEL_DIR}
-        return f"{MODEL_DIR}/{repo}", [volume], [mount]
+        if model.cache_size_limit is not None:
+            empty_dir["sizeLimit"] = str(model.cache_size_limit)
+        volume = {"name": f"{name}-cache", "emptyDir": empty_dir}
+        mount = {"name": f"{name}-cache", "mountPath": mount_dir}
+        return f"{mount_dir}/{repo}", [volume], [mount]
     return source, [], []  # a path inside the image
 
 
@@ -115,18 +121,20 @@ _DOWNLOAD_SCRIPT = (
 
 
 def _download_init_container(spec: InferenceServiceSpec, image: str, model_path: str,
-                             security_context: dict[str, Any]) -> dict[str, Any]:
-    """Downloads an `hf://` model into the cache volume before the server starts."""
-    repo = spec.model.source.removeprefix("hf://")
-    env: list[dict[str, Any]] = [{"name": "HF_HOME", "value": f"{MODEL_DIR}/.hf-home"}]
-    if spec.model.hf_token_secret_name:
-        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": spec.model.hf_token_secret_name, "key": "token"}}})
+                             security_context: dict[str, Any], model: ModelSpec | None = None,
+                             name: str = "model", mount_dir: str = MODEL_DIR) -> dict[str, Any]:
+    """Downloads an `hf://` model (the main one, or `model` into volume `name`-cache) before the server starts."""
+    model = model or spec.model
+    repo = model.source.removeprefix("hf://")
+    env: list[dict[str, Any]] = [{"name": "HF_HOME", "value": f"{mount_dir}/.hf-home"}]
+    if model.hf_token_secret_name:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": model.hf_token_secret_name, "key": "token"}}})
     container: dict[str, Any] = {
-        "name": "model-download",
+        "name": f"{name}-download",
         "image": image,
-        "command": ["python", "-c", _DOWNLOAD_SCRIPT, repo, spec.model.revision or "main", model_path],
+        "command": ["python", "-c", _DOWNLOAD_SCRIPT, repo, model.revision or "main", model_path],
         "env": env,
-        "volumeMounts": [{"name": "model-cache", "mountPath": MODEL_DIR}],
+        "volumeMounts": [{"name": f"{name}-cache", "mountPath": mount_dir}],
         "securityContext": security_context,
     }
     if spec.runtime.image_pull_policy:
@@ -159,7 +167,25 @@ def runtime_args(owner: Owner, spec: InferenceServiceSpec, model_path: str) -> l
             args += [flag, str(value)]
     if engine.enable_prefix_caching:
         args.append("--enable-prefix-caching")
-    return args + list(engine.extra_args)
+    return args + speculative_args(spec) + list(engine.extra_args)
+
+
+def speculative_args(spec: InferenceServiceSpec) -> list[str]:
+    """spec.speculative as vLLM's speculative-decoding flags; the draft is mounted at DRAFT_MODEL_DIR."""
+    spec_dec = spec.speculative
+    if spec_dec is None:
+        return []
+    if spec_dec.resolved_method == "ngram" or spec_dec.model is None:
+        args = ["--speculative-model", "[ngram]"]
+    else:
+        args = ["--speculative-model", _volume_for(spec_dec.model, "draft-model", DRAFT_MODEL_DIR)[0]]
+    args += ["--num-speculative-tokens", str(spec_dec.num_speculative_tokens)]
+    for flag, value in (("--ngram-prompt-lookup-max", spec_dec.prompt_lookup_max),
+                        ("--ngram-prompt-lookup-min", spec_dec.prompt_lookup_min),
+                        ("--speculative-disable-by-batch-size", spec_dec.disable_by_batch_size)):
+        if value is not None:
+            args += [flag, str(value)]
+    return args
 
 
 def _env(spec: InferenceServiceSpec, profile: AcceleratorProfile) -> list[dict[str, Any]]:
@@ -249,6 +275,14 @@ def render_deployment(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any
     }
     if spec.model.source.startswith("hf://"):
         pod_spec["initContainers"] = [_download_init_container(spec, image, model_path, container_security)]
+    draft = spec.speculative.model if spec.speculative is not None else None
+    if draft is not None:  # the draft model is mounted (or downloaded) like the main one
+        draft_path, draft_volumes, draft_mounts = _volume_for(draft, "draft-model", DRAFT_MODEL_DIR)
+        volumes.extend(draft_volumes)
+        mounts.extend(draft_mounts)
+        if draft.source.startswith("hf://"):
+            pod_spec.setdefault("initContainers", []).append(_download_init_container(
+                spec, image, draft_path, container_security, draft, "draft-model", DRAFT_MODEL_DIR))
     node_selector = {**profile.node_selector, **rt.node_selector}
     if node_selector:
         pod_spec["nodeSelector"] = node_selector

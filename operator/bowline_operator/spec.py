@@ -76,6 +76,21 @@ class RuntimeSpec(_Model):
     startup_timeout_seconds: int = Field(default=1800, ge=60)
 
 
+class SpeculativeSpec(_Model):
+    """Speculative decoding: a draft model (mounted like the main one) or n-gram prompt lookup."""
+
+    method: Literal["draft_model", "ngram"] | None = None  # None: draft_model
+    model: ModelSpec | None = None
+    num_speculative_tokens: int = Field(ge=1, le=16)
+    prompt_lookup_max: int | None = Field(default=None, ge=1, le=64)
+    prompt_lookup_min: int | None = Field(default=None, ge=1, le=64)
+    disable_by_batch_size: int | None = Field(default=None, ge=1)
+
+    @property
+    def resolved_method(self) -> str:
+        return self.method or "draft_model"
+
+
 class InferenceServiceSpec(_Model):
     model: ModelSpec
     accelerator: AcceleratorSpec
@@ -83,6 +98,7 @@ class InferenceServiceSpec(_Model):
     max_model_len: int | None = Field(default=None, ge=1)
     replicas: int = Field(default=1, ge=0)
     engine: EngineSpec = Field(default_factory=EngineSpec)
+    speculative: SpeculativeSpec | None = None
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
 
 

@@ -50,6 +50,9 @@ def cross_field_problems(spec: InferenceServiceSpec) -> list[str]:
         problems.append("engine.maxNumBatchedTokens must be at least engine.maxNumSeqs")
     if any(MANAGED_FLAG_PATTERN.match(arg) for arg in eng.extra_args):
         problems.append("engine.extraArgs must not set flags the operator manages; use the matching spec field")
+    spec_dec = spec.speculative
+    if spec_dec is not None and (spec_dec.model is None) != (spec_dec.resolved_method == "ngram"):
+        problems.append("speculative.model is required for the draft_model method and must be unset for ngram")
     return problems
 
 
