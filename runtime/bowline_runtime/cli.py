@@ -27,7 +27,19 @@ def main(argv: list[str] | None = None) -> None:
                       help="write config, generation config and tokenizer but no weights, for --load-format dummy "
                            "(default: on for qwen2.5-0.5b, off for the small presets)")
 
+    draft = sub.add_parser("make-draft-model", help="write a speculative-decoding draft of a model folder")
+    draft.add_argument("target_dir")
+    draft.add_argument("out_dir")
+    draft.add_argument("--num-layers", type=int, default=1, help="keep the target's first N layers (default 1)")
+    draft.add_argument("--copy", action="store_true", help="a full copy of the target (accepts every proposal)")
+
     args = parser.parse_args(argv)
+    if args.command == "make-draft-model":
+        from bowline_runtime.tools.tiny_model import build_draft_model
+
+        path = build_draft_model(args.target_dir, args.out_dir, num_layers=None if args.copy else args.num_layers)
+        print(f"wrote a draft of {args.target_dir} to {path}")
+        return
     if args.command == "make-tiny-model":
         from bowline_runtime.tools.tiny_model import build_tiny_model
 

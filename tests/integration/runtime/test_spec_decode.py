@@ -48,13 +48,15 @@ def run_all(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]])
     results: dict[str, dict] = {}
     for i, (ids, params) in enumerate(requests):
         engine.add_request(str(i), engine.check_request(ids, params))
-        results[str(i)] = {"ids": [], "text": "", "finish_reason": None}
+        results[str(i)] = {"ids": [], "text": "", "finish_reason": None, "logprobs": [], "prompt_logprobs": None}
     while engine.has_unfinished_requests():
         for out in engine.step():
             entry, cand = results[out.request_id], out.outputs[0]
             entry["ids"] += cand.new_token_ids
             entry["text"] += cand.new_text
             entry["finish_reason"] = cand.finish_reason
+            entry["logprobs"] += cand.new_logprobs or []
+            entry["prompt_logprobs"] = entry["prompt_logprobs"] or out.prompt_logprobs
     return results
 
 
@@ -147,6 +149,7 @@ def test_stop_strings_max_tokens_guided_json_and_sampling_mixed_hold_and_free_ev
                                 repetition_penalty=1.2, logit_bias={5: 3.0})),
         (ids[6], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, frequency_penalty=1.0,
                                 bad_words=["the"])),
+        (ids[0], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2, prompt_logprobs=1)),
     ]
     expected = concurrently(baseline, requests)
     for engine in (ngram, draft):
@@ -160,7 +163,40 @@ def test_stop_strings_max_tokens_guided_json_and_sampling_mixed_hold_and_free_ev
         assert got[3]["ids"] == expected[3]["ids"]
         assert len(got[4]["ids"]) <= 12
         assert got[5]["ids"] == expected[5]["ids"]  # penalties and bad words on the accepted prefix
+        assert got[6]["ids"] == expected[6]["ids"]
+        for ours, theirs in zip(got[6]["logprobs"], expected[6]["logprobs"], strict=True):
+            assert ours.token_id == theirs.token_id and ours.rank == theirs.rank
+            assert ours.logprob == pytest.approx(theirs.logprob, abs=1e-4)
+            assert [t for t, _ in ours.top] == [t for t, _ in theirs.top]
+        assert [lp and lp.token_id for lp in got[6]["prompt_logprobs"]] == \
+            [lp and lp.token_id for lp in expected[6]["prompt_logprobs"]]
         assert engine.block_manager.num_free_blocks == start_free
+
+
+def test_a_seed_gives_the_same_sample_again_under_speculation(ngram):
+    ids = ngram.tokenizer.encode(PROMPTS[0])
+    params = SamplingParams(temperature=0.9, max_tokens=16, ignore_eos=True, seed=11)
+    first, again = (one_at_a_time(ngram, [(ids, params)])[0]["ids"] for _ in range(2))
+    assert first == again and len(first) == 16
+
+
+def test_disable_by_batch_size_stops_proposals_while_the_batch_is_large(tiny_model_dir, baseline_greedy):
+    engine = make(tiny_model_dir, speculative_model="[ngram]", num_speculative_tokens=3,
+                  speculative_disable_by_batch_size=4)
+    try:
+        reqs = greedy_requests(engine)
+        engine.add_request("big", engine.check_request(*reqs[0]))
+        for i, r in enumerate(reqs[1:]):
+            engine.add_request(str(i), engine.check_request(*r))
+        engine.step()  # the prefills
+        engine.step()  # eight decodes: no proposals
+        assert engine.stats().spec_decode.num_drafts == 0
+        while engine.has_unfinished_requests():
+            engine.step()
+        assert [r["ids"] for r in one_at_a_time(engine, reqs[:1])] == baseline_greedy[:1]
+        assert engine.stats().spec_decode.num_drafts > 0  # alone, it speculates again
+    finally:
+        engine.shutdown()
 
 
 def test_preemption_under_a_small_kv_cache_keeps_greedy_tokens(tiny_model_dir, drafts):

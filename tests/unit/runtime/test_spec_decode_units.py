@@ -73,6 +73,11 @@ def test_rejection_rule_yields_the_target_law_for_any_proposal():
         token, _ = verify_sampled(p, q, proposal, gen)
         counts[token] += 1
     assert float((counts / draws - p).abs().max()) < 0.015
+    counts = torch.zeros(4)  # a deterministic proposal (n-gram lookup): always token 3, the unlikely one
+    for _ in range(draws):
+        token, _ = verify_sampled(p, None, 3, gen)
+        counts[token] += 1
+    assert float((counts / draws - p).abs().max()) < 0.015
     assert acceptance_probability(p, q, 0) == 1.0 and acceptance_probability(p, None, 1) == pytest.approx(0.3)
     assert residual_distribution(p, None, 0).tolist() == pytest.approx([0.0, 0.6, 0.3, 0.1])
 

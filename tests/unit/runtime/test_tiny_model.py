@@ -81,3 +81,23 @@ def test_config_only_writes_config_and_tokenizer_but_no_weights(tmp_path):
     config = AutoConfig.from_pretrained(tmp_path)
     assert config.model_type == "qwen2" and config.architectures == ["Qwen2ForCausalLM"]
     assert len(AutoTokenizer.from_pretrained(tmp_path)) == PRESETS["tiny"].vocab_size
+
+
+def test_draft_model_shares_the_tokenizer_and_the_first_layers(tiny_model_dir, tmp_path):
+    import torch
+    from bowline_runtime.cli import main
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    main(["make-draft-model", str(tiny_model_dir), str(tmp_path / "d1"), "--num-layers", "1"])
+    main(["make-draft-model", str(tiny_model_dir), str(tmp_path / "copy"), "--copy"])
+    target = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    d1 = AutoModelForCausalLM.from_pretrained(tmp_path / "d1", dtype=torch.float32)
+    copy = AutoModelForCausalLM.from_pretrained(tmp_path / "copy", dtype=torch.float32)
+    assert d1.config.num_hidden_layers == 1 and copy.config.num_hidden_layers == target.config.num_hidden_layers
+    assert torch.equal(d1.model.layers[0].mlp.up_proj.weight, target.model.layers[0].mlp.up_proj.weight)
+    assert torch.equal(d1.lm_head.weight, target.lm_head.weight)
+    text = "hello world 你好"
+    assert AutoTokenizer.from_pretrained(tmp_path / "d1").encode(text) == AutoTokenizer.from_pretrained(tiny_model_dir).encode(text)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.inference_mode():
+        assert torch.equal(copy(ids).logits, target(ids).logits)
