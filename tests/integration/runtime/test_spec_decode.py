@@ -57,6 +57,7 @@ def run_all(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]])
             entry["finish_reason"] = cand.finish_reason
             entry["logprobs"] += cand.new_logprobs or []
             entry["prompt_logprobs"] = entry["prompt_logprobs"] or out.prompt_logprobs
+            entry["cached"] = out.num_cached_tokens
     return results
 
 
@@ -171,6 +172,16 @@ def test_stop_strings_max_tokens_guided_json_and_sampling_mixed_hold_and_free_ev
         assert [lp and lp.token_id for lp in got[6]["prompt_logprobs"]] == \
             [lp and lp.token_id for lp in expected[6]["prompt_logprobs"]]
         assert engine.block_manager.num_free_blocks == start_free
+
+
+@pytest.mark.parametrize("which", ["ngram", "draft"])
+def test_prefix_cache_hits_give_the_same_greedy_tokens(which, request, baseline):
+    engine = request.getfixturevalue(which)
+    long = baseline.tokenizer.encode(PROMPTS[6] * 3)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    expected = one_at_a_time(baseline, [(long, params)])[0]["ids"]
+    first, second = (one_at_a_time(engine, [(long, params)])[0] for _ in range(2))
+    assert second["cached"] > 0 and first["ids"] == second["ids"] == expected
 
 
 def test_a_seed_gives_the_same_sample_again_under_speculation(ngram):

@@ -118,6 +118,11 @@ class SpeculativeDecoder:
             for seq, token_id, lp in zip(to_sample, result.token_ids, result.logprobs, strict=True):
                 engine._append_token(seq, token_id, lp, now)
                 moved.append(seq)
+        if self.draft is not None:
+            for seq in moved:
+                if seq.is_finished:
+                    self.draft.forget(seq)
+            self.draft.prune({s.seq_id for s in engine.scheduler.running})
         return self._outputs(engine, moved)
 
     @torch.inference_mode()
@@ -159,6 +164,8 @@ class SpeculativeDecoder:
         self.stats.num_drafts += 1
         self.stats.num_draft_tokens += len(draft)
         self.stats.num_accepted_tokens += accepted
+        if self.draft is not None:
+            self.draft.accepted(seq, accepted)
         if not seq.is_finished:
             # Only the last token fed and the accepted drafts hold valid KV: the next step starts there.
             seq.num_computed_tokens = seq.num_tokens - 1

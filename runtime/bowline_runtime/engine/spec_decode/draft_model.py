@@ -2,15 +2,19 @@
 
 Its KV cache is its own tensors, indexed by the same block tables as the target's (one block manager,
 each block id holds both models' keys and values), so allocation, preemption, prefix caching and freeing
-need nothing of their own. The draft stays in lockstep with the target: every step it computes the
-tokens the target computes (prompt chunks included), so at a step's start both caches hold the same
-positions. Proposing k tokens feeds the last token and then d_1..d_k one forward each; the last
-forward only writes d_k's KV (no logits), which is what the target holds once all k are accepted.
+need nothing of their own. The draft computes every prompt chunk the target computes, in the same step.
+Proposing k tokens feeds the tokens the draft has not seen yet (the last one, or two when all k drafts
+of the previous step were accepted: d_k and the bonus token) and then d_1..d_(k-1), one forward each.
+
+The draft's cache only shapes proposals, never outputs (the target verifies every token), so a position
+the draft has not computed — a prefix-cache hit on a block whose last draft token was never fed — costs
+acceptance, not correctness.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 
 import torch
@@ -37,6 +41,9 @@ class DraftModelProposer:
         self.vocab_size = vocab_size
         self.block_size = block_size
         self.group_decodes = runner.decode_kernel is None
+        # Per sequence: positions of valid draft KV, and (first draft position, k) of this step's feed.
+        self._computed: dict[int, int] = {}
+        self._fed: dict[int, tuple[int, int]] = {}
 
     @classmethod
     def load(cls, engine_config, model_path: str, device, dtype: torch.dtype, target_hf_config, vocab_size: int):
@@ -69,41 +76,76 @@ class DraftModelProposer:
         q = proposal_distribution(logits_row, self.vocab_size, seq.params.temperature)
         return draw(q, seq.generator), q
 
+    def accepted(self, seq: Sequence, num_accepted: int) -> None:
+        """After verification: the draft's valid positions end at the last accepted token it was fed."""
+        fed = self._fed.get(seq.seq_id)
+        if fed is not None:
+            start, k = fed
+            self._computed[seq.seq_id] = start + min(num_accepted, max(k - 1, 0))
+
+    def forget(self, seq: Sequence) -> None:
+        self._computed.pop(seq.seq_id, None)
+        self._fed.pop(seq.seq_id, None)
+
+    def prune(self, live: set[int]) -> None:
+        """Drop the records of sequences that left without finishing in a step (aborted)."""
+        if len(self._computed) > 2 * len(live) + 64:
+            for table in (self._computed, self._fed):
+                for seq_id in [s for s in table if s not in live]:
+                    del table[seq_id]
+
     @torch.inference_mode()
     def propose(
         self, batch: ScheduledBatch, ks: list[int]
     ) -> tuple[list[list[int]], list[list[torch.Tensor | None]]]:
         """Draft tokens and their proposal distributions (None: a deterministic pick) per decode of
-        `batch`, `ks[i]` for decode i; computes the batch's prefill chunks too (lockstep)."""
+        `batch`, `ks[i]` for decode i; computes the batch's prefill chunks too."""
         d = batch.num_decodes
         decodes = batch.seqs[:d]
         drafts: list[list[int]] = [[] for _ in decodes]
         qs: list[list[torch.Tensor | None]] = [[] for _ in decodes]
-        # Forward 0: each decode's last token, each prefill chunk as scheduled.
-        first = ScheduledBatch(
-            [view(s, [], s.num_computed_tokens) for s in decodes] + batch.seqs[d:],
-            [1] * d + batch.num_tokens[d:], d,
-        )
+        # Forward 0: each decode's unseen tokens (one decode row per position), each prefill chunk as scheduled.
+        rows: list = []
+        wanted: list[int] = []
+        for i, seq in enumerate(decodes):
+            last = seq.num_computed_tokens  # the position of the token this step feeds
+            start = min(self._computed.get(seq.seq_id, last), last)
+            for pos in range(start, last + 1):
+                row = view(seq, [], pos)
+                if pos < last:
+                    row.seq_id = -next(_LAG_IDS)
+                rows.append(row)
+            if ks[i] > 0:
+                wanted.append(len(rows) - 1)
+            self._fed[seq.seq_id] = (last + 1, ks[i])
+            self._computed[seq.seq_id] = last + 1  # moved on by accepted() after verification
+        for seq, n in zip(batch.seqs[d:], batch.num_tokens[d:], strict=True):
+            self._computed[seq.seq_id] = seq.num_computed_tokens + n
+        first = ScheduledBatch(rows + batch.seqs[d:], [1] * len(rows) + batch.num_tokens[d:], len(rows))
         plan = prepare_step(first, self.block_size, group_decodes=self.group_decodes)
-        wanted = [i for i in range(d) if ks[i] > 0]
         plan.step.keep = torch.tensor(wanted, dtype=torch.long)
         logits = self.runner.execute(plan.step)
-        for row, i in enumerate(wanted):
-            token, q = self._choose(logits[row], decodes[i])
-            drafts[i].append(token)
-            qs[i].append(q)
-        # Forwards 1..k: feed the newest draft token; its successor is the next proposal.
-        for j in range(1, max(ks, default=0) + 1):
-            active = [i for i in range(d) if ks[i] >= j]
+        out_row = 0
+        for i in range(d):
+            if ks[i] > 0:
+                token, q = self._choose(logits[out_row], decodes[i])
+                drafts[i].append(token)
+                qs[i].append(q)
+                out_row += 1
+        # Forwards 1..k-1: feed the newest draft token; its successor is the next proposal. The last
+        # draft token is fed only if it is accepted (next step's forward 0).
+        for j in range(1, max(ks, default=0)):
+            active = [i for i in range(d) if ks[i] > j]
             views = [view(decodes[i], drafts[i][:j], decodes[i].num_computed_tokens + j) for i in active]
             plan = prepare_step(ScheduledBatch(views, [1] * len(views), len(views)), self.block_size,
                                 group_decodes=self.group_decodes)
-            wanted_rows = [r for r, i in enumerate(active) if ks[i] > j]
-            plan.step.keep = torch.tensor(wanted_rows, dtype=torch.long)
+            plan.step.keep = torch.arange(len(views), dtype=torch.long)
             logits = self.runner.execute(plan.step)
-            for out_row, r in enumerate(wanted_rows):
-                i = active[r]
+            for out_row, i in enumerate(active):
                 token, q = self._choose(logits[out_row], decodes[i])
                 drafts[i].append(token)
                 qs[i].append(q)
         return drafts, qs
+
+
+_LAG_IDS = itertools.count(1)
