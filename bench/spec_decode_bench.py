@@ -4,8 +4,10 @@
     python -m bench.spec_decode_bench --quick         # smoke run: tiny preset, 2 requests, 16 tokens
 
 Rows: no speculation, n-gram prompt lookup on a repetitive workload (prompts whose continuation repeats
-their text), a copy-of-target draft (accepts everything: the ceiling, i.e. how cheap verification is)
-and a 2-layer draft (the target's first two layers). Each row reports output tok/s, its ratio to the
+their text), a copy-of-target draft (accepts everything, but its k - 1 proposal forwards cost as much as
+the target's), a 2-layer draft (the target's first two layers), and an oracle draft (free and always
+right: the recorded greedy continuation), whose ratio is what one verify forward of k + 1 positions
+costs against k + 1 plain steps — the check that verification is cheap. Each row reports output tok/s, its ratio to the
 no-speculation row of the same workload and concurrency, and the acceptance rate (accepted / drafted).
 Greedy decoding, in process (LLMEngine), so the figures are the engine's, not HTTP's.
 """
@@ -55,6 +57,34 @@ def measure(engine: LLMEngine, prompts: list[str], concurrency: int, max_tokens:
     return tokens / elapsed, rate
 
 
+def install_oracle(engine: LLMEngine, expected: dict[tuple[int, ...], list[int]]) -> None:
+    """Replace the engine's proposer by a free, always-right one (the greedy continuation recorded
+    without speculation): the ratio it reaches is (k + 1) tokens per verify forward, i.e. the measure of
+    how cheap scoring k + 1 positions is; a copy-of-target draft adds k - 1 target-sized forwards."""
+
+    def propose(batch, ks):
+        drafts = []
+        for seq, k in zip(batch.seqs[: batch.num_decodes], ks, strict=True):
+            full = expected.get(tuple(seq.token_ids[: seq.num_prompt_tokens]), [])
+            done = seq.num_output_tokens
+            drafts.append(full[done : done + k])
+        return drafts, [[None] * len(d) for d in drafts]
+
+    engine.speculator._propose = propose
+
+
+def greedy_outputs(engine: LLMEngine, prompts: list[str], max_tokens: int) -> dict[tuple[int, ...], list[int]]:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    ids = {str(i): engine.tokenizer.encode(p) for i, p in enumerate(prompts)}
+    out: dict[str, list[int]] = {k: [] for k in ids}
+    for k, v in ids.items():
+        engine.add_request(k, engine.check_request(v, params))
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out[o.request_id] += o.outputs[0].new_token_ids
+    return {tuple(ids[k]): out[k] for k in ids}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.spec_decode_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         ("n-gram", "repetitive", {"speculative_model": "[ngram]", "num_speculative_tokens": k}),
         ("copy-of-target draft", "short", {"speculative_model": str(copy), "num_speculative_tokens": k}),
         ("2-layer draft", "short", {"speculative_model": str(two), "num_speculative_tokens": k}),
+        ("oracle draft (free, always right)", "short", {"speculative_model": "[ngram]", "num_speculative_tokens": k}),
     ]
     levels = [int(c) for c in args.concurrency.split(",")]
     baseline: dict[tuple[str, int], float] = {}
@@ -93,6 +124,13 @@ def main(argv: list[str] | None = None) -> None:
     for name, kind, kw in rows:
         engine = LLMEngine(EngineConfig(model=str(target), device=args.device, **kw))
         try:
+            if name.startswith("oracle"):
+                prompts = set(workload(kind, args.requests)) | set(workload(kind, 1))
+                plain = LLMEngine(EngineConfig(model=str(target), device=args.device))
+                try:
+                    install_oracle(engine, greedy_outputs(plain, sorted(prompts), args.max_tokens))
+                finally:
+                    plain.shutdown()
             measure(engine, workload(kind, 1), 1, 8)  # warm-up
             for c in levels:
                 tps, rate = measure(engine, workload(kind, args.requests), c, args.max_tokens)
