@@ -82,7 +82,13 @@ def object_path(api_version: str, plural: str, namespace: str, name: str | None 
     return f"{path}/{name}" if name else path
 
 
-PLURALS = {"Deployment": "deployments", "Service": "services"}
+PLURALS = {
+    "Deployment": "deployments",
+    "Service": "services",
+    "ScaledObject": "scaledobjects",
+    "HorizontalPodAutoscaler": "horizontalpodautoscalers",
+    "PodDisruptionBudget": "poddisruptionbudgets",
+}
 
 
 def get(api_version: str, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
@@ -130,3 +136,35 @@ def patch_status(api_version: str, plural: str, namespace: str, name: str, statu
     """Merge-patch the status subresource (lists such as conditions are replaced whole)."""
     path = object_path(api_version, plural, namespace, name) + "/status"
     return with_retries(lambda: request("PATCH", path, {"status": status}, MERGE_PATCH))
+
+
+def served_resources(group_version: str) -> frozenset[str]:
+    """Plural names the API server serves in `group_version` (discovery); empty when the group is absent,
+    e.g. keda.sh/v1alpha1 in a cluster without KEDA's CRDs."""
+    try:
+        listing = with_retries(lambda: request("GET", f"/apis/{group_version}"))
+    except ApiException as error:
+        if error.status == 404:
+            return frozenset()
+        raise
+    return frozenset(r["name"] for r in listing.get("resources", []) if "/" not in r.get("name", "/"))
+
+
+def delete_owned(api_version: str, plural: str, namespace: str, name: str, owner_uid: str) -> bool:
+    """Delete a child the spec no longer needs, if it exists and this owner controls it; True if deleted.
+
+    Objects of the same name that someone else made (no controller reference to `owner_uid`) are left.
+    """
+    live = get(api_version, plural, namespace, name)
+    if live is None:
+        return False
+    refs = live.get("metadata", {}).get("ownerReferences") or []
+    if not any(ref.get("uid") == owner_uid and ref.get("controller") for ref in refs):
+        return False
+    try:
+        with_retries(lambda: request("DELETE", object_path(api_version, plural, namespace, name),
+                                     {"propagationPolicy": "Background"}))
+    except ApiException as error:
+        if error.status != 404:
+            raise
+    return True
