@@ -210,6 +210,14 @@ def unrendered(children: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]
             if kind not in present]
 
 
+def on_create(child: Mapping[str, Any], spec: InferenceServiceSpec) -> dict[str, Any] | None:
+    """What a new child starts with but the operator does not own: a Deployment created under
+    autoscaling starts at minReplicas, instead of 1 until the scaler's first poll."""
+    if child["kind"] == "Deployment" and spec.autoscaling is not None:
+        return {"spec": {"replicas": spec.autoscaling.min_replicas}}
+    return None
+
+
 def desired_replicas(spec: InferenceServiceSpec, deployment: Mapping[str, Any] | None) -> int:
     """The replica count the service should have now: the scaler's (on the Deployment) or spec.replicas."""
     if spec.autoscaling is None:

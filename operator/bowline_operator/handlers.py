@@ -61,7 +61,8 @@ def reconcile_object(body: kopf.Body | dict[str, Any], logger: logging.Logger | 
     keda = checked.spec.autoscaling is not None and autoscaling.KEDA_PLURAL in kube.served_resources(autoscaling.KEDA_API_VERSION)
     children = render_children(owner, checked.spec) + autoscaling.render_scaling(owner, checked.spec, keda)
     for child in children:
-        live, action = kube.apply(child, DEPLOYMENT_PRUNE if child["kind"] == "Deployment" else None)
+        live, action = kube.apply(child, DEPLOYMENT_PRUNE if child["kind"] == "Deployment" else None,
+                                  autoscaling.on_create(child, checked.spec))
         actions.append(f"{child['kind']} {action}")
         if child["kind"] == "Deployment":
             deployment = live

@@ -101,12 +101,15 @@ def get(api_version: str, plural: str, namespace: str, name: str) -> dict[str, A
         raise
 
 
-def apply(desired: dict[str, Any], prune: Mapping[Path, frozenset[str]] | None = None) -> tuple[dict[str, Any], str]:
+def apply(desired: dict[str, Any], prune: Mapping[Path, frozenset[str]] | None = None,
+          on_create: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], str]:
     """Create `desired`, or patch the live object by exactly the difference; returns (object, action).
 
     action is "created", "patched" or "unchanged". A second call with the same `desired` is "unchanged"
     and sends nothing but a GET, which is what makes reconciles safe to repeat. `desired` is recorded in
     the child's LAST_APPLIED annotation, so fields a later `desired` drops are deleted, not left behind.
+    `on_create` is merged into the object only when it is created (a start value others own afterwards,
+    such as the replica count an autoscaler takes over); it is not recorded, so never patched or deleted.
     """
     desired = with_last_applied(desired)
     meta = desired["metadata"]
@@ -117,7 +120,8 @@ def apply(desired: dict[str, Any], prune: Mapping[Path, frozenset[str]] | None =
         live = get(api_version, plural, meta["namespace"], meta["name"])
         if live is None:
             try:
-                return request("POST", object_path(api_version, plural, meta["namespace"]), desired), "created"
+                body = _deep_merge(desired, on_create) if on_create else desired
+                return request("POST", object_path(api_version, plural, meta["namespace"]), body), "created"
             except ApiException as error:
                 if error.status != 409:
                     raise
@@ -130,6 +134,13 @@ def apply(desired: dict[str, Any], prune: Mapping[Path, frozenset[str]] | None =
         return request("PATCH", path, patch, MERGE_PATCH), "patched"
 
     return with_retries(once)
+
+
+def _deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _deep_merge(merged[key], value) if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping) else value
+    return merged
 
 
 def patch_status(api_version: str, plural: str, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:

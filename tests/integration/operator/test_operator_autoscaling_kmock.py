@@ -8,6 +8,7 @@ controller owner references (what the API server's garbage collector follows).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +17,7 @@ import kmock
 import kubernetes
 import pytest
 import yaml
+from bowline_operator.diff import LAST_APPLIED
 from operator_emulator import REPO_ROOT, EmulatorThread, start_operator, stop_operator, wait_for
 
 NS = "default"
@@ -80,19 +82,23 @@ def _deployment_patches_with_replicas(cluster: dict[str, Any], name: str) -> int
 def test_autoscaler_follows_the_spec_from_hpa_to_keda_and_away(cluster: dict[str, Any]) -> None:
     name = "chat"
     obj = _example(name)
+    obj["spec"]["autoscaling"]["minReplicas"] = 2
     cluster["custom"].create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, obj)
 
-    # No KEDA in the cluster: an HPA on the Pods metric, a PDB (max 4 > 1), a Deployment without replicas.
+    # No KEDA in the cluster: an HPA on the Pods metric, a PDB (max 4 > 1), a Deployment that starts at
+    # minReplicas but whose applied record has no replicas (the scaler owns them).
     hpa = wait_for(lambda: _get(cluster, HPA, name), what="HPA")
-    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 4)
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 4)
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "vllm_num_requests_waiting"
     parent = _isvc(cluster, name)
     for child in (hpa, wait_for(lambda: _get(cluster, PDB, name), what="PDB"), _deployment(cluster, name)):
         (ref,) = child["metadata"]["ownerReferences"]
         assert ref["uid"] == parent["metadata"]["uid"] and ref["controller"] is True  # GC'd with the parent
-    assert "replicas" not in _deployment(cluster, name)["spec"]
+    deployment = _deployment(cluster, name)
+    assert deployment["spec"]["replicas"] == 2
+    assert "replicas" not in json.loads(deployment["metadata"]["annotations"][LAST_APPLIED])["spec"]
     status = wait_for(lambda: (s := _isvc(cluster, name).get("status", {})).get("scaler") and s, what="status")
-    assert status["autoscaling"] == "1-4" and status["scaler"] == f"HorizontalPodAutoscaler/{name}"
+    assert status["autoscaling"] == "2-4" and status["scaler"] == f"HorizontalPodAutoscaler/{name}"
 
     # The HPA scales the Deployment to 3: the status follows, the operator does not patch it back.
     cluster["apps"].patch_namespaced_deployment(name, NS, {"spec": {"replicas": 3}},

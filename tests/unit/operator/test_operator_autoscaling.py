@@ -170,6 +170,10 @@ def test_autoscaling_wins_over_replicas_and_the_deployment_leaves_the_count_to_t
     deployment = render_deployment(OWNER, spec)
     assert "replicas" not in deployment["spec"]
     kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+    # A new Deployment starts at minReplicas (a start value only, not in the applied record).
+    assert autoscaling.on_create(deployment, _spec(autoscaling={"minReplicas": 2, "maxReplicas": 4})) == \
+        {"spec": {"replicas": 2}}
+    assert autoscaling.on_create(deployment, _spec("cpu-tiny")) is None
     # Switching an existing Deployment (replicas: 3 applied) to autoscaling keeps the live count.
     before = with_last_applied(render_deployment(OWNER, _spec("cpu-tiny", replicas=3)))
     patch = merge_patch(with_last_applied(deployment), before, None, None)
