@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from .autoscaling import autoscaling_problems
 from .spec import MANAGED_FLAG_PATTERN, InferenceServiceSpec, parse_spec
 
 
@@ -53,6 +54,7 @@ def cross_field_problems(spec: InferenceServiceSpec) -> list[str]:
     spec_dec = spec.speculative
     if spec_dec is not None and (spec_dec.model is None) != (spec_dec.resolved_method == "ngram"):
         problems.append("speculative.model is required for the draft_model method and must be unset for ngram")
+    problems += autoscaling_problems(spec)
     return problems
 
 
