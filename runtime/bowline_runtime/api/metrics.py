@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from bowline_runtime.engine.outputs import EngineStats, SpecDecodeStats
@@ -30,7 +30,7 @@ class _EngineGauges(Collector):
         self._model_name = model_name
         self._stats = stats
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         stats = self._stats()
         values = {
             "vllm:num_requests_running": ("Requests in the running batch.", stats.num_running if stats else 0),

@@ -130,7 +130,9 @@ class SpeculativeDecoder:
         """Append the target's tokens for one speculating sequence: the accepted drafts, then the
         correction at the first rejection or the bonus token after the last draft."""
         seq = verify.seqs[i]
-        first, count = verify.spec_rows[i]
+        rows = verify.spec_rows[i]
+        assert rows is not None
+        first, count = rows
         draft, qs = verify.drafts[i], verify.proposals[i]
         sampler = engine.sampler
         accepted = 0

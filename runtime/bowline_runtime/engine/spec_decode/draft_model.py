@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+from typing import Any
 
 import torch
 
@@ -36,8 +37,9 @@ def proposal_distribution(logits_row: torch.Tensor, vocab_size: int, temperature
 
 
 class DraftModelProposer:
-    def __init__(self, runner: ModelRunner, vocab_size: int, block_size: int) -> None:
+    def __init__(self, runner: ModelRunner, vocab_size: int, block_size: int, num_kv_heads: int) -> None:
         self.runner = runner
+        self.num_kv_heads = num_kv_heads
         self.vocab_size = vocab_size
         self.block_size = block_size
         self.group_decodes = runner.decode_kernel is None
@@ -59,8 +61,7 @@ class DraftModelProposer:
         draft_config = dataclasses.replace(engine_config, model=model_path, tokenizer=None, tensor_parallel_size=1)
         runner = build_runner(draft_config, device, dtype, 0, 1)
         kv_heads = getattr(draft_hf, "num_key_value_heads", None) or draft_hf.num_attention_heads
-        proposer = cls(runner, vocab_size, engine_config.block_size)
-        proposer.num_kv_heads = kv_heads
+        proposer = cls(runner, vocab_size, engine_config.block_size, kv_heads)
         logger.info("draft model %s (%d layers) loaded", model_path, draft_hf.num_hidden_layers)
         return proposer
 
@@ -105,7 +106,7 @@ class DraftModelProposer:
         drafts: list[list[int]] = [[] for _ in decodes]
         qs: list[list[torch.Tensor | None]] = [[] for _ in decodes]
         # Forward 0: each decode's unseen tokens (one decode row per position), each prefill chunk as scheduled.
-        rows: list = []
+        rows: list[Any] = []
         wanted: list[int] = []
         for i, seq in enumerate(decodes):
             last = seq.num_computed_tokens  # the position of the token this step feeds
@@ -125,6 +126,7 @@ class DraftModelProposer:
         plan = prepare_step(first, self.block_size, group_decodes=self.group_decodes)
         plan.step.keep = torch.tensor(wanted, dtype=torch.long)
         logits = self.runner.execute(plan.step)
+        assert logits is not None  # the runner is a driver
         out_row = 0
         for i in range(d):
             if ks[i] > 0:
@@ -136,11 +138,12 @@ class DraftModelProposer:
         # draft token is fed only if it is accepted (next step's forward 0).
         for j in range(1, max(ks, default=0)):
             active = [i for i in range(d) if ks[i] > j]
-            views = [view(decodes[i], drafts[i][:j], decodes[i].num_computed_tokens + j) for i in active]
+            views: list[Any] = [view(decodes[i], drafts[i][:j], decodes[i].num_computed_tokens + j) for i in active]
             plan = prepare_step(ScheduledBatch(views, [1] * len(views), len(views)), self.block_size,
                                 group_decodes=self.group_decodes)
             plan.step.keep = torch.arange(len(views), dtype=torch.long)
             logits = self.runner.execute(plan.step)
+            assert logits is not None
             for out_row, i in enumerate(active):
                 token, q = self._choose(logits[out_row], decodes[i])
                 drafts[i].append(token)
