@@ -56,6 +56,11 @@ class GrammarConstraint:
     def is_finished(self) -> bool:
         return self._matcher.is_stopped()
 
+    def fork(self) -> GrammarConstraint:
+        """An independent copy of the current state: a speculative draft advances it through its own
+        proposals while the sequence's constraint stays where the accepted tokens left it."""
+        return GrammarConstraint(self._matcher.deep_copy(), (self._bits.numel()) * 32, self._eos)
+
 
 class ReasoningConstraint:
     """The reasoning section (from the first output token up to `</think>`) and what follows it.
@@ -111,3 +116,9 @@ class ReasoningConstraint:
 
     def is_finished(self) -> bool:
         return not self._reasoning and self._inner is not None and self._inner.is_finished()
+
+    def fork(self) -> ReasoningConstraint:
+        """An independent copy of the current state (see GrammarConstraint.fork)."""
+        copy = ReasoningConstraint(self._end_id, self._budget, self._inner.fork() if self._inner else None, self._eos_ids)
+        copy._count, copy._reasoning = self._count, self._reasoning
+        return copy

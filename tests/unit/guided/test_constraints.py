@@ -174,3 +174,18 @@ def test_budget_needs_a_think_token():
 
     with pytest.raises(ValueError, match="reasoning_max_tokens: .*no </think> token"):
         compile_constraint(SamplingParams(reasoning_max_tokens=4), NoThinkTokenizer(), 16)
+
+
+def test_fork_advances_independently_of_the_original(tokenizer):
+    """A speculative draft advances a fork through its proposals; the sequence's state stays put."""
+    original = make(tokenizer, choice=["boat", "rope"])()
+    ids = tokenizer.encode("boat", add_special_tokens=False)
+    fork = original.fork()
+    fork.accept_token(ids[0])
+    before, after = torch.zeros(VOCAB), torch.zeros(VOCAB)
+    original.mask_logits(before)
+    fork.mask_logits(after)
+    assert torch.isfinite(before[ids[0]]) and not torch.equal(torch.isfinite(before), torch.isfinite(after))
+    for token in ids:
+        original.accept_token(token)
+    assert original.is_finished()

@@ -71,11 +71,21 @@ class DraftModelProposer:
     def allocate_kv_cache(self, num_slots: int) -> None:
         self.runner.allocate_kv_cache(num_slots, self.num_kv_heads)
 
-    def _choose(self, logits_row: torch.Tensor, seq: Sequence) -> tuple[int, torch.Tensor | None]:
+    def _choose(self, logits_row: torch.Tensor, seq: Sequence, grammar: Any = None) -> tuple[int, torch.Tensor | None]:
+        """The draft's next token; `grammar` (a fork of the sequence's constraint, advanced through the
+        earlier drafts) masks the draft as it masks the target, so proposals stay inside the grammar."""
+        row = logits_row.float()[: self.vocab_size]
+        if grammar is not None:
+            row = row.clone()
+            grammar.mask_logits(row)
         if seq.params.greedy:
-            return int(logits_row[: self.vocab_size].argmax()), None
-        q = proposal_distribution(logits_row, self.vocab_size, seq.params.temperature)
-        return draw(q, seq.generator), q
+            token, q = int(row.argmax()), None
+        else:
+            q = proposal_distribution(row, self.vocab_size, seq.params.temperature)
+            token = draw(q, seq.generator)
+        if grammar is not None:
+            grammar.accept_token(token)
+        return token, q
 
     def accepted(self, seq: Sequence, num_accepted: int) -> None:
         """After verification: the draft's valid positions end at the last accepted token it was fed."""
@@ -127,10 +137,16 @@ class DraftModelProposer:
         plan.step.keep = torch.tensor(wanted, dtype=torch.long)
         logits = self.runner.execute(plan.step)
         assert logits is not None  # the runner is a driver
+        forks: list[Any] = []
+        for i, seq in enumerate(decodes):
+            if seq.constraint is None or ks[i] == 0:
+                forks.append(None)
+            else:
+                forks.append(_Once(seq.constraint) if ks[i] == 1 else _fork(seq.constraint))
         out_row = 0
         for i in range(d):
             if ks[i] > 0:
-                token, q = self._choose(logits[out_row], decodes[i])
+                token, q = self._choose(logits[out_row], decodes[i], forks[i])
                 drafts[i].append(token)
                 qs[i].append(q)
                 out_row += 1
@@ -145,10 +161,30 @@ class DraftModelProposer:
             logits = self.runner.execute(plan.step)
             assert logits is not None
             for out_row, i in enumerate(active):
-                token, q = self._choose(logits[out_row], decodes[i])
+                token, q = self._choose(logits[out_row], decodes[i], forks[i])
                 drafts[i].append(token)
                 qs[i].append(q)
         return drafts, qs
 
 
 _LAG_IDS = itertools.count(1)
+
+
+def _fork(constraint: Any) -> Any:
+    """A copy of a sequence's constraint for its draft to advance (None: no constraint, or one that
+    cannot be copied — then the draft proposes unmasked, which the target's verification corrects)."""
+    fork = getattr(constraint, "fork", None)
+    return fork() if fork is not None else None
+
+
+class _Once:
+    """A constraint's mask without its advance: for a single proposal no copy of the state is needed."""
+
+    def __init__(self, constraint: Any) -> None:
+        self._constraint = constraint
+
+    def mask_logits(self, logits: torch.Tensor) -> None:
+        self._constraint.mask_logits(logits)
+
+    def accept_token(self, token_id: int) -> None:
+        pass
