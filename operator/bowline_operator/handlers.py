@@ -13,10 +13,10 @@ from typing import Any
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from . import kube
+from . import gateway, kube, model_cache
 from .diff import DEPLOYMENT_PRUNE
 from .render import API_VERSION, GROUP, KIND, PLURAL, VERSION, Owner, render_children
-from .status import compute_status, invalid_status, status_changed
+from .status import compute_status, condition, invalid_status, status_changed
 from .validation import validate_spec
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "bowline"}
@@ -32,7 +32,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     kube.load_credentials()
     settings.execution.max_workers = 16
     settings.posting.level = logging.WARNING  # Events for problems only; progress is in status
-    settings.persistence.finalizer = "serving.bowline.dev/finalizer"  # unused: no delete handlers, children are GC'd
+    settings.persistence.finalizer = "serving.bowline.dev/finalizer"  # only on services whose model cache is deleted with them
     settings.watching.server_timeout = 300
     settings.networking.error_backoffs = [1, 2, 5, 10]
 
@@ -56,15 +56,30 @@ def reconcile_object(body: kopf.Body | dict[str, Any], logger: logging.Logger | 
         return "invalid"
     assert checked.spec is not None
     owner = Owner(name=name, namespace=namespace, uid=meta["uid"])
-    actions = []
+    cache, actions = model_cache.sync(owner, checked.spec)
+    withheld = cache is not None and not cache.ready  # pods start only on a filled cache
     deployment: dict[str, Any] | None = None
     for child in render_children(owner, checked.spec):
+        if child["kind"] == "Deployment" and cache is not None:
+            if withheld:
+                deployment = kube.get("apps/v1", "deployments", namespace, name)
+                continue
+            child = model_cache.mount_cache(child, checked.spec)
         live, action = kube.apply(child, DEPLOYMENT_PRUNE if child["kind"] == "Deployment" else None)
         actions.append(f"{child['kind']} {action}")
         if child["kind"] == "Deployment":
             deployment = live
-    _write_status(namespace, name, status, compute_status(owner, checked.spec, generation, deployment, _now(), previous))
-    return ", ".join(actions)
+    routing, gateway_actions = gateway.sync(owner, checked.spec, gateway.reported(status))
+    now = _now()
+    new = compute_status(owner, checked.spec, generation, deployment, now, previous)
+
+    def make_condition(ctype: str, ok: bool, reason: str, message: str) -> dict[str, Any]:
+        return condition(ctype, ok, reason, message, generation, now, previous)
+
+    new = model_cache.apply_status(new, cache, make_condition, withheld and deployment is None)
+    new = gateway.apply_status(new, routing, gateway.pool_name(owner, checked.spec), make_condition)
+    _write_status(namespace, name, status, new)
+    return ", ".join(actions + gateway_actions)
 
 
 def _reconcile_handler(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
@@ -109,6 +124,38 @@ def deployment_event(body: kopf.Body, event: kopf.RawEvent, logger: logging.Logg
         reconcile_object(parent, logger)
     except ApiException as error:
         logger.error("Could not update InferenceService %s/%s from its Deployment: %s", namespace, parent_name, error)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={model_cache.CACHE_LABEL: kopf.PRESENT, **MANAGED_BY})
+def cache_job_event(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+    """A model-cache Job changed (started, succeeded, failed): re-level every service that waits on it.
+
+    The Job has no controller owner (it is shared), so its users are found by the claim they name.
+    """
+    namespace = body["metadata"]["namespace"]
+    claim = body["metadata"].get("labels", {}).get(model_cache.CACHE_LABEL)
+    try:
+        for parent in kube.list_objects(API_VERSION, KIND, namespace):
+            if parent.get("metadata", {}).get("deletionTimestamp"):
+                continue
+            if model_cache.users(claim, [parent], exclude_uid=""):
+                reconcile_object(parent, logger)
+    except ApiException as error:
+        logger.error("Could not update the InferenceServices of model cache %s/%s: %s", namespace, claim, error)
+
+
+def _deletes_cache(spec: kopf.Spec, **_: Any) -> bool:
+    return ((spec.get("model") or {}).get("cache") or {}).get("deletePolicy") == "Delete"
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, when=_deletes_cache, backoff=2)
+def release_cache(body: kopf.Body, spec: kopf.Spec, logger: logging.Logger, **_: Any) -> None:
+    """cache.deletePolicy Delete: the claim and its Job go with the last InferenceService using them.
+
+    Only services with that policy carry kopf's finalizer; the others' deletion is never blocked.
+    """
+    meta = body["metadata"]
+    logger.info("Model cache: %s", model_cache.release(meta["namespace"], meta["uid"], dict(spec), logger.info))
 
 
 @kopf.on.probe(id="reconciling")

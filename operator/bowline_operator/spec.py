@@ -26,12 +26,23 @@ class _Model(BaseModel):
                               alias_generator=lambda name: re.sub(r"_([a-z])", lambda m: m.group(1).upper(), name))
 
 
+class ModelCacheSpec(_Model):
+    """A PersistentVolumeClaim per model, filled once by a Job and shared (see model_cache.py)."""
+
+    enabled: bool = False
+    storage_class_name: str | None = Field(default=None, max_length=253)
+    size: str | int = "100Gi"
+    access_mode: Literal["ReadWriteOnce", "ReadWriteMany"] = "ReadWriteOnce"
+    delete_policy: Literal["Retain", "Delete"] = "Retain"
+
+
 class ModelSpec(_Model):
     source: str = Field(min_length=1, max_length=1024)
     served_model_name: str | None = Field(default=None, min_length=1, max_length=256)
     revision: str | None = None
     cache_size_limit: str | int | None = None
     hf_token_secret_name: str | None = None
+    cache: ModelCacheSpec = Field(default_factory=ModelCacheSpec)
 
     @field_validator("source")
     @classmethod
@@ -76,6 +87,14 @@ class RuntimeSpec(_Model):
     startup_timeout_seconds: int = Field(default=1800, ge=60)
 
 
+class GatewaySpec(_Model):
+    """An InferencePool + InferenceObjective for Gateway API inference routing (see gateway.py)."""
+
+    enabled: bool = False
+    pool_name: str | None = Field(default=None, min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    priority: int | None = None
+
+
 class InferenceServiceSpec(_Model):
     model: ModelSpec
     accelerator: AcceleratorSpec
@@ -84,6 +103,7 @@ class InferenceServiceSpec(_Model):
     replicas: int = Field(default=1, ge=0)
     engine: EngineSpec = Field(default_factory=EngineSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    gateway: GatewaySpec = Field(default_factory=GatewaySpec)
 
 
 def parse_spec(spec: dict[str, Any]) -> InferenceServiceSpec:
