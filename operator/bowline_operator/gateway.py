@@ -47,9 +47,10 @@ class EndpointPicker:
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> EndpointPicker:
         """From BOWLINE_OPERATOR_EPP_NAME / _PORT / _FAILURE_MODE (the chart sets them from its values)."""
-        return cls(name=env.get("BOWLINE_OPERATOR_EPP_NAME") or cls.name,
-                   port=int(env.get("BOWLINE_OPERATOR_EPP_PORT") or cls.port),
-                   failure_mode=env.get("BOWLINE_OPERATOR_EPP_FAILURE_MODE") or cls.failure_mode)
+        default = cls()
+        return cls(name=env.get("BOWLINE_OPERATOR_EPP_NAME") or default.name,
+                   port=int(env.get("BOWLINE_OPERATOR_EPP_PORT") or default.port),
+                   failure_mode=env.get("BOWLINE_OPERATOR_EPP_FAILURE_MODE") or default.failure_mode)
 
 
 def pool_name(owner: Owner, spec: InferenceServiceSpec) -> str:
