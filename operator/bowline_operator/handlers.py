@@ -145,7 +145,8 @@ def cache_job_event(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
 
 
 def _deletes_cache(spec: kopf.Spec, **_: Any) -> bool:
-    return ((spec.get("model") or {}).get("cache") or {}).get("deletePolicy") == "Delete"
+    cache = (spec.get("model") or {}).get("cache") or {}
+    return bool(cache.get("enabled")) and cache.get("deletePolicy") == "Delete"
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, when=_deletes_cache, backoff=2)

@@ -296,7 +296,7 @@ def release(namespace: str, uid: str, spec: dict[str, Any], log: Callable[[str],
     from .render import API_VERSION
 
     model = spec.get("model") or {}
-    if not cacheable(model.get("source", "")):
+    if not (model.get("cache") or {}).get("enabled") or not cacheable(model.get("source", "")):
         return "no cache"
     claim = claim_name(model["source"], model.get("revision"))
     others = users(claim, kube.list_objects(API_VERSION, "InferenceService", namespace), exclude_uid=uid)
