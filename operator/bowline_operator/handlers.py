@@ -13,7 +13,7 @@ from typing import Any
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from . import gateway, kube, model_cache
+from . import autoscaling, gateway, kube, model_cache
 from .diff import DEPLOYMENT_PRUNE
 from .render import API_VERSION, GROUP, KIND, PLURAL, VERSION, Owner, render_children
 from .status import compute_status, condition, invalid_status, status_changed
@@ -59,16 +59,22 @@ def reconcile_object(body: kopf.Body | dict[str, Any], logger: logging.Logger | 
     cache, actions = model_cache.sync(owner, checked.spec)
     withheld = cache is not None and not cache.ready  # pods start only on a filled cache
     deployment: dict[str, Any] | None = None
-    for child in render_children(owner, checked.spec):
+    keda = checked.spec.autoscaling is not None and autoscaling.KEDA_PLURAL in kube.served_resources(autoscaling.KEDA_API_VERSION)
+    children = render_children(owner, checked.spec) + autoscaling.render_scaling(owner, checked.spec, keda)
+    for child in children:
         if child["kind"] == "Deployment" and cache is not None:
             if withheld:
                 deployment = kube.get("apps/v1", "deployments", namespace, name)
                 continue
             child = model_cache.mount_cache(child, checked.spec)
-        live, action = kube.apply(child, DEPLOYMENT_PRUNE if child["kind"] == "Deployment" else None)
+        live, action = kube.apply(child, DEPLOYMENT_PRUNE if child["kind"] == "Deployment" else None,
+                                  autoscaling.on_create(child, checked.spec))
         actions.append(f"{child['kind']} {action}")
         if child["kind"] == "Deployment":
             deployment = live
+    for kind, api_version, plural in autoscaling.unrendered(children):  # e.g. HPA after KEDA arrived
+        if kube.delete_owned(api_version, plural, namespace, name, owner.uid):
+            actions.append(f"{kind} deleted")
     routing, gateway_actions = gateway.sync(owner, checked.spec, gateway.reported(status))
     now = _now()
     new = compute_status(owner, checked.spec, generation, deployment, now, previous)
@@ -78,7 +84,7 @@ def reconcile_object(body: kopf.Body | dict[str, Any], logger: logging.Logger | 
 
     new = model_cache.apply_status(new, cache, make_condition, withheld and deployment is None)
     new = gateway.apply_status(new, routing, gateway.pool_name(owner, checked.spec), make_condition)
-    _write_status(namespace, name, status, new)
+    _write_status(namespace, name, status, {**new, **autoscaling.scaling_status(checked.spec, children)})
     return ", ".join(actions + gateway_actions)
 
 

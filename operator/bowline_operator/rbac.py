@@ -33,6 +33,11 @@ REQUIRED_RULES: list[PolicyRule] = [
     # Inference gateway (gateway.py): applied like the other children, listed to delete renamed ones.
     {"apiGroups": ["inference.networking.k8s.io"], "resources": ["inferencepools"], "verbs": ["get", "list", "create", "patch", "delete"]},
     {"apiGroups": ["inference.networking.x-k8s.io"], "resources": ["inferenceobjectives"], "verbs": ["get", "list", "create", "patch", "delete"]},
+    # Scale-out children (autoscaling.py): created, patched, and deleted when the spec stops asking for
+    # them (an HPA after KEDA arrived, a PDB after scaling to one replica); never listed or watched.
+    {"apiGroups": ["keda.sh"], "resources": ["scaledobjects"], "verbs": ["get", "create", "patch", "delete"]},
+    {"apiGroups": ["autoscaling"], "resources": ["horizontalpodautoscalers"], "verbs": ["get", "create", "patch", "delete"]},
+    {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": ["get", "create", "patch", "delete"]},
     # Events: kopf.info/warn and the per-handler events kopf posts.
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
     {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
