@@ -134,6 +134,22 @@ def test_cache_is_filled_once_shared_and_gates_the_pods(cluster: dict[str, Any])
         assert _condition(parent, "ModelCached")["status"] == "True"
         assert parent["status"]["cache"]["sizeBytes"] == 5 * 2**30
 
+    # Spec change: cache-a turns its cache off and is back on the per-pod download; the shared claim stays.
+    spec = _get(cluster, "cache-a")["spec"]
+    spec["model"]["cache"]["enabled"] = False
+    cluster["custom"].patch_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "cache-a",
+                                                     [{"op": "replace", "path": "/spec", "value": spec}])
+
+    def downloading() -> dict[str, Any] | None:
+        pod = _sanitized(cluster, cluster["apps"].read_namespaced_deployment("cache-a", NS))["spec"]["template"]["spec"]
+        return pod if pod.get("initContainers") else None
+
+    pod = wait_for(downloading, what="cache-a back on the download init container")
+    assert [v["name"] for v in pod["volumes"]] == ["model-cache"] and "emptyDir" in pod["volumes"][0]
+    wait_for(lambda: not _get(cluster, "cache-a")["status"].get("cache")
+             and _condition(_get(cluster, "cache-a"), "ModelCached") is None, what="status.cache cleared")
+    assert cluster["core"].read_namespaced_persistent_volume_claim(claim, NS).metadata.name == claim
+
     # Deleting: cache-a (Retain) keeps the claim; cache-b (Delete) is the last user, so it goes.
     cluster["custom"].delete_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "cache-a")
     wait_for(lambda: _missing(lambda: _get(cluster, "cache-a")), what="cache-a deleted")
