@@ -174,3 +174,21 @@ def test_users_counts_only_live_services_on_the_same_claim() -> None:
     services = [svc("me", "1"), svc("twin", "2"), svc("other-model", "3", "hf://a/c"), svc("uncached", "4", enabled=False),
                 svc("going", "5", deleting=True), svc("volume", "6", "pvc://x/y")]
     assert model_cache.users(claim, services, exclude_uid="1") == ["twin"]
+
+
+def _undescribed(node: dict[str, Any], path: str) -> list[str]:
+    missing = [] if node.get("description") else [path]
+    for key, sub in (node.get("properties") or {}).items():
+        missing += _undescribed(sub, f"{path}.{key}")
+    return missing
+
+
+def test_kubectl_explain_describes_every_cache_and_gateway_field() -> None:
+    props = schema()["properties"]
+    nodes = {"spec.model.cache": props["spec"]["properties"]["model"]["properties"]["cache"],
+             "spec.gateway": props["spec"]["properties"]["gateway"],
+             "status.cache": props["status"]["properties"]["cache"],
+             "status.gateway": props["status"]["properties"]["gateway"]}
+    assert [m for path, node in nodes.items() for m in _undescribed(node, path)] == []
+    assert set(nodes["spec.model.cache"]["properties"]) == {"enabled", "storageClassName", "size", "accessMode", "deletePolicy"}
+    assert set(nodes["status.cache"]["properties"]) == {"phase", "claimName", "sizeBytes"}
