@@ -144,7 +144,7 @@ def render_job(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any]:
         "containers": [_fill_container(spec, image, container_security)],
         "volumes": [{"name": VOLUME, "persistentVolumeClaim": {"claimName": claim}}],
         "enableServiceLinks": False,
-        "securityContext": pod_security,
+        "securityContext": _skip_chown(pod_security),
     }
     optional = {"serviceAccountName": spec.runtime.service_account_name, "nodeSelector": dict(spec.runtime.node_selector),
                 "tolerations": [dict(t) for t in spec.runtime.tolerations]}
@@ -160,11 +160,21 @@ def render_job(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any]:
     }
 
 
+def _skip_chown(pod_security: dict[str, Any]) -> dict[str, Any]:
+    """With an fsGroup, the kubelet re-owns every file of a volume at each mount unless told to check the
+    root only: gigabytes of weights would be walked at every pod start. The Job writes them with the same
+    group, so the root matches and the runtime pods skip the walk."""
+    if "fsGroup" not in pod_security:
+        return pod_security
+    return {**pod_security, "fsGroupChangePolicy": "OnRootMismatch"}
+
+
 def mount_cache(deployment: dict[str, Any], spec: InferenceServiceSpec) -> dict[str, Any]:
     """The Deployment reading the weights from the claim, read-only, with no download init container."""
     claim = claim_name(spec.model.source, spec.model.revision)
     pod = deployment["spec"]["template"]["spec"]
     pod.pop("initContainers", None)
+    pod["securityContext"] = _skip_chown(pod.get("securityContext") or {})
     pod["volumes"] = [v for v in pod["volumes"] if v["name"] not in ("model", VOLUME)]
     pod["volumes"].insert(0, {"name": VOLUME, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
     for container in pod["containers"]:

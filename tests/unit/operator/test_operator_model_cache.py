@@ -64,6 +64,7 @@ def test_claim_and_job_are_valid_shared_and_unowned() -> None:
     assert fill["command"][:2] == ["python", "-c"] and "snapshot_download" in fill["command"][2]
     assert fill["command"][3:] == ["Qwen/Qwen2.5-0.5B-Instruct", "main", "/mnt/models/model"]
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["fsGroup"] == 1000
+    assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
 
 
 def test_image_path_is_copied_and_gated_secret_passed() -> None:
@@ -88,6 +89,8 @@ def test_deployment_reads_the_claim_read_only_without_download() -> None:
     claim = claim_name("hf://Qwen/Qwen2.5-0.5B-Instruct", "main")
     assert "initContainers" not in pod
     assert pod["volumes"] == [{"name": "model-cache", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}]
+    # No recursive chown of the weights at every start.
+    assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
     (container,) = pod["containers"]
     assert container["volumeMounts"] == [{"name": "model-cache", "mountPath": "/mnt/models", "readOnly": True}]
     args = container["args"]
