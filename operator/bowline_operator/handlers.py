@@ -85,7 +85,19 @@ def reconcile_object(body: kopf.Body | dict[str, Any], logger: logging.Logger | 
     new = model_cache.apply_status(new, cache, make_condition, withheld and deployment is None)
     new = gateway.apply_status(new, routing, gateway.pool_name(owner, checked.spec), make_condition)
     _write_status(namespace, name, status, {**new, **autoscaling.scaling_status(checked.spec, children)})
+    _warn_on_new_problem(body, previous, new["conditions"], {"ModelCached": "CacheFailed",
+                                                             "InferencePoolReady": "InferenceExtensionMissing"})
     return ", ".join(actions + gateway_actions)
+
+
+def _warn_on_new_problem(body: kopf.Body | dict[str, Any], previous: list[dict[str, Any]],
+                         current: list[dict[str, Any]], problems: dict[str, str]) -> None:
+    """A Warning event when a condition turns to one of `problems`' reasons (once, not every reconcile)."""
+    before = {c.get("type"): c.get("reason") for c in previous}
+    for cond in current:
+        reason = problems.get(cond["type"])
+        if reason and cond.get("reason") == reason and before.get(cond["type"]) != reason:
+            kopf.warn(dict(body), reason=reason, message=cond.get("message", ""))
 
 
 def _reconcile_handler(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:

@@ -170,6 +170,18 @@ def test_delete_policy_keeps_a_cache_another_service_still_uses(cluster: dict[st
     wait_for(lambda: (_get(cluster, "shared-x").get("status", {}).get("cache") or {}).get("claimName") == claim,
              what="both services on one claim")
     assert claim != claim_name(SOURCE, "main")  # another revision is another cache
+    # The fill fails: both services say so, with the Job's reason, and a Warning event.
+    cluster["batch"].patch_namespaced_job_status(
+        job_name(claim), NS, {"status": {"failed": 4, "conditions": [
+            {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}]}},
+        _content_type="application/merge-patch+json")
+    for name in ("shared-x", "shared-y"):
+        parent = wait_for(lambda n=name: (p := _get(cluster, n))["status"]["cache"]["phase"] == "Failed" and p,
+                          what=f"{name}'s cache Failed")
+        assert parent["status"]["phase"] == "Failed"
+        assert "backoff limit" in _condition(parent, "ModelCached")["message"]
+    wait_for(lambda: [r for r in _requests(cluster, "POST", "/events") if r.data and r.data.get("reason") == "CacheFailed"],
+             what="a CacheFailed event")
     cluster["custom"].delete_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "shared-x")
     wait_for(lambda: _missing(lambda: _get(cluster, "shared-x")), what="shared-x deleted")
     assert cluster["core"].read_namespaced_persistent_volume_claim(claim, NS).metadata.name == claim
@@ -204,6 +216,8 @@ def test_gateway_pool_and_objective_follow_the_spec(cluster: dict[str, Any]) -> 
     cond = _condition(parent, "InferencePoolReady")
     assert cond["status"] == "False" and cond["reason"] == "InferenceExtensionMissing"
     assert gateway.POOL_CRD in cond["message"]
+    wait_for(lambda: [r for r in _requests(cluster, "POST", "/events")
+                      if r.data and r.data.get("reason") == "InferenceExtensionMissing"], what="a Warning event")
     assert cluster["apps"].read_namespaced_deployment("routed", NS).metadata.name == "routed"  # serving goes on
 
     _install_extension_crds(cluster)
