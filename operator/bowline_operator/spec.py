@@ -26,6 +26,10 @@ class _Model(BaseModel):
                               alias_generator=lambda name: re.sub(r"_([a-z])", lambda m: m.group(1).upper(), name))
 
 
+# A storage quantity (100Gi, 5e9, 1500M): the CRD's pattern for cache.size, as in the claim it becomes.
+QUANTITY_PATTERN = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[kMGTPE]|[eE][0-9]+)?$"
+
+
 class ModelCacheSpec(_Model):
     """A PersistentVolumeClaim per model, filled once by a Job and shared (see model_cache.py)."""
 
@@ -34,6 +38,13 @@ class ModelCacheSpec(_Model):
     size: str | int = "100Gi"
     access_mode: Literal["ReadWriteOnce", "ReadWriteMany"] = "ReadWriteOnce"
     delete_policy: Literal["Retain", "Delete"] = "Retain"
+
+    @field_validator("size")
+    @classmethod
+    def _quantity(cls, value: str | int) -> str | int:
+        if not re.match(QUANTITY_PATTERN, str(value)):
+            raise ValueError("must be a storage quantity such as 20Gi or 500M")
+        return value
 
 
 class ModelSpec(_Model):

@@ -195,3 +195,14 @@ def test_kubectl_explain_describes_every_cache_and_gateway_field() -> None:
     assert [m for path, node in nodes.items() for m in _undescribed(node, path)] == []
     assert set(nodes["spec.model.cache"]["properties"]) == {"enabled", "storageClassName", "size", "accessMode", "deletePolicy"}
     assert set(nodes["status.cache"]["properties"]) == {"phase", "claimName", "sizeBytes"}
+
+
+def test_size_must_be_a_quantity_for_the_schema_and_the_operator() -> None:
+    obj = example("model-cache")
+    for good in ("20Gi", "500M", "1.5Ti", 10**10):
+        obj["spec"]["model"]["cache"]["size"] = good
+        assert schema_errors(obj) == [] and validate_spec(obj["spec"]).ok, good
+    for bad in ("5GB", "-3Gi", "lots"):
+        obj["spec"]["model"]["cache"]["size"] = bad
+        assert any(e.startswith("spec.model.cache.size") for e in schema_errors(obj)), bad
+        assert any(p.startswith("spec.model.cache.size") for p in validate_spec(obj["spec"]).problems), bad
