@@ -8,25 +8,34 @@
  * written back as floats. Scales are folded in once per output column (int8) or once per group
  * (AWQ: y = sum_g s_g * (sum_k x_k q_k - z_g * sum_k x_k), so no (q - z) * s per weight).
  *
- * Portable C with GCC vector extensions (8-float vectors): the compiler lowers them to whatever
- * -march=native offers (AVX2/AVX-512 ymm registers, NEON pairs, SSE pairs), so the kernel is the same
- * arithmetic and correct on every CPU; only its speed differs.
+ * C with GCC vector extensions (8-float vectors, ymm registers on AVX2 and AVX-512); the widening of
+ * int8 and 4-bit weights to floats uses AVX2 intrinsics where -march=native has AVX2, and generic
+ * vector code elsewhere (correct on every CPU, only slower).
  *
  * Weights arrive packed once (by kernels/quant_cpu.py) in panels of NR = 16 output columns:
  *   int8: wp[P][K][16]           (int8, column j of the panel at byte j)
  *   int4: wp[P][K][8]            (byte j: column j in the low nibble, column j + 8 in the high nibble)
  *         scales[P][G][16], zs[P][G][16] floats, zs = -zero * scale
- * Small row counts (decode) accumulate straight from the packed panel, MR = 4 rows at a time. From
- * DEQ_M rows on (prefill), each thread dequantizes a panel to floats once into a buffer (K x 16
- * floats, in L2) and runs every row against it, so the unpacking is paid once per panel, not per row.
+ * Small row counts (decode) accumulate straight from the packed panel, up to MR = 6 rows at a time.
+ * From DEQ_M rows on (prefill), each thread dequantizes one panel of gemm.c's width to floats (K x 64
+ * floats on AVX-512, in L2) and runs every row against it with gemm.c's micro-kernel, so the unpacking
+ * is paid once per panel, not per row, and the product runs at float32's speed.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define NR 16
-#define MR 4
+#define MR 6
 #define DEQ_M 16
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+/* gemm.c's float micro-kernel over one panel of its own width (64 columns on AVX-512, 16 on AVX2) */
+#define HAVE_GEMM 1
+int64_t bowline_gemm_panel_width(void);
+void bowline_gemm_one_panel_f32(const float *x, int64_t xs, const float *panel, int64_t k, const float *bias,
+                                float *out, int64_t os, int64_t ncols, int64_t m);
+#endif
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
@@ -37,6 +46,31 @@ int64_t bowline_quant_panel_width(void) { return NR; }
 
 static inline v8f splat(float v) { return (v8f){v, v, v, v, v, v, v, v}; }
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+
+/* x86 with AVX2 (AVX-512 CPUs too): GCC 12 turns __builtin_convertvector of bytes into one scalar
+ * conversion per weight, 4x slower than float32's product, so the widening is spelled out. */
+static inline v8f loadf(const float *p) { return (v8f)_mm256_loadu_ps(p); }
+
+static inline void storef(float *p, v8f v) { _mm256_storeu_ps(p, (__m256)v); }
+
+/* The 16 weights of one panel row as two float vectors (columns 0-7 and 8-15). */
+static inline __attribute__((always_inline)) void row_i8(const int8_t *row, v8f *lo, v8f *hi)
+{
+    const __m128i b = _mm_loadu_si128((const __m128i *)row);
+    *lo = (v8f)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+    *hi = (v8f)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+}
+
+static inline __attribute__((always_inline)) void row_u4(const uint8_t *row, v8f *lo, v8f *hi)
+{
+    const __m128i b = _mm_loadl_epi64((const __m128i *)row), low = _mm_set1_epi8(15);
+    *lo = (v8f)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(b, low)));
+    *hi = (v8f)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low)));
+}
+#else
+/* Any other CPU: the same arithmetic through GCC's generic vectors (correct everywhere, slower). */
 static inline v8f loadf(const float *p)
 {
     v8f v;
@@ -46,7 +80,6 @@ static inline v8f loadf(const float *p)
 
 static inline void storef(float *p, v8f v) { memcpy(p, &v, sizeof v); }
 
-/* The 16 weights of one panel row as two float vectors (columns 0-7 and 8-15). */
 static inline __attribute__((always_inline)) void row_i8(const int8_t *row, v8f *lo, v8f *hi)
 {
     v8i8 a, b;
@@ -63,6 +96,7 @@ static inline __attribute__((always_inline)) void row_u4(const uint8_t *row, v8f
     *lo = __builtin_convertvector(b & (uint8_t)15, v8f);
     *hi = __builtin_convertvector(b >> 4, v8f);
 }
+#endif
 
 /* Store mr rows of a panel's result: ncols of its 16 columns are real; bias may be NULL. */
 static inline __attribute__((always_inline)) void store_rows(
@@ -82,9 +116,23 @@ static inline __attribute__((always_inline)) void i8_block(
     const float *x, int64_t xs, const int8_t *panel, int64_t k, const float *scale, const float *bias,
     float *out, int64_t os, int64_t ncols, const int mr)
 {
-    v8f acc[MR][2];
-    for (int m = 0; m < mr; ++m) acc[m][0] = acc[m][1] = splat(0.0f);
-    for (int64_t kk = 0; kk < k; ++kk) {
+    v8f acc[MR][2], acc2[MR][2];
+    for (int m = 0; m < mr; ++m) acc[m][0] = acc[m][1] = acc2[m][0] = acc2[m][1] = splat(0.0f);
+    int64_t kk = 0;
+    if (mr <= 2) /* two independent chains per row: one FMA chain would wait on its own latency */
+        for (; kk + 1 < k; kk += 2) {
+            v8f lo, hi, lo2, hi2;
+            row_i8(panel + kk * NR, &lo, &hi);
+            row_i8(panel + (kk + 1) * NR, &lo2, &hi2);
+            for (int m = 0; m < mr; ++m) {
+                const v8f xb = splat(x[m * xs + kk]), xb2 = splat(x[m * xs + kk + 1]);
+                acc[m][0] += xb * lo;
+                acc[m][1] += xb * hi;
+                acc2[m][0] += xb2 * lo2;
+                acc2[m][1] += xb2 * hi2;
+            }
+        }
+    for (; kk < k; ++kk) {
         v8f lo, hi;
         row_i8(panel + kk * NR, &lo, &hi);
 #pragma GCC unroll 4
@@ -93,6 +141,10 @@ static inline __attribute__((always_inline)) void i8_block(
             acc[m][0] += xb * lo;
             acc[m][1] += xb * hi;
         }
+    }
+    for (int m = 0; m < mr; ++m) {
+        acc[m][0] += acc2[m][0];
+        acc[m][1] += acc2[m][1];
     }
     const v8f s0 = loadf(scale), s1 = loadf(scale + 8);
     for (int m = 0; m < mr; ++m) {
@@ -109,12 +161,55 @@ static void i8_rows(const float *x, int64_t xs, const int8_t *panel, int64_t k, 
     case 1: i8_block(x, xs, panel, k, scale, bias, out, os, ncols, 1); break;
     case 2: i8_block(x, xs, panel, k, scale, bias, out, os, ncols, 2); break;
     case 3: i8_block(x, xs, panel, k, scale, bias, out, os, ncols, 3); break;
+    case 4: i8_block(x, xs, panel, k, scale, bias, out, os, ncols, 4); break;
+    case 5: i8_block(x, xs, panel, k, scale, bias, out, os, ncols, 5); break;
     default: i8_block(x, xs, panel, k, scale, bias, out, os, ncols, MR); break;
     }
 }
 
-/* ---------------------------------------------------------------- dequantized panel (many rows) */
+/* ---------------------------------------------------------------- dequantized panels (many rows) */
 
+/* Which quantized weight a many-row product dequantizes panel by panel. */
+struct qweights {
+    int bits;            /* 8 or 4 */
+    const void *wp;      /* the packed panels */
+    const float *scale;  /* int8: [P * 16]; int4: [P][groups][16] */
+    const float *zs;     /* int4: -zero * scale, [P][groups][16] */
+    int64_t groups, gs;  /* int4: groups of gs input rows */
+};
+
+/* Panel p's floats into dst (k rows, ld floats apart); zeros past the last panel. */
+static void dequantize_panel(const struct qweights *w, int64_t p, int64_t panels, int64_t k, float *dst, int64_t ld)
+{
+    if (p >= panels) {
+        for (int64_t kk = 0; kk < k; ++kk) memset(dst + kk * ld, 0, NR * sizeof(float));
+        return;
+    }
+    if (w->bits == 8) {
+        const int8_t *panel = (const int8_t *)w->wp + p * k * NR;
+        const v8f s0 = loadf(w->scale + p * NR), s1 = loadf(w->scale + p * NR + 8);
+        for (int64_t kk = 0; kk < k; ++kk) {
+            v8f lo, hi;
+            row_i8(panel + kk * NR, &lo, &hi);
+            storef(dst + kk * ld, lo * s0);
+            storef(dst + kk * ld + 8, hi * s1);
+        }
+        return;
+    }
+    const uint8_t *panel = (const uint8_t *)w->wp + p * k * (NR / 2);
+    for (int64_t g = 0; g < w->groups; ++g) {
+        const float *ps = w->scale + (p * w->groups + g) * NR, *pz = w->zs + (p * w->groups + g) * NR;
+        const v8f s0 = loadf(ps), s1 = loadf(ps + 8), z0 = loadf(pz), z1 = loadf(pz + 8);
+        for (int64_t kk = g * w->gs; kk < (g + 1) * w->gs; ++kk) {
+            v8f lo, hi;
+            row_u4(panel + kk * (NR / 2), &lo, &hi);
+            storef(dst + kk * ld, lo * s0 + z0);
+            storef(dst + kk * ld + 8, hi * s1 + z1);
+        }
+    }
+}
+
+#ifndef HAVE_GEMM
 static inline __attribute__((always_inline)) void f32_block(
     const float *x, int64_t xs, const float *wf, int64_t k, const float *bias, float *out, int64_t os,
     int64_t ncols, const int mr)
@@ -123,7 +218,7 @@ static inline __attribute__((always_inline)) void f32_block(
     for (int m = 0; m < mr; ++m) acc[m][0] = acc[m][1] = splat(0.0f);
     for (int64_t kk = 0; kk < k; ++kk) {
         const v8f lo = loadf(wf + kk * NR), hi = loadf(wf + kk * NR + 8);
-#pragma GCC unroll 4
+#pragma GCC unroll 6
         for (int m = 0; m < mr; ++m) {
             const v8f xb = splat(x[m * xs + kk]);
             acc[m][0] += xb * lo;
@@ -142,7 +237,39 @@ static void f32_rows(const float *x, int64_t xs, const float *wf, int64_t k, con
     case 1: f32_block(x + r * xs, xs, wf, k, bias, out + r * os, os, ncols, 1); break;
     case 2: f32_block(x + r * xs, xs, wf, k, bias, out + r * os, os, ncols, 2); break;
     case 3: f32_block(x + r * xs, xs, wf, k, bias, out + r * os, os, ncols, 3); break;
+    case 4: f32_block(x + r * xs, xs, wf, k, bias, out + r * os, os, ncols, 4); break;
+    case 5: f32_block(x + r * xs, xs, wf, k, bias, out + r * os, os, ncols, 5); break;
     default: break;
+    }
+}
+#endif
+
+/* Many rows (prefill): each thread dequantizes a panel of gemm.c's width once, then runs every row
+ * against it with gemm.c's float micro-kernel (or the plain one above where gemm.c is not built). */
+static void many_rows(const struct qweights *w, const float *x, int64_t xs, const float *bias, float *out,
+                      int64_t os, int64_t m, int64_t n, int64_t k, int num_threads)
+{
+    const int64_t panels = (n + NR - 1) / NR;
+#ifdef HAVE_GEMM
+    const int64_t width = bowline_gemm_panel_width();
+#else
+    const int64_t width = NR;
+#endif
+    const int64_t per = width / NR, wide = (n + width - 1) / width;
+#pragma omp parallel num_threads(num_threads)
+    {
+        float *wf = malloc((size_t)k * width * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t q = 0; q < wide; ++q) {
+            const int64_t col = q * width, ncols = n - col < width ? n - col : width;
+            for (int64_t j = 0; j < per; ++j) dequantize_panel(w, q * per + j, panels, k, wf + j * NR, width);
+#ifdef HAVE_GEMM
+            bowline_gemm_one_panel_f32(x, xs, wf, k, bias ? bias + col : 0, out + col, os, ncols, m);
+#else
+            f32_rows(x, xs, wf, k, bias ? bias + col : 0, out + col, os, ncols, m);
+#endif
+        }
+        free(wf);
     }
 }
 
@@ -151,36 +278,21 @@ void bowline_q8_gemm_f32(const float *x, int64_t xs, const int8_t *wp, const flo
                          float *out, int64_t os, int64_t m, int64_t n, int64_t k, int num_threads)
 {
     const int64_t panels = (n + NR - 1) / NR;
+    const int64_t blocks = (m + MR - 1) / MR, even = (m + blocks - 1) / blocks; /* 8 rows: 4 + 4, not 6 + 2 */
     if (m < DEQ_M) {
 #pragma omp parallel for num_threads(num_threads) schedule(static)
         for (int64_t p = 0; p < panels; ++p) {
             const int64_t col = p * NR, ncols = n - col < NR ? n - col : NR;
-            for (int64_t r = 0; r < m; r += MR) {
-                const int64_t mr = m - r < MR ? m - r : MR;
+            for (int64_t r = 0; r < m; r += even) {
+                const int64_t mr = m - r < even ? m - r : even;
                 i8_rows(x + r * xs, xs, wp + p * k * NR, k, scale + col, bias ? bias + col : 0, out + r * os + col,
                         os, ncols, mr);
             }
         }
         return;
     }
-#pragma omp parallel num_threads(num_threads)
-    {
-        float *wf = malloc((size_t)k * NR * sizeof(float));
-#pragma omp for schedule(static)
-        for (int64_t p = 0; p < panels; ++p) {
-            const int64_t col = p * NR, ncols = n - col < NR ? n - col : NR;
-            const int8_t *panel = wp + p * k * NR;
-            const v8f s0 = loadf(scale + col), s1 = loadf(scale + col + 8);
-            for (int64_t kk = 0; kk < k; ++kk) {
-                v8f lo, hi;
-                row_i8(panel + kk * NR, &lo, &hi);
-                storef(wf + kk * NR, lo * s0);
-                storef(wf + kk * NR + 8, hi * s1);
-            }
-            f32_rows(x, xs, wf, k, bias ? bias + col : 0, out + col, os, ncols, m);
-        }
-        free(wf);
-    }
+    const struct qweights w = {8, wp, scale, 0, 0, 0};
+    many_rows(&w, x, xs, bias, out, os, m, n, k, num_threads);
 }
 
 /* ---------------------------------------------------------------- 4-bit AWQ groups */
@@ -193,9 +305,23 @@ static inline __attribute__((always_inline)) void u4_block(
     v8f tot[MR][2];
     for (int m = 0; m < mr; ++m) tot[m][0] = tot[m][1] = splat(0.0f);
     for (int64_t g = 0; g < groups; ++g) {
-        v8f acc[MR][2];
-        for (int m = 0; m < mr; ++m) acc[m][0] = acc[m][1] = splat(0.0f);
-        for (int64_t kk = g * gs; kk < (g + 1) * gs; ++kk) {
+        v8f acc[MR][2], acc2[MR][2];
+        for (int m = 0; m < mr; ++m) acc[m][0] = acc[m][1] = acc2[m][0] = acc2[m][1] = splat(0.0f);
+        int64_t kk = g * gs;
+        if (mr <= 2)
+            for (; kk + 1 < (g + 1) * gs; kk += 2) {
+                v8f lo, hi, lo2, hi2;
+                row_u4(panel + kk * (NR / 2), &lo, &hi);
+                row_u4(panel + (kk + 1) * (NR / 2), &lo2, &hi2);
+                for (int m = 0; m < mr; ++m) {
+                    const v8f xb = splat(x[m * xs + kk]), xb2 = splat(x[m * xs + kk + 1]);
+                    acc[m][0] += xb * lo;
+                    acc[m][1] += xb * hi;
+                    acc2[m][0] += xb2 * lo2;
+                    acc2[m][1] += xb2 * hi2;
+                }
+            }
+        for (; kk < (g + 1) * gs; ++kk) {
             v8f lo, hi;
             row_u4(panel + kk * (NR / 2), &lo, &hi);
 #pragma GCC unroll 4
@@ -209,8 +335,8 @@ static inline __attribute__((always_inline)) void u4_block(
         const v8f z0 = loadf(pz + g * NR), z1 = loadf(pz + g * NR + 8);
         for (int m = 0; m < mr; ++m) {
             const v8f xg = splat(xsum[m * groups + g]);
-            tot[m][0] += acc[m][0] * s0 + xg * z0;
-            tot[m][1] += acc[m][1] * s1 + xg * z1;
+            tot[m][0] += (acc[m][0] + acc2[m][0]) * s0 + xg * z0;
+            tot[m][1] += (acc[m][1] + acc2[m][1]) * s1 + xg * z1;
         }
     }
     store_rows(tot, bias, out, os, ncols, mr);
@@ -224,6 +350,8 @@ static void u4_rows(const float *x, int64_t xs, const float *xsum, int64_t group
     case 1: u4_block(x, xs, xsum, groups, panel, ps, pz, k, gs, bias, out, os, ncols, 1); break;
     case 2: u4_block(x, xs, xsum, groups, panel, ps, pz, k, gs, bias, out, os, ncols, 2); break;
     case 3: u4_block(x, xs, xsum, groups, panel, ps, pz, k, gs, bias, out, os, ncols, 3); break;
+    case 4: u4_block(x, xs, xsum, groups, panel, ps, pz, k, gs, bias, out, os, ncols, 4); break;
+    case 5: u4_block(x, xs, xsum, groups, panel, ps, pz, k, gs, bias, out, os, ncols, 5); break;
     default: u4_block(x, xs, xsum, groups, panel, ps, pz, k, gs, bias, out, os, ncols, MR); break;
     }
 }
@@ -234,6 +362,7 @@ void bowline_q4_gemm_f32(const float *x, int64_t xs, const uint8_t *wp, const fl
                          int num_threads)
 {
     const int64_t panels = (n + NR - 1) / NR, groups = k / gs;
+    const int64_t blocks = (m + MR - 1) / MR, even = (m + blocks - 1) / blocks;
     if (m < DEQ_M) {
         float xsum[DEQ_M * 512];
         float *sums = groups * m <= DEQ_M * 512 ? xsum : malloc((size_t)(groups * m) * sizeof(float));
@@ -246,8 +375,8 @@ void bowline_q4_gemm_f32(const float *x, int64_t xs, const uint8_t *wp, const fl
 #pragma omp parallel for num_threads(num_threads) schedule(static)
         for (int64_t p = 0; p < panels; ++p) {
             const int64_t col = p * NR, ncols = n - col < NR ? n - col : NR;
-            for (int64_t r = 0; r < m; r += MR) {
-                const int64_t mr = m - r < MR ? m - r : MR;
+            for (int64_t r = 0; r < m; r += even) {
+                const int64_t mr = m - r < even ? m - r : even;
                 u4_rows(x + r * xs, xs, sums + r * groups, groups, wp + p * k * (NR / 2), scales + p * groups * NR,
                         zs + p * groups * NR, k, gs, bias ? bias + col : 0, out + r * os + col, os, ncols, mr);
             }
@@ -255,25 +384,6 @@ void bowline_q4_gemm_f32(const float *x, int64_t xs, const uint8_t *wp, const fl
         if (sums != xsum) free(sums);
         return;
     }
-#pragma omp parallel num_threads(num_threads)
-    {
-        float *wf = malloc((size_t)k * NR * sizeof(float));
-#pragma omp for schedule(static)
-        for (int64_t p = 0; p < panels; ++p) {
-            const int64_t col = p * NR, ncols = n - col < NR ? n - col : NR;
-            const uint8_t *panel = wp + p * k * (NR / 2);
-            for (int64_t g = 0; g < groups; ++g) {
-                const float *ps = scales + (p * groups + g) * NR, *pz = zs + (p * groups + g) * NR;
-                const v8f s0 = loadf(ps), s1 = loadf(ps + 8), z0 = loadf(pz), z1 = loadf(pz + 8);
-                for (int64_t kk = g * gs; kk < (g + 1) * gs; ++kk) {
-                    v8f lo, hi;
-                    row_u4(panel + kk * (NR / 2), &lo, &hi);
-                    storef(wf + kk * NR, lo * s0 + z0);
-                    storef(wf + kk * NR + 8, hi * s1 + z1);
-                }
-            }
-            f32_rows(x, xs, wf, k, bias ? bias + col : 0, out + col, os, ncols, m);
-        }
-        free(wf);
-    }
+    const struct qweights w = {4, wp, scales, zs, groups, gs};
+    many_rows(&w, x, xs, bias, out, os, m, n, k, num_threads);
 }

@@ -59,14 +59,15 @@ def test_awq_layer_dequantizes_as_an_independent_unpacking():
 
 
 def _avx2_library(tmp_path: Path) -> ctypes.CDLL | None:
-    """quant_gemm.c built for AVX2 + FMA only, as on a CPU without AVX-512."""
+    """quant_gemm.c (with the gemm.c it calls for many rows) built for AVX2 + FMA only, as on a CPU
+    without AVX-512."""
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
-    source = Path(kernels.__file__).with_name("quant_gemm.c")
+    sources = [str(Path(kernels.__file__).with_name(name)) for name in ("quant_gemm.c", "gemm.c")]
     target = tmp_path / "quant_avx2.so"
     subprocess.run([compiler, "-O3", "-mavx2", "-mfma", "-mno-avx512f", "-ffast-math", "-fopenmp", "-fPIC", "-shared",
-                    str(source), "-o", str(target)], check=True, capture_output=True)
+                    *sources, "-o", str(target)], check=True, capture_output=True)
     lib = ctypes.CDLL(str(target))
     native = kernels.load()
     for name in ("bowline_q8_gemm_f32", "bowline_q4_gemm_f32"):
@@ -87,7 +88,7 @@ def test_cpu_kernels_compute_the_layers_arithmetic(build, tmp_path):
         for layer in layers:
             fast = quant_cpu.AwqKernelLinear(layer) if isinstance(layer, AwqLinear) else quant_cpu.Int8KernelLinear(layer)
             fast._lib = lib
-            for rows in (1, 3, 4, 5, 15, 16, 37):  # decode blocks of 4 and the dequantized-panel path from 16
+            for rows in (1, 2, 3, 5, 6, 8, 15, 16, 37):  # decode blocks up to 6 rows; dequantized panels from 16
                 x = torch.randn(rows, k)
                 torch.testing.assert_close(fast(x), layer(x), rtol=1e-4, atol=1e-3)
 
