@@ -166,3 +166,25 @@ def test_shards_compute_the_whole_layer():
     rows = sum(layer.shard_rows(r, 2, "x")(x[:, 64 * r : 64 * (r + 1)]) for r in range(2)) + layer.bias
     torch.testing.assert_close(cols, layer(x))
     torch.testing.assert_close(rows, layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_shards_compute_the_whole_layer():
+    torch.manual_seed(4)
+    layer = Int8Linear(*Q.quantize_int8(torch.randn(32, 64)), bias=torch.randn(32))
+    x = torch.randn(3, 64)
+    cols = torch.cat([layer.shard_columns(r, 2, "x")(x) for r in range(2)], -1)
+    rows = sum(layer.shard_rows(r, 2, "x")(x[:, 32 * r : 32 * (r + 1)]) for r in range(2)) + layer.bias
+    torch.testing.assert_close(cols, layer(x))
+    torch.testing.assert_close(rows, layer(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("act_quant", [False, True])
+def test_half_precision_cpu_layers_are_dequantized_once_with_the_same_numbers(act_quant):
+    layer = Int8Linear(*Q.quantize_int8(torch.randn(24, 64)), act_quant=act_quant)
+    cpu_layer = quant_cpu.kernel_layer(layer, torch.bfloat16)
+    assert not any(b.dtype == torch.int8 for b in cpu_layer.buffers())  # floats, made once
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(cpu_layer(x.bfloat16()).float(), layer(x), rtol=0.05, atol=0.1)
+    awq = AwqLinear(*Q.quantize_awq(torch.randn(24, 64), 32), 32)
+    torch.testing.assert_close(quant_cpu.kernel_layer(awq, torch.bfloat16)(x.bfloat16()).float(), awq(x),
+                               rtol=0.05, atol=0.1)
