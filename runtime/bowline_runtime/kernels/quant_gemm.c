@@ -8,9 +8,11 @@
  * written back as floats. Scales are folded in once per output column (int8) or once per group
  * (AWQ: y = sum_g s_g * (sum_k x_k q_k - z_g * sum_k x_k), so no (q - z) * s per weight).
  *
- * C with GCC vector extensions (8-float vectors, ymm registers on AVX2 and AVX-512); the widening of
- * int8 and 4-bit weights to floats uses AVX2 intrinsics where -march=native has AVX2, and generic
- * vector code elsewhere (correct on every CPU, only slower).
+ * A panel row of 16 columns is one 16-float vector (GCC vector extension) on AVX-512, two 8-float
+ * ones elsewhere (ymm on AVX2; GCC's lowering of 16-float vectors there goes through the stack). The widening of int8 and 4-bit weights to floats uses
+ * AVX-512 or AVX2 intrinsics where -march=native has them (GCC 12 turns __builtin_convertvector of
+ * bytes into one scalar conversion per weight) and generic vector code elsewhere: correct on every
+ * CPU, only slower there.
  *
  * Weights arrive packed once (by kernels/quant_cpu.py) in panels of NR = 16 output columns:
  *   int8: wp[P][K][16]           (int8, column j of the panel at byte j)
@@ -37,78 +39,131 @@ void bowline_gemm_one_panel_f32(const float *x, int64_t xs, const float *panel, 
                                 float *out, int64_t os, int64_t ncols, int64_t m);
 #endif
 
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef uint8_t v8u8 __attribute__((vector_size(8)));
-typedef int8_t v8i8 __attribute__((vector_size(8)));
+#if defined(__AVX512F__)
+#define VW 16  /* floats per vector: a panel row is one zmm register */
+#else
+#define VW 8   /* a panel row is two 8-float vectors (ymm on AVX2; wider vectors spill there) */
+#endif
+#define NV (NR / VW)
+typedef float vec __attribute__((vector_size(VW * 4)));
 
 int64_t bowline_quant_panel_width(void) { return NR; }
 
-static inline v8f splat(float v) { return (v8f){v, v, v, v, v, v, v, v}; }
+static inline __attribute__((always_inline)) vec splat(float v) { return (vec){0} + v; }
 
-#if defined(__AVX2__)
-#include <immintrin.h>
-
-/* x86 with AVX2 (AVX-512 CPUs too): GCC 12 turns __builtin_convertvector of bytes into one scalar
- * conversion per weight, 4x slower than float32's product, so the widening is spelled out. */
-static inline v8f loadf(const float *p) { return (v8f)_mm256_loadu_ps(p); }
-
-static inline void storef(float *p, v8f v) { _mm256_storeu_ps(p, (__m256)v); }
-
-/* The 16 weights of one panel row as two float vectors (columns 0-7 and 8-15). */
-static inline __attribute__((always_inline)) void row_i8(const int8_t *row, v8f *lo, v8f *hi)
+static inline __attribute__((always_inline)) vec loadv(const float *p)
 {
-    const __m128i b = _mm_loadu_si128((const __m128i *)row);
-    *lo = (v8f)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-    *hi = (v8f)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
-}
-
-static inline __attribute__((always_inline)) void row_u4(const uint8_t *row, v8f *lo, v8f *hi)
-{
-    const __m128i b = _mm_loadl_epi64((const __m128i *)row), low = _mm_set1_epi8(15);
-    *lo = (v8f)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(b, low)));
-    *hi = (v8f)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low)));
-}
-#else
-/* Any other CPU: the same arithmetic through GCC's generic vectors (correct everywhere, slower). */
-static inline v8f loadf(const float *p)
-{
-    v8f v;
+    vec v;
     memcpy(&v, p, sizeof v);
     return v;
 }
 
-static inline void storef(float *p, v8f v) { memcpy(p, &v, sizeof v); }
+static inline __attribute__((always_inline)) void storev(float *p, vec v) { memcpy(p, &v, sizeof v); }
 
-static inline __attribute__((always_inline)) void row_i8(const int8_t *row, v8f *lo, v8f *hi)
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+static inline __attribute__((always_inline)) void row_i8(const int8_t *row, vec *w)
+{
+    w[0] = (vec)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)row)));
+}
+
+static inline __attribute__((always_inline)) void row_u4(const uint8_t *row, vec *w)
+{
+    const __m128i b = _mm_loadl_epi64((const __m128i *)row), low = _mm_set1_epi8(15);
+    const __m128i cols = _mm_unpacklo_epi64(_mm_and_si128(b, low), _mm_and_si128(_mm_srli_epi16(b, 4), low));
+    w[0] = (vec)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(cols));
+}
+#elif defined(__AVX2__)
+#include <immintrin.h>
+
+static inline __attribute__((always_inline)) void row_i8(const int8_t *row, vec *w)
+{
+    const __m128i b = _mm_loadu_si128((const __m128i *)row);
+    w[0] = (vec)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+    w[1] = (vec)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+}
+
+static inline __attribute__((always_inline)) void row_u4(const uint8_t *row, vec *w)
+{
+    const __m128i b = _mm_loadl_epi64((const __m128i *)row), low = _mm_set1_epi8(15);
+    w[0] = (vec)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(b, low)));
+    w[1] = (vec)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low)));
+}
+#else
+typedef int8_t v8i8 __attribute__((vector_size(8)));
+typedef uint8_t v8u8 __attribute__((vector_size(8)));
+
+static inline __attribute__((always_inline)) void row_i8(const int8_t *row, vec *w)
 {
     v8i8 a, b;
     memcpy(&a, row, 8);
     memcpy(&b, row + 8, 8);
-    *lo = __builtin_convertvector(a, v8f);
-    *hi = __builtin_convertvector(b, v8f);
+    w[0] = __builtin_convertvector(a, vec);
+    w[1] = __builtin_convertvector(b, vec);
 }
 
-static inline __attribute__((always_inline)) void row_u4(const uint8_t *row, v8f *lo, v8f *hi)
+static inline __attribute__((always_inline)) void row_u4(const uint8_t *row, vec *w)
 {
     v8u8 b;
     memcpy(&b, row, 8);
-    *lo = __builtin_convertvector(b & (uint8_t)15, v8f);
-    *hi = __builtin_convertvector(b >> 4, v8f);
+    w[0] = __builtin_convertvector(b & (uint8_t)15, vec);
+    w[1] = __builtin_convertvector(b >> 4, vec);
 }
 #endif
 
+static inline __attribute__((always_inline)) void row_f32(const float *row, vec *w)
+{
+    for (int v = 0; v < NV; ++v) w[v] = loadv(row + v * VW);
+}
+
 /* Store mr rows of a panel's result: ncols of its 16 columns are real; bias may be NULL. */
 static inline __attribute__((always_inline)) void store_rows(
-    v8f tot[MR][2], const float *bias, float *out, int64_t os, int64_t ncols, const int mr)
+    vec tot[MR][NV], const float *bias, float *out, int64_t os, int64_t ncols, const int mr)
 {
     for (int m = 0; m < mr; ++m) {
+        if (ncols == NR) {
+            for (int v = 0; v < NV; ++v) storev(out + m * os + v * VW, bias ? tot[m][v] + loadv(bias + v * VW) : tot[m][v]);
+            continue;
+        }
         float tmp[NR];
-        storef(tmp, tot[m][0]);
-        storef(tmp + 8, tot[m][1]);
+        for (int v = 0; v < NV; ++v) storev(tmp + v * VW, tot[m][v]);
         for (int64_t j = 0; j < ncols; ++j) out[m * os + j] = tmp[j] + (bias ? bias[j] : 0.0f);
     }
 }
+
+/* acc[m] = sum over k in [k0, k1) of x[m][k] * w[k] for mr rows (two FMA chains per row for 1-2 rows,
+ * where one chain would wait on its own latency). */
+#define ACCUMULATE(ROW, STRIDE)                                                                             \
+    do {                                                                                                    \
+        vec acc2[MR][NV];                                                                                   \
+        for (int m = 0; m < mr; ++m)                                                                        \
+            for (int v = 0; v < NV; ++v) acc[m][v] = acc2[m][v] = splat(0.0f);                              \
+        int64_t kk = k0;                                                                                    \
+        if (mr <= 2)                                                                                        \
+            for (; kk + 1 < k1; kk += 2) {                                                                  \
+                vec w[NV], w2[NV];                                                                          \
+                ROW(panel + kk * (STRIDE), w);                                                              \
+                ROW(panel + (kk + 1) * (STRIDE), w2);                                                       \
+                for (int m = 0; m < mr; ++m) {                                                              \
+                    const vec xb = splat(x[m * xs + kk]), xb2 = splat(x[m * xs + kk + 1]);                  \
+                    for (int v = 0; v < NV; ++v) {                                                          \
+                        acc[m][v] += xb * w[v];                                                             \
+                        acc2[m][v] += xb2 * w2[v];                                                          \
+                    }                                                                                       \
+                }                                                                                           \
+            }                                                                                               \
+        for (; kk < k1; ++kk) {                                                                             \
+            vec w[NV];                                                                                      \
+            ROW(panel + kk * (STRIDE), w);                                                                  \
+            _Pragma("GCC unroll 6") for (int m = 0; m < mr; ++m) {                                          \
+                const vec xb = splat(x[m * xs + kk]);                                                       \
+                for (int v = 0; v < NV; ++v) acc[m][v] += xb * w[v];                                        \
+            }                                                                                               \
+        }                                                                                                   \
+        for (int m = 0; m < mr; ++m)                                                                        \
+            for (int v = 0; v < NV; ++v) acc[m][v] += acc2[m][v];                                           \
+    } while (0)
 
 /* ---------------------------------------------------------------- int8, per output channel */
 
@@ -116,40 +171,12 @@ static inline __attribute__((always_inline)) void i8_block(
     const float *x, int64_t xs, const int8_t *panel, int64_t k, const float *scale, const float *bias,
     float *out, int64_t os, int64_t ncols, const int mr)
 {
-    v8f acc[MR][2], acc2[MR][2];
-    for (int m = 0; m < mr; ++m) acc[m][0] = acc[m][1] = acc2[m][0] = acc2[m][1] = splat(0.0f);
-    int64_t kk = 0;
-    if (mr <= 2) /* two independent chains per row: one FMA chain would wait on its own latency */
-        for (; kk + 1 < k; kk += 2) {
-            v8f lo, hi, lo2, hi2;
-            row_i8(panel + kk * NR, &lo, &hi);
-            row_i8(panel + (kk + 1) * NR, &lo2, &hi2);
-            for (int m = 0; m < mr; ++m) {
-                const v8f xb = splat(x[m * xs + kk]), xb2 = splat(x[m * xs + kk + 1]);
-                acc[m][0] += xb * lo;
-                acc[m][1] += xb * hi;
-                acc2[m][0] += xb2 * lo2;
-                acc2[m][1] += xb2 * hi2;
-            }
-        }
-    for (; kk < k; ++kk) {
-        v8f lo, hi;
-        row_i8(panel + kk * NR, &lo, &hi);
-#pragma GCC unroll 4
-        for (int m = 0; m < mr; ++m) {
-            const v8f xb = splat(x[m * xs + kk]);
-            acc[m][0] += xb * lo;
-            acc[m][1] += xb * hi;
-        }
-    }
-    for (int m = 0; m < mr; ++m) {
-        acc[m][0] += acc2[m][0];
-        acc[m][1] += acc2[m][1];
-    }
-    const v8f s0 = loadf(scale), s1 = loadf(scale + 8);
-    for (int m = 0; m < mr; ++m) {
-        acc[m][0] *= s0;
-        acc[m][1] *= s1;
+    vec acc[MR][NV];
+    const int64_t k0 = 0, k1 = k;
+    ACCUMULATE(row_i8, NR);
+    for (int v = 0; v < NV; ++v) {
+        const vec s = loadv(scale + v * VW);
+        for (int m = 0; m < mr; ++m) acc[m][v] *= s;
     }
     store_rows(acc, bias, out, os, ncols, mr);
 }
@@ -164,6 +191,42 @@ static void i8_rows(const float *x, int64_t xs, const int8_t *panel, int64_t k, 
     case 4: i8_block(x, xs, panel, k, scale, bias, out, os, ncols, 4); break;
     case 5: i8_block(x, xs, panel, k, scale, bias, out, os, ncols, 5); break;
     default: i8_block(x, xs, panel, k, scale, bias, out, os, ncols, MR); break;
+    }
+}
+
+/* ---------------------------------------------------------------- 4-bit AWQ groups */
+
+/* xsum[r * groups + g]: the sum of row r's inputs over group g (the zero point's share of the product). */
+static inline __attribute__((always_inline)) void u4_block(
+    const float *x, int64_t xs, const float *xsum, int64_t groups, const uint8_t *panel, const float *ps,
+    const float *pz, int64_t gs, const float *bias, float *out, int64_t os, int64_t ncols, const int mr)
+{
+    vec tot[MR][NV];
+    for (int m = 0; m < mr; ++m)
+        for (int v = 0; v < NV; ++v) tot[m][v] = splat(0.0f);
+    for (int64_t g = 0; g < groups; ++g) {
+        vec acc[MR][NV];
+        const int64_t k0 = g * gs, k1 = (g + 1) * gs;
+        ACCUMULATE(row_u4, NR / 2);
+        for (int v = 0; v < NV; ++v) {
+            const vec s = loadv(ps + g * NR + v * VW), z = loadv(pz + g * NR + v * VW);
+            for (int m = 0; m < mr; ++m) tot[m][v] += acc[m][v] * s + splat(xsum[m * groups + g]) * z;
+        }
+    }
+    store_rows(tot, bias, out, os, ncols, mr);
+}
+
+static void u4_rows(const float *x, int64_t xs, const float *xsum, int64_t groups, const uint8_t *panel,
+                    const float *ps, const float *pz, int64_t gs, const float *bias, float *out,
+                    int64_t os, int64_t ncols, int64_t mr)
+{
+    switch (mr) {
+    case 1: u4_block(x, xs, xsum, groups, panel, ps, pz, gs, bias, out, os, ncols, 1); break;
+    case 2: u4_block(x, xs, xsum, groups, panel, ps, pz, gs, bias, out, os, ncols, 2); break;
+    case 3: u4_block(x, xs, xsum, groups, panel, ps, pz, gs, bias, out, os, ncols, 3); break;
+    case 4: u4_block(x, xs, xsum, groups, panel, ps, pz, gs, bias, out, os, ncols, 4); break;
+    case 5: u4_block(x, xs, xsum, groups, panel, ps, pz, gs, bias, out, os, ncols, 5); break;
+    default: u4_block(x, xs, xsum, groups, panel, ps, pz, gs, bias, out, os, ncols, MR); break;
     }
 }
 
@@ -185,26 +248,23 @@ static void dequantize_panel(const struct qweights *w, int64_t p, int64_t panels
         for (int64_t kk = 0; kk < k; ++kk) memset(dst + kk * ld, 0, NR * sizeof(float));
         return;
     }
+    vec wv[NV], s[NV], z[NV];
     if (w->bits == 8) {
         const int8_t *panel = (const int8_t *)w->wp + p * k * NR;
-        const v8f s0 = loadf(w->scale + p * NR), s1 = loadf(w->scale + p * NR + 8);
+        row_f32(w->scale + p * NR, s);
         for (int64_t kk = 0; kk < k; ++kk) {
-            v8f lo, hi;
-            row_i8(panel + kk * NR, &lo, &hi);
-            storef(dst + kk * ld, lo * s0);
-            storef(dst + kk * ld + 8, hi * s1);
+            row_i8(panel + kk * NR, wv);
+            for (int v = 0; v < NV; ++v) storev(dst + kk * ld + v * VW, wv[v] * s[v]);
         }
         return;
     }
     const uint8_t *panel = (const uint8_t *)w->wp + p * k * (NR / 2);
     for (int64_t g = 0; g < w->groups; ++g) {
-        const float *ps = w->scale + (p * w->groups + g) * NR, *pz = w->zs + (p * w->groups + g) * NR;
-        const v8f s0 = loadf(ps), s1 = loadf(ps + 8), z0 = loadf(pz), z1 = loadf(pz + 8);
+        row_f32(w->scale + (p * w->groups + g) * NR, s);
+        row_f32(w->zs + (p * w->groups + g) * NR, z);
         for (int64_t kk = g * w->gs; kk < (g + 1) * w->gs; ++kk) {
-            v8f lo, hi;
-            row_u4(panel + kk * (NR / 2), &lo, &hi);
-            storef(dst + kk * ld, lo * s0 + z0);
-            storef(dst + kk * ld + 8, hi * s1 + z1);
+            row_u4(panel + kk * (NR / 2), wv);
+            for (int v = 0; v < NV; ++v) storev(dst + kk * ld + v * VW, wv[v] * s[v] + z[v]);
         }
     }
 }
@@ -214,17 +274,10 @@ static inline __attribute__((always_inline)) void f32_block(
     const float *x, int64_t xs, const float *wf, int64_t k, const float *bias, float *out, int64_t os,
     int64_t ncols, const int mr)
 {
-    v8f acc[MR][2];
-    for (int m = 0; m < mr; ++m) acc[m][0] = acc[m][1] = splat(0.0f);
-    for (int64_t kk = 0; kk < k; ++kk) {
-        const v8f lo = loadf(wf + kk * NR), hi = loadf(wf + kk * NR + 8);
-#pragma GCC unroll 6
-        for (int m = 0; m < mr; ++m) {
-            const v8f xb = splat(x[m * xs + kk]);
-            acc[m][0] += xb * lo;
-            acc[m][1] += xb * hi;
-        }
-    }
+    vec acc[MR][NV];
+    const float *panel = wf;
+    const int64_t k0 = 0, k1 = k;
+    ACCUMULATE(row_f32, NR);
     store_rows(acc, bias, out, os, ncols, mr);
 }
 
@@ -273,86 +326,27 @@ static void many_rows(const struct qweights *w, const float *x, int64_t xs, cons
     }
 }
 
+/* ---------------------------------------------------------------- entry points */
+
 /* x rows are xs floats apart, out rows os floats apart; scale [P * 16] floats; bias [N] or NULL. */
 void bowline_q8_gemm_f32(const float *x, int64_t xs, const int8_t *wp, const float *scale, const float *bias,
                          float *out, int64_t os, int64_t m, int64_t n, int64_t k, int num_threads)
 {
     const int64_t panels = (n + NR - 1) / NR;
     const int64_t blocks = (m + MR - 1) / MR, even = (m + blocks - 1) / blocks; /* 8 rows: 4 + 4, not 6 + 2 */
-    if (m < DEQ_M) {
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-        for (int64_t p = 0; p < panels; ++p) {
-            const int64_t col = p * NR, ncols = n - col < NR ? n - col : NR;
-            for (int64_t r = 0; r < m; r += even) {
-                const int64_t mr = m - r < even ? m - r : even;
-                i8_rows(x + r * xs, xs, wp + p * k * NR, k, scale + col, bias ? bias + col : 0, out + r * os + col,
-                        os, ncols, mr);
-            }
-        }
+    if (m >= DEQ_M) {
+        const struct qweights w = {8, wp, scale, 0, 0, 0};
+        many_rows(&w, x, xs, bias, out, os, m, n, k, num_threads);
         return;
     }
-    const struct qweights w = {8, wp, scale, 0, 0, 0};
-    many_rows(&w, x, xs, bias, out, os, m, n, k, num_threads);
-}
-
-/* ---------------------------------------------------------------- 4-bit AWQ groups */
-
-/* xsum[r * groups + g]: the sum of row r's inputs over group g (the zero point's share of the product). */
-static inline __attribute__((always_inline)) void u4_block(
-    const float *x, int64_t xs, const float *xsum, int64_t groups, const uint8_t *panel, const float *ps,
-    const float *pz, int64_t k, int64_t gs, const float *bias, float *out, int64_t os, int64_t ncols, const int mr)
-{
-    v8f tot[MR][2];
-    for (int m = 0; m < mr; ++m) tot[m][0] = tot[m][1] = splat(0.0f);
-    for (int64_t g = 0; g < groups; ++g) {
-        v8f acc[MR][2], acc2[MR][2];
-        for (int m = 0; m < mr; ++m) acc[m][0] = acc[m][1] = acc2[m][0] = acc2[m][1] = splat(0.0f);
-        int64_t kk = g * gs;
-        if (mr <= 2)
-            for (; kk + 1 < (g + 1) * gs; kk += 2) {
-                v8f lo, hi, lo2, hi2;
-                row_u4(panel + kk * (NR / 2), &lo, &hi);
-                row_u4(panel + (kk + 1) * (NR / 2), &lo2, &hi2);
-                for (int m = 0; m < mr; ++m) {
-                    const v8f xb = splat(x[m * xs + kk]), xb2 = splat(x[m * xs + kk + 1]);
-                    acc[m][0] += xb * lo;
-                    acc[m][1] += xb * hi;
-                    acc2[m][0] += xb2 * lo2;
-                    acc2[m][1] += xb2 * hi2;
-                }
-            }
-        for (; kk < (g + 1) * gs; ++kk) {
-            v8f lo, hi;
-            row_u4(panel + kk * (NR / 2), &lo, &hi);
-#pragma GCC unroll 4
-            for (int m = 0; m < mr; ++m) {
-                const v8f xb = splat(x[m * xs + kk]);
-                acc[m][0] += xb * lo;
-                acc[m][1] += xb * hi;
-            }
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t p = 0; p < panels; ++p) {
+        const int64_t col = p * NR, ncols = n - col < NR ? n - col : NR;
+        for (int64_t r = 0; r < m; r += even) {
+            const int64_t mr = m - r < even ? m - r : even;
+            i8_rows(x + r * xs, xs, wp + p * k * NR, k, scale + col, bias ? bias + col : 0, out + r * os + col, os,
+                    ncols, mr);
         }
-        const v8f s0 = loadf(ps + g * NR), s1 = loadf(ps + g * NR + 8);
-        const v8f z0 = loadf(pz + g * NR), z1 = loadf(pz + g * NR + 8);
-        for (int m = 0; m < mr; ++m) {
-            const v8f xg = splat(xsum[m * groups + g]);
-            tot[m][0] += (acc[m][0] + acc2[m][0]) * s0 + xg * z0;
-            tot[m][1] += (acc[m][1] + acc2[m][1]) * s1 + xg * z1;
-        }
-    }
-    store_rows(tot, bias, out, os, ncols, mr);
-}
-
-static void u4_rows(const float *x, int64_t xs, const float *xsum, int64_t groups, const uint8_t *panel,
-                    const float *ps, const float *pz, int64_t k, int64_t gs, const float *bias, float *out,
-                    int64_t os, int64_t ncols, int64_t mr)
-{
-    switch (mr) {
-    case 1: u4_block(x, xs, xsum, groups, panel, ps, pz, k, gs, bias, out, os, ncols, 1); break;
-    case 2: u4_block(x, xs, xsum, groups, panel, ps, pz, k, gs, bias, out, os, ncols, 2); break;
-    case 3: u4_block(x, xs, xsum, groups, panel, ps, pz, k, gs, bias, out, os, ncols, 3); break;
-    case 4: u4_block(x, xs, xsum, groups, panel, ps, pz, k, gs, bias, out, os, ncols, 4); break;
-    case 5: u4_block(x, xs, xsum, groups, panel, ps, pz, k, gs, bias, out, os, ncols, 5); break;
-    default: u4_block(x, xs, xsum, groups, panel, ps, pz, k, gs, bias, out, os, ncols, MR); break;
     }
 }
 
@@ -363,27 +357,26 @@ void bowline_q4_gemm_f32(const float *x, int64_t xs, const uint8_t *wp, const fl
 {
     const int64_t panels = (n + NR - 1) / NR, groups = k / gs;
     const int64_t blocks = (m + MR - 1) / MR, even = (m + blocks - 1) / blocks;
-    if (m < DEQ_M) {
-        float xsum[DEQ_M * 512];
-        float *sums = groups * m <= DEQ_M * 512 ? xsum : malloc((size_t)(groups * m) * sizeof(float));
-        for (int64_t r = 0; r < m; ++r)
-            for (int64_t g = 0; g < groups; ++g) {
-                float s = 0.0f;
-                for (int64_t kk = g * gs; kk < (g + 1) * gs; ++kk) s += x[r * xs + kk];
-                sums[r * groups + g] = s;
-            }
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-        for (int64_t p = 0; p < panels; ++p) {
-            const int64_t col = p * NR, ncols = n - col < NR ? n - col : NR;
-            for (int64_t r = 0; r < m; r += even) {
-                const int64_t mr = m - r < even ? m - r : even;
-                u4_rows(x + r * xs, xs, sums + r * groups, groups, wp + p * k * (NR / 2), scales + p * groups * NR,
-                        zs + p * groups * NR, k, gs, bias ? bias + col : 0, out + r * os + col, os, ncols, mr);
-            }
-        }
-        if (sums != xsum) free(sums);
+    if (m >= DEQ_M) {
+        const struct qweights w = {4, wp, scales, zs, groups, gs};
+        many_rows(&w, x, xs, bias, out, os, m, n, k, num_threads);
         return;
     }
-    const struct qweights w = {4, wp, scales, zs, groups, gs};
-    many_rows(&w, x, xs, bias, out, os, m, n, k, num_threads);
+    float *sums = malloc((size_t)(groups * m) * sizeof(float));
+    for (int64_t r = 0; r < m; ++r)
+        for (int64_t g = 0; g < groups; ++g) {
+            float s = 0.0f;
+            for (int64_t kk = g * gs; kk < (g + 1) * gs; ++kk) s += x[r * xs + kk];
+            sums[r * groups + g] = s;
+        }
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t p = 0; p < panels; ++p) {
+        const int64_t col = p * NR, ncols = n - col < NR ? n - col : NR;
+        for (int64_t r = 0; r < m; r += even) {
+            const int64_t mr = m - r < even ? m - r : even;
+            u4_rows(x + r * xs, xs, sums + r * groups, groups, wp + p * k * (NR / 2), scales + p * groups * NR,
+                    zs + p * groups * NR, gs, bias ? bias + col : 0, out + r * os + col, os, ncols, mr);
+        }
+    }
+    free(sums);
 }
