@@ -38,6 +38,7 @@ def model_dirs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("quantized")
     return {"awq": build_tiny_model(root / "awq", quantization="awq"),
+            "awq-qwen2": build_tiny_model(root / "awq-qwen2", arch="qwen2", quantization="awq"),  # q/k/v biases
             "w8a8": build_tiny_model(root / "w8a8", quantization="w8a8"), "int8": tiny_model_dir}
 
 
@@ -176,14 +177,14 @@ def test_quantized_server_answers_with_the_dequantized_models_greedy_tokens(mode
     assert f"quantization {method}" in output
 
 
-@pytest.mark.parametrize("method", ["awq", "w8a8", "int8"])
-def test_prefill_logits_match_the_dequantized_model(model_dirs, method):
+@pytest.mark.parametrize("folder", ["awq", "awq-qwen2", "w8a8", "int8"])
+def test_prefill_logits_match_the_dequantized_model(model_dirs, folder):
     from bowline_runtime.devices.cpu import CpuDevice
     from bowline_runtime.models import loader
     from bowline_runtime.models.attention import AttentionMetadata, PrefillSpan, head_dim
     from bowline_runtime.models.packed_decoder import PackedDecoder
 
-    path = model_dirs[method]
+    path, method = model_dirs[folder], folder.split("-")[0]
     config = loader.load_config(str(path), False)
     ours = loader.load_model(str(path), config, torch.float32, "auto", False,
                              quantization="int8" if method == "int8" else "auto")
