@@ -9,6 +9,7 @@ BOWLINE_CPU_KERNELS=0, a half-precision model) it becomes a float nn.Linear dequ
 
 from __future__ import annotations
 
+import ctypes
 import logging
 
 import torch
@@ -22,11 +23,15 @@ from bowline_runtime.models.quantization import quantize_activations, unpack_awq
 logger = logging.getLogger(__name__)
 
 
-def _panel_width() -> int:
+def _library() -> ctypes.CDLL:
     lib = kernels.load()
     if lib is None:
         raise RuntimeError("the CPU kernels are not available")
-    return int(lib.bowline_quant_panel_width())
+    return lib
+
+
+def _panel_width() -> int:
+    return int(_library().bowline_quant_panel_width())
 
 
 def _panels(columns_last: torch.Tensor, width: int) -> torch.Tensor:
@@ -60,6 +65,10 @@ def pack_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
 class Int8KernelLinear(nn.Module):
     """Int8Linear through quant_gemm.c: int8 weights per output channel, W8A8 quantizing x per token first."""
 
+    packed_weight: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, layer: Int8Linear) -> None:
         super().__init__()
         self.in_features, self.out_features, self.act_quant = layer.in_features, layer.out_features, layer.act_quant
@@ -67,7 +76,7 @@ class Int8KernelLinear(nn.Module):
         self.register_buffer("packed_weight", packed)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if layer.bias is None else layer.bias.float().contiguous().clone())
-        self._lib = kernels.load()
+        self._lib = _library()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -89,6 +98,11 @@ class Int8KernelLinear(nn.Module):
 class AwqKernelLinear(nn.Module):
     """AwqLinear through quant_gemm.c: 4-bit weights, one scale and zero per group of input rows."""
 
+    packed_weight: torch.Tensor
+    scales: torch.Tensor
+    zero_scales: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, layer: AwqLinear) -> None:
         super().__init__()
         self.in_features, self.out_features, self.group_size = layer.in_features, layer.out_features, layer.group_size
@@ -97,7 +111,7 @@ class AwqKernelLinear(nn.Module):
         self.register_buffer("scales", scales)
         self.register_buffer("zero_scales", zs)
         self.register_buffer("bias", None if layer.bias is None else layer.bias.float().contiguous().clone())
-        self._lib = kernels.load()
+        self._lib = _library()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

@@ -45,6 +45,10 @@ class QuantLinear(nn.Module):
 class AwqLinear(QuantLinear):
     """4-bit AWQ weights (qweight, qzeros, scales as the checkpoint stores them) with an optional bias."""
 
+    qweight: torch.Tensor
+    qzeros: torch.Tensor
+    scales: torch.Tensor
+
     def __init__(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
                  bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -100,6 +104,9 @@ class AwqLinear(QuantLinear):
 class Int8Linear(QuantLinear):
     """int8 weights [out, in] with one float32 scale per output channel; `act_quant` quantizes each
     token's activations to int8 first (W8A8), else the activations stay float (weight-only)."""
+
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
                  act_quant: bool = False) -> None:

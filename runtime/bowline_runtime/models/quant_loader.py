@@ -117,6 +117,7 @@ def load_quantized(model_path: str, hf_config, dtype: torch.dtype, quant: QuantC
             full = f"{name}.{child_name}" if name else child_name
             if type(child) is not nn.Linear or not _is_quantized(tensors, full, quant.method):
                 continue
+            layer: nn.Module
             if quant.method == "awq":
                 layer = awq_layer(tensors, full, child, quant.group_size)
             else:
@@ -138,7 +139,7 @@ def load_quantized(model_path: str, hf_config, dtype: torch.dtype, quant: QuantC
                                 "model (a quantized layer missing its qweight or weight_scale?)")
     if tied:
         model.tie_weights()
-    for module in model.modules():  # layers built under no_init_weights keep their float bias buffers
+    for module in model.modules():  # the checkpoint's biases, in the model's dtype
         if isinstance(module, (AwqLinear, Int8Linear)) and module.bias is not None:
             module.bias = module.bias.to(dtype)
     return model
@@ -147,7 +148,8 @@ def load_quantized(model_path: str, hf_config, dtype: torch.dtype, quant: QuantC
 def quantize_model_int8(model: nn.Module) -> int:
     """Replace every decoder-layer nn.Linear by its weight-only int8 version, in place; the LM head and the
     embeddings stay float (as AWQ and llm-compressor leave them). Returns how many layers changed."""
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    get_decoder = getattr(model, "get_decoder", None)
+    base = get_decoder() if callable(get_decoder) else model.get_submodule("model")
     count = 0
     for module in list(base.modules()):
         for child_name, child in list(module.named_children()):

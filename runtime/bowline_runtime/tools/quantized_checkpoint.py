@@ -53,9 +53,9 @@ def quantize_checkpoint(folder: str | Path, method: str, group_size: int | None 
     weights_path = folder / "model.safetensors"
     tensors = load_file(str(weights_path))
     out: dict[str, torch.Tensor] = {}
+    group = group_size or default_group_size(config["hidden_size"], config["intermediate_size"])
     if method == "awq":
-        group_size = group_size or default_group_size(config["hidden_size"], config["intermediate_size"])
-        config["quantization_config"] = awq_config(group_size)
+        config["quantization_config"] = awq_config(group)
     elif method == "w8a8":
         config["quantization_config"] = w8a8_config()
     else:
@@ -66,7 +66,7 @@ def quantize_checkpoint(folder: str | Path, method: str, group_size: int | None 
             continue
         prefix = name.removesuffix(".weight")
         if method == "awq":
-            qweight, qzeros, scales = quantize_awq(tensor, group_size)
+            qweight, qzeros, scales = quantize_awq(tensor, group)
             out.update({f"{prefix}.qweight": qweight, f"{prefix}.qzeros": qzeros, f"{prefix}.scales": scales})
         else:
             q, scale = quantize_int8(tensor)
