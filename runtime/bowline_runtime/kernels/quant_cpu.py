@@ -51,12 +51,12 @@ def pack_int8(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, 
 
 def pack_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """AWQ tensors -> (nibble panels [P, K, 8] uint8: byte j = column j | column j + 8 << 4,
-    scales [P, G, 16] float32, -zero * scale [P, G, 16] float32)."""
+    """AWQ tensors -> (nibble panels [P, K/2, 16] uint8: byte j of pair i = column j of input row 2i |
+    that of row 2i + 1 << 4, scales [P, G, 16] float32, -zero * scale [P, G, 16] float32)."""
     width = _panel_width()
     q = _panels(unpack_awq(qweight), width)  # [P, K, 16] values 0..15
-    half = width // 2
-    nibbles = (q[..., :half] | (q[..., half:] << 4)).contiguous()
+    pairs = q.view(q.shape[0], -1, 2, width)
+    nibbles = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).contiguous()
     s = scales.float()
     zs = -unpack_awq(qzeros).float() * s
     return nibbles, _panels(s, width), _panels(zs, width)
@@ -105,6 +105,8 @@ class AwqKernelLinear(nn.Module):
 
     def __init__(self, layer: AwqLinear) -> None:
         super().__init__()
+        if layer.group_size % 2:
+            raise ValueError(f"the 4-bit kernel reads input rows in pairs; group size {layer.group_size} is odd")
         self.in_features, self.out_features, self.group_size = layer.in_features, layer.out_features, layer.group_size
         nibbles, scales, zs = pack_awq(layer.qweight, layer.qzeros, layer.scales)
         self.register_buffer("packed_weight", nibbles)
@@ -142,7 +144,7 @@ class ActQuantLinear(nn.Module):
 def kernel_layer(layer: QuantLinear, dtype: torch.dtype) -> nn.Module:
     """The CPU's layer for one quantized layer (see the module docstring for which)."""
     if dtype == torch.float32 and kernels.load() is not None:
-        if isinstance(layer, AwqLinear):
+        if isinstance(layer, AwqLinear) and layer.group_size % 2 == 0:  # the kernel reads input rows in pairs
             return AwqKernelLinear(layer)
         if isinstance(layer, Int8Linear):
             return Int8KernelLinear(layer)

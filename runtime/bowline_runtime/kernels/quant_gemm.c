@@ -16,7 +16,8 @@
  *
  * Weights arrive packed once (by kernels/quant_cpu.py) in panels of NR = 16 output columns:
  *   int8: wp[P][K][16]           (int8, column j of the panel at byte j)
- *   int4: wp[P][K][8]            (byte j: column j in the low nibble, column j + 8 in the high nibble)
+ *   int4: wp[P][K/2][16]         (byte j of pair i: column j of input row 2i in the low nibble, of row
+ *                                 2i + 1 in the high nibble; K and the group size even)
  *         scales[P][G][16], zs[P][G][16] floats, zs = -zero * scale
  * Small row counts (decode) accumulate straight from the packed panel, up to MR = 6 rows at a time.
  * From DEQ_M rows on (prefill), each thread dequantizes one panel of gemm.c's width to floats (K x 64
@@ -68,11 +69,13 @@ static inline __attribute__((always_inline)) void row_i8(const int8_t *row, vec 
     w[0] = (vec)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)row)));
 }
 
-static inline __attribute__((always_inline)) void row_u4(const uint8_t *row, vec *w)
+/* Two consecutive input rows of a 4-bit panel: byte j holds column j of the first (low nibble) and of
+ * the second (high nibble), so each row is one and/shift and one widening, no shuffle. */
+static inline __attribute__((always_inline)) void rows_u4(const uint8_t *pair, vec *w, vec *w2)
 {
-    const __m128i b = _mm_loadl_epi64((const __m128i *)row), low = _mm_set1_epi8(15);
-    const __m128i cols = _mm_unpacklo_epi64(_mm_and_si128(b, low), _mm_and_si128(_mm_srli_epi16(b, 4), low));
-    w[0] = (vec)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(cols));
+    const __m128i b = _mm_loadu_si128((const __m128i *)pair), low = _mm_set1_epi8(15);
+    w[0] = (vec)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low)));
+    w2[0] = (vec)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low)));
 }
 #elif defined(__AVX2__)
 #include <immintrin.h>
@@ -84,11 +87,14 @@ static inline __attribute__((always_inline)) void row_i8(const int8_t *row, vec 
     w[1] = (vec)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
 }
 
-static inline __attribute__((always_inline)) void row_u4(const uint8_t *row, vec *w)
+static inline __attribute__((always_inline)) void rows_u4(const uint8_t *pair, vec *w, vec *w2)
 {
-    const __m128i b = _mm_loadl_epi64((const __m128i *)row), low = _mm_set1_epi8(15);
-    w[0] = (vec)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(b, low)));
-    w[1] = (vec)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low)));
+    const __m128i b = _mm_loadu_si128((const __m128i *)pair), low = _mm_set1_epi8(15);
+    const __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+    w[0] = (vec)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    w[1] = (vec)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    w2[0] = (vec)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    w2[1] = (vec)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
 }
 #else
 typedef int8_t v8i8 __attribute__((vector_size(8)));
@@ -103,12 +109,15 @@ static inline __attribute__((always_inline)) void row_i8(const int8_t *row, vec 
     w[1] = __builtin_convertvector(b, vec);
 }
 
-static inline __attribute__((always_inline)) void row_u4(const uint8_t *row, vec *w)
+static inline __attribute__((always_inline)) void rows_u4(const uint8_t *pair, vec *w, vec *w2)
 {
-    v8u8 b;
-    memcpy(&b, row, 8);
-    w[0] = __builtin_convertvector(b & (uint8_t)15, vec);
-    w[1] = __builtin_convertvector(b >> 4, vec);
+    v8u8 a, b;
+    memcpy(&a, pair, 8);
+    memcpy(&b, pair + 8, 8);
+    w[0] = __builtin_convertvector(a & (uint8_t)15, vec);
+    w[1] = __builtin_convertvector(b & (uint8_t)15, vec);
+    w2[0] = __builtin_convertvector(a >> 4, vec);
+    w2[1] = __builtin_convertvector(b >> 4, vec);
 }
 #endif
 
@@ -165,6 +174,30 @@ static inline __attribute__((always_inline)) void store_rows(
             for (int v = 0; v < NV; ++v) acc[m][v] += acc2[m][v];                                           \
     } while (0)
 
+/* The same over a 4-bit panel, whose input rows come in pairs (k0 and k1 even). */
+#define ACCUMULATE_PAIRS()                                                                                  \
+    do {                                                                                                    \
+        vec acc2[MR][NV];                                                                                   \
+        for (int m = 0; m < mr; ++m)                                                                        \
+            for (int v = 0; v < NV; ++v) acc[m][v] = acc2[m][v] = splat(0.0f);                              \
+        for (int64_t kk = k0; kk < k1; kk += 2) {                                                           \
+            vec w[NV], w2[NV];                                                                              \
+            rows_u4(panel + kk * (NR / 2), w, w2);                                                          \
+            _Pragma("GCC unroll 6") for (int m = 0; m < mr; ++m) {                                          \
+                const vec xb = splat(x[m * xs + kk]), xb2 = splat(x[m * xs + kk + 1]);                      \
+                for (int v = 0; v < NV; ++v) {                                                              \
+                    acc[m][v] += xb * w[v];                                                                 \
+                    if (mr <= 2)                                                                            \
+                        acc2[m][v] += xb2 * w2[v];                                                          \
+                    else                                                                                    \
+                        acc[m][v] += xb2 * w2[v];                                                           \
+                }                                                                                           \
+            }                                                                                               \
+        }                                                                                                   \
+        for (int m = 0; m < mr; ++m)                                                                        \
+            for (int v = 0; v < NV; ++v) acc[m][v] += acc2[m][v];                                           \
+    } while (0)
+
 /* ---------------------------------------------------------------- int8, per output channel */
 
 static inline __attribute__((always_inline)) void i8_block(
@@ -207,7 +240,7 @@ static inline __attribute__((always_inline)) void u4_block(
     for (int64_t g = 0; g < groups; ++g) {
         vec acc[MR][NV];
         const int64_t k0 = g * gs, k1 = (g + 1) * gs;
-        ACCUMULATE(row_u4, NR / 2);
+        ACCUMULATE_PAIRS();
         for (int v = 0; v < NV; ++v) {
             const vec s = loadv(ps + g * NR + v * VW), z = loadv(pz + g * NR + v * VW);
             for (int m = 0; m < mr; ++m) tot[m][v] += acc[m][v] * s + splat(xsum[m * groups + g]) * z;
@@ -262,9 +295,13 @@ static void dequantize_panel(const struct qweights *w, int64_t p, int64_t panels
     for (int64_t g = 0; g < w->groups; ++g) {
         row_f32(w->scale + (p * w->groups + g) * NR, s);
         row_f32(w->zs + (p * w->groups + g) * NR, z);
-        for (int64_t kk = g * w->gs; kk < (g + 1) * w->gs; ++kk) {
-            row_u4(panel + kk * (NR / 2), wv);
-            for (int v = 0; v < NV; ++v) storev(dst + kk * ld + v * VW, wv[v] * s[v] + z[v]);
+        for (int64_t kk = g * w->gs; kk < (g + 1) * w->gs; kk += 2) {
+            vec wv2[NV];
+            rows_u4(panel + kk * (NR / 2), wv, wv2);
+            for (int v = 0; v < NV; ++v) {
+                storev(dst + kk * ld + v * VW, wv[v] * s[v] + z[v]);
+                storev(dst + (kk + 1) * ld + v * VW, wv2[v] * s[v] + z[v]);
+            }
         }
     }
 }
@@ -350,7 +387,7 @@ void bowline_q8_gemm_f32(const float *x, int64_t xs, const int8_t *wp, const flo
     }
 }
 
-/* wp [P][K][8] bytes; scales, zs [P][groups][16] floats (zs = -zero * scale); gs = K / groups. */
+/* wp [P][K/2][16] bytes; scales, zs [P][groups][16] floats (zs = -zero * scale); gs = K / groups, even. */
 void bowline_q4_gemm_f32(const float *x, int64_t xs, const uint8_t *wp, const float *scales, const float *zs,
                          const float *bias, float *out, int64_t os, int64_t m, int64_t n, int64_t k, int64_t gs,
                          int num_threads)
