@@ -131,6 +131,9 @@ def load() -> ctypes.CDLL | None:
     fn = lib.bowline_q4_gemm_f32
     fn.restype = None
     fn.argtypes = [_p, _i64, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _int]
+    fn = lib.bowline_quantize_rows_f32
+    fn.restype = None
+    fn.argtypes = [_p, _i64, _p, _i64, _i64]
     if hasattr(lib, "bowline_gemm_f32"):  # compiled only for AVX-512 targets (see gemm.c)
         lib.bowline_gemm_panel_width.restype = _i64
         lib.bowline_gemm_panel_width.argtypes = []

@@ -80,11 +80,12 @@ class Int8KernelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x = x.reshape(-1, self.in_features)
-        if self.act_quant:
-            x = quantize_activations(x)
-        x = kernels._rows(x)
+        x = kernels._rows(x.reshape(-1, self.in_features))
         m = x.shape[0]
+        if self.act_quant and m:  # x rounded to int8 per token, in C (quantize_activations' arithmetic)
+            rounded = torch.empty(m, self.in_features, dtype=torch.float32)
+            self._lib.bowline_quantize_rows_f32(x.data_ptr(), x.stride(0), rounded.data_ptr(), m, self.in_features)
+            x = rounded
         out = torch.empty(m, self.out_features, dtype=torch.float32)
         if m:
             self._lib.bowline_q8_gemm_f32(

@@ -417,3 +417,27 @@ void bowline_q4_gemm_f32(const float *x, int64_t xs, const uint8_t *wp, const fl
     }
     free(sums);
 }
+
+/* W8A8's activations: each row of x [M, K] rounded to int8 steps of its own scale max|x| / 127 and
+ * written back as floats (x_q * s_x) to out [M, K] contiguous: the int8 product's input, exactly, in
+ * one pass instead of torch's six small operations per call. Rounding is to nearest, ties to even,
+ * as torch.round; built without -ffast-math so x / s is the correctly rounded division torch does
+ * (a reciprocal multiply would move values next to a .5 to the other int8 step). */
+__attribute__((optimize("no-fast-math"))) void bowline_quantize_rows_f32(const float *x, int64_t xs, float *out, int64_t m, int64_t k)
+{
+    for (int64_t r = 0; r < m; ++r) {
+        const float *row = x + r * xs;
+        float amax = 0.0f;
+        for (int64_t i = 0; i < k; ++i) {
+            const float a = row[i] < 0 ? -row[i] : row[i];
+            amax = a > amax ? a : amax;
+        }
+        float scale = amax / 127.0f;
+        scale = scale < 1e-12f ? 1e-12f : scale;
+        for (int64_t i = 0; i < k; ++i) {
+            float q = __builtin_nearbyintf(row[i] / scale);
+            q = q < -128.0f ? -128.0f : (q > 127.0f ? 127.0f : q);
+            out[r * k + i] = q * scale;
+        }
+    }
+}

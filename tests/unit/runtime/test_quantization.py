@@ -70,7 +70,7 @@ def _avx2_library(tmp_path: Path) -> ctypes.CDLL | None:
                     *sources, "-o", str(target)], check=True, capture_output=True)
     lib = ctypes.CDLL(str(target))
     native = kernels.load()
-    for name in ("bowline_q8_gemm_f32", "bowline_q4_gemm_f32"):
+    for name in ("bowline_q8_gemm_f32", "bowline_q4_gemm_f32", "bowline_quantize_rows_f32"):
         getattr(lib, name).argtypes = getattr(native, name).argtypes
         getattr(lib, name).restype = None
     return lib
@@ -188,3 +188,15 @@ def test_half_precision_cpu_layers_are_dequantized_once_with_the_same_numbers(ac
     awq = AwqLinear(*Q.quantize_awq(torch.randn(24, 64), 32), 32)
     torch.testing.assert_close(quant_cpu.kernel_layer(awq, torch.bfloat16)(x.bfloat16()).float(), awq(x),
                                rtol=0.05, atol=0.1)
+
+
+@needs_kernels
+@pytest.mark.parametrize("build", ["native", "avx2"])
+def test_c_activation_rounding_is_torchs(build, tmp_path):
+    lib = kernels.load() if build == "native" else _avx2_library(tmp_path)
+    torch.manual_seed(5)
+    ties = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -126.5, 3.0]])  # scale 1: exact halves, to even
+    for x in (torch.randn(9, 300) * 4, ties, torch.zeros(2, 16)):
+        out = torch.empty_like(x)
+        lib.bowline_quantize_rows_f32(x.data_ptr(), x.stride(0), out.data_ptr(), x.shape[0], x.shape[1])
+        assert torch.equal(out, Q.quantize_activations(x))
