@@ -58,7 +58,9 @@ class DraftModelProposer:
                 f"the draft model's vocabulary ({draft_hf.vocab_size}) differs from the target's "
                 f"({target_hf_config.vocab_size}): a draft must share the target's tokenizer"
             )
-        draft_config = dataclasses.replace(engine_config, model=model_path, tokenizer=None, tensor_parallel_size=1)
+        # The draft's weights follow its own config.json (a quantized target may have a plain draft).
+        draft_config = dataclasses.replace(engine_config, model=model_path, tokenizer=None, tensor_parallel_size=1,
+                                           quantization="auto")
         runner = build_runner(draft_config, device, dtype, 0, 1)
         kv_heads = getattr(draft_hf, "num_key_value_heads", None) or draft_hf.num_attention_heads
         proposer = cls(runner, vocab_size, engine_config.block_size, kv_heads)
