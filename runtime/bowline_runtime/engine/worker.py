@@ -12,6 +12,8 @@ import datetime
 import logging
 import signal
 import socket
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -43,6 +45,15 @@ def _threads_per_rank(device: Device, world_size: int) -> None:
         torch.set_num_threads(max(1, usable_cores() // world_size))
 
 
+@dataclass(slots=True)
+class LoRAUpdate:
+    """Sent to every rank between steps: install an adapter's weights (each rank takes its shard) or drop them."""
+
+    lora_id: int
+    adapter: Any  # lora.adapter.LoRAAdapter, or None to drop
+    shapes: Any  # lora.adapter.ModelShapes
+
+
 def build_runner(config: EngineConfig, device: Device, dtype: torch.dtype, rank: int, world_size: int) -> ModelRunner:
     device.prepare_process()
     hf_config = loader.load_config(config.model, config.trust_remote_code)
@@ -56,13 +67,20 @@ def build_runner(config: EngineConfig, device: Device, dtype: torch.dtype, rank:
     # Before the device packs its Linear layers: the decoder fuses q/k/v and gate/up into one product each.
     use_packed = switch_on(packed_decoder.PACKED_DECODER_ENV) and packed_decoder.supports(model)
     decoder = PackedDecoder(model, device.fused_ops(dtype)) if use_packed else None
+    if config.enable_lora and decoder is None:
+        raise ValueError(
+            f"--enable-lora needs a Llama-family model ({', '.join(sorted(packed_decoder.SUPPORTED_MODEL_TYPES))}) "
+            f"served by the packed decoder ({packed_decoder.PACKED_DECODER_ENV} on)"
+        )
     device.optimize_model(model)
-    return ModelRunner(
+    runner = ModelRunner(
         model, torch_device, dtype, is_driver=rank == 0, block_size=config.block_size, decoder=decoder,
         stage_decode_context=device.stages_decode_context, decode_kernel=device.paged_decode_kernel(dtype),
         prefill_kernel=device.paged_prefill_kernel(dtype, head_dim(hf_config)),
         cache_writer=device.paged_cache_writer(dtype),
     )
+    runner.tp_rank, runner.tp_size = rank, world_size
+    return runner
 
 
 def _worker_main(config: EngineConfig, rank: int, world_size: int, port: int, dtype: torch.dtype) -> None:
@@ -86,6 +104,9 @@ def _worker_main(config: EngineConfig, rank: int, world_size: int, port: int, dt
         step = box[0]
         if step is None:
             break
+        if isinstance(step, LoRAUpdate):
+            runner.set_lora(step.lora_id, step.adapter, step.shapes)
+            continue
         runner.execute(step)
     dist.destroy_process_group()
 
@@ -134,6 +155,12 @@ class TensorParallelGroup:
         if self.world_size > 1:
             dist.broadcast_object_list([(num_slots, self.num_kv_heads_local)], src=0)
         self.runner.allocate_kv_cache(num_slots, self.num_kv_heads_local)
+
+    def set_lora(self, lora_id: int, adapter: Any, shapes: Any) -> None:
+        """Install (or drop, adapter None) a LoRA adapter on every rank, between steps."""
+        if self.world_size > 1:
+            dist.broadcast_object_list([LoRAUpdate(lora_id, adapter, shapes)], src=0)
+        self.runner.set_lora(lora_id, adapter, shapes)
 
     def execute(self, step: StepInput) -> torch.Tensor:
         if self.world_size > 1:
