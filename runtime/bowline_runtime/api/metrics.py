@@ -42,6 +42,14 @@ class _EngineGauges(Collector):
             family = GaugeMetricFamily(name, doc, labels=["model_name"])
             family.add_metric([self._model_name], float(value))
             yield family
+        lora = stats.lora if stats else None
+        if lora is not None:  # vLLM's: the value is the time of the reading, the adapters are labels
+            family = GaugeMetricFamily(
+                "vllm:lora_requests_info", "Running stats on LoRA requests.",
+                labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+            )
+            family.add_metric([",".join(lora.running), ",".join(lora.waiting), str(lora.max_lora)], time.time())
+            yield family
 
 
 class ServerMetrics:

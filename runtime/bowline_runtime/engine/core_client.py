@@ -45,8 +45,10 @@ from typing import Any
 
 from bowline_runtime.config import EngineConfig
 from bowline_runtime.engine.async_engine import EngineDeadError, EngineStepError, deliver_by_loop
+from bowline_runtime.engine.errors import RequestRejected
 from bowline_runtime.engine.outputs import EngineStats, RequestOutput, merge_delta
 from bowline_runtime.engine.sampling_params import SamplingParams
+from bowline_runtime.lora.modules import LoRAModule, parse_modules
 
 logger = logging.getLogger("bowline.engine")
 
@@ -195,6 +197,19 @@ class EngineCoreClient:
 
     async def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
+
+    def lora_modules(self) -> list[LoRAModule]:
+        """The --lora-modules adapters (the core loads them at start; it fails to start if one is bad)."""
+        return parse_modules(self.config.lora_modules) if self.config.enable_lora else []
+
+    async def load_lora(self, name: str, path: str) -> None:
+        raise RequestRejected(
+            "loading LoRA adapters at run time is served by the in-process engine (unset BOWLINE_ENGINE_PROCESS)",
+            "lora_name",
+        )
+
+    async def unload_lora(self, name: str) -> None:
+        await self.load_lora(name, "")
 
     def stats(self) -> EngineStats:
         """The gauges sent with the latest step: no round trip per scrape."""

@@ -27,6 +27,8 @@ Installer = Callable[[int, "LoRAAdapter | None"], None]
 class LoRANotFound(RequestRejected):
     """No adapter of that name (HTTP 404, as vLLM answers)."""
 
+    status_code = 404
+
 
 @dataclass(slots=True)
 class _Entry:
