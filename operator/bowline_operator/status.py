@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from .lora import status_fields as lora_status
 from .render import Owner, device_summary, served_model_name, service_url
 from .spec import InferenceServiceSpec
 
@@ -97,6 +98,7 @@ def compute_status(owner: Owner, spec: InferenceServiceSpec, generation: int | N
         "readyReplicas": ready,
         "selector": f"serving.bowline.dev/inferenceservice={owner.name}",
         "observedGeneration": generation,
+        **lora_status(spec),
         "conditions": [
             condition("Valid", True, "SpecValid", "The spec passed validation.", generation, now, previous),
             progressing,
