@@ -197,16 +197,23 @@ class ModelRunner:
         self._staged: dict[int, _StagedContext] = {}  # by decode-group index
         # LoRA adapters on this rank, by id (lora.delta.pack_adapter); the shard this rank holds.
         self.lora_store: dict[int, dict] = {}
+        self.lora_slots = None  # lora.delta.SlotStacks, made with the first adapter
         self.tp_rank, self.tp_size = 0, 1
 
-    def set_lora(self, lora_id: int, adapter, shapes) -> None:
-        """Install this rank's share of an adapter (lora.adapter.LoRAAdapter), or drop it (None)."""
-        from bowline_runtime.lora.delta import pack_adapter
+    def set_lora(self, lora_id: int, adapter, layout) -> None:
+        """Install this rank's share of an adapter (lora.adapter.LoRAAdapter), or drop it (None);
+        `layout` is the lora.delta.LoRALayout."""
+        from bowline_runtime.lora.delta import SlotStacks, pack_adapter
 
+        if self.lora_slots is None:
+            self.lora_slots = SlotStacks(layout, self.tp_rank, self.tp_size, self.dtype, self.device)
+        self.lora_slots.release(lora_id)
         if adapter is None:
             self.lora_store.pop(lora_id, None)
         else:
-            self.lora_store[lora_id] = pack_adapter(adapter, shapes, self.tp_rank, self.tp_size, self.dtype, self.device)
+            self.lora_store[lora_id] = pack_adapter(
+                adapter, layout.shapes, self.tp_rank, self.tp_size, self.dtype, self.device
+            )
 
     def kv_bytes_per_token(self, num_kv_heads_local: int) -> int:
         return 2 * self.num_layers * num_kv_heads_local * self.head_dim * torch.finfo(self.dtype).bits // 8
@@ -275,7 +282,8 @@ class ModelRunner:
         if step.lora_segments:
             from bowline_runtime.lora.delta import LoRABatch
 
-            lora = LoRABatch(self.lora_store, step.lora_segments, dev, self.tp_size)
+            lora = LoRABatch(self.lora_store, step.lora_segments, dev, self.tp_size, self.lora_slots,
+                             len(step.input_ids))
         if self.decoder is not None:
             logits = self.decoder(step.input_ids.to(dev), step.positions.to(dev), keep.to(dev), meta, lora=lora)
             return logits if self.is_driver else None

@@ -51,7 +51,7 @@ class LoRAUpdate:
 
     lora_id: int
     adapter: Any  # lora.adapter.LoRAAdapter, or None to drop
-    shapes: Any  # lora.adapter.ModelShapes
+    layout: Any  # lora.delta.LoRALayout
 
 
 def build_runner(config: EngineConfig, device: Device, dtype: torch.dtype, rank: int, world_size: int) -> ModelRunner:
@@ -105,7 +105,7 @@ def _worker_main(config: EngineConfig, rank: int, world_size: int, port: int, dt
         if step is None:
             break
         if isinstance(step, LoRAUpdate):
-            runner.set_lora(step.lora_id, step.adapter, step.shapes)
+            runner.set_lora(step.lora_id, step.adapter, step.layout)
             continue
         runner.execute(step)
     dist.destroy_process_group()
@@ -156,11 +156,11 @@ class TensorParallelGroup:
             dist.broadcast_object_list([(num_slots, self.num_kv_heads_local)], src=0)
         self.runner.allocate_kv_cache(num_slots, self.num_kv_heads_local)
 
-    def set_lora(self, lora_id: int, adapter: Any, shapes: Any) -> None:
+    def set_lora(self, lora_id: int, adapter: Any, layout: Any) -> None:
         """Install (or drop, adapter None) a LoRA adapter on every rank, between steps."""
         if self.world_size > 1:
-            dist.broadcast_object_list([LoRAUpdate(lora_id, adapter, shapes)], src=0)
-        self.runner.set_lora(lora_id, adapter, shapes)
+            dist.broadcast_object_list([LoRAUpdate(lora_id, adapter, layout)], src=0)
+        self.runner.set_lora(lora_id, adapter, layout)
 
     def execute(self, step: StepInput) -> torch.Tensor:
         if self.world_size > 1:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from bowline_runtime.engine.errors import RequestRejected
 from bowline_runtime.engine.outputs import LoRAGauges
 from bowline_runtime.lora.adapter import LoRAAdapter, LoRAError, ModelShapes, load_adapter
+from bowline_runtime.lora.delta import LoRALayout
 from bowline_runtime.lora.modules import LoRAModule, check_name
 
 # install(lora_id, adapter) puts an adapter's weights on every rank; install(lora_id, None) drops them.
@@ -153,7 +154,7 @@ def lora_gauges(manager: LoRAManager, scheduler) -> LoRAGauges:
 
 
 def build_lora_manager(
-    config, hf_config, install: Callable[[int, LoRAAdapter | None, ModelShapes], None]
+    config, hf_config, install: Callable[[int, LoRAAdapter | None, LoRALayout], None]
 ) -> LoRAManager | None:
     """The engine's manager with --lora-modules loaded (the first --max-cpu-loras of them stay loaded;
     the rest are checked, then read again when first used); None without --enable-lora."""
@@ -162,9 +163,10 @@ def build_lora_manager(
     from bowline_runtime.lora.modules import parse_modules
 
     shapes = ModelShapes.from_config(hf_config)
+    layout = LoRALayout(shapes, config.max_loras, config.max_lora_rank)
     manager = LoRAManager(
         shapes, config.max_lora_rank, config.max_loras, config.max_cpu_loras,
-        lambda lora_id, adapter: install(lora_id, adapter, shapes), config.model_name,
+        lambda lora_id, adapter: install(lora_id, adapter, layout), config.model_name,
     )
     for module in parse_modules(config.lora_modules):
         try:

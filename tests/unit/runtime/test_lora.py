@@ -171,3 +171,22 @@ def test_batched_update_equals_each_rows_own_product(tiny_model_dir, tmp_path, s
         want = torch.cat([x[start:end] @ a.t() @ b.t() for a, b in parts], dim=-1)
         torch.testing.assert_close(out[start:end], want)
     assert not out[3].any()
+
+
+def test_stacked_slots_give_the_same_update_as_the_per_adapter_loop(tiny_model_dir, tmp_path, shapes):
+    from bowline_runtime.lora.delta import LoRALayout, SlotStacks
+
+    adapters = {i: load_adapter(write_lora_adapter(tiny_model_dir, tmp_path / str(i), rank=r, seed=i,
+                                                   targets=t), shapes, 16)
+                for i, r, t in ((1, 4, ["q_proj", "v_proj"]), (2, 8, ["k_proj", "o_proj"]), (3, 16, ["q_proj"]))}
+    store = {i: pack_adapter(a, shapes, 0, 1, torch.float32, torch.device("cpu")) for i, a in adapters.items()}
+    slots = SlotStacks(LoRALayout(shapes, 2, 16), 0, 1, torch.float32, torch.device("cpu"))
+    x = torch.randn(6, 64)
+    width = sum(shapes.sizes[m][1] for m in ("q_proj", "k_proj", "v_proj"))
+    for segments in ([(0, 2, 1), (3, 4, 2), (4, 6, 1)], [(0, 1, 3), (1, 3, 2)], [(2, 6, 1), (0, 1, 3)]):
+        loop, stacked = torch.zeros(6, width), torch.zeros(6, width)
+        LoRABatch(store, segments, torch.device("cpu"), 1).add(1, "qkv", x, [loop])
+        batch = LoRABatch(store, segments, torch.device("cpu"), 1, slots, num_rows=6)
+        assert batch.stacks is not None  # two adapters over six rows: the stacked path
+        batch.add(1, "qkv", x, [stacked])
+        torch.testing.assert_close(stacked, loop)
