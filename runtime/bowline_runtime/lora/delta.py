@@ -183,6 +183,7 @@ class LoRABatch:
                 raise RuntimeError(f"LoRA adapter id {missing[0]} is scheduled but not loaded on this rank")
             placed = slots.place(list(by_id), store)
         if placed is not None:
+            assert slots is not None
             row_slot = torch.full((num_rows,), -1, dtype=torch.long)
             for lora_id, spans in by_id.items():
                 for s, e in spans:
