@@ -67,7 +67,9 @@ class ServerState:
 
     def lora_modules(self) -> list[LoRAModule]:
         """The LoRA adapters served now (none while loading or without --enable-lora)."""
-        return self.engine.lora_modules() if self.engine is not None else []
+        if not self.config.enable_lora or self.engine is None:
+            return []
+        return self.engine.lora_modules()
 
     def check_model(self, requested: str | None) -> str | None:
         """An absent `model` means the served one; a LoRA adapter's name picks that adapter (returned);
