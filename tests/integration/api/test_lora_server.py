@@ -127,8 +127,18 @@ def test_load_use_unload_then_404(client, lora_server, adapters, reference):
     assert _complete(client, "late", PROMPTS[1]) == reference["late"][1]
     again = http.post("/v1/load_lora_adapter", json={"lora_name": "late", "lora_path": str(adapters["late"])})
     assert "already been loaded" in error_of(again, 400)["message"]
-    unloaded = http.post("/v1/unload_lora_adapter", json={"lora_name": "late"})
+    # Unloading while a request of the adapter streams: that request finishes, then the unload answers.
+    stream = client.completions.create(model="late", prompt=PROMPTS[0], max_tokens=60, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    first = next(chunks)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(http.post, "/v1/unload_lora_adapter", json={"lora_name": "late"})
+        rest = list(chunks)
+        unloaded = pending.result()
     assert unloaded.status_code == 200, unloaded.text
+    finals = [c.choices[0].finish_reason for c in [first, *rest] if c.choices]
+    assert finals[-1] == "length" and len(finals) >= 2
     assert "late" not in {m.id for m in client.models.list().data}
     gone = http.post("/v1/completions", json={"model": "late", "prompt": "hi", "max_tokens": 2})
     assert error_of(gone, 404)["param"] == "model"
