@@ -74,6 +74,20 @@ class RuntimeSpec(_Model):
     scheduler_name: str | None = None
     run_as_root: bool = False
     startup_timeout_seconds: int = Field(default=1800, ge=60)
+    # None: spread across nodes (scheduling.py); [] turns spreading off; a list replaces the default.
+    topology_spread_constraints: list[dict[str, Any]] | None = None
+
+
+# The runtime's vLLM-named gauges a scaler may follow (autoscaling.py maps each to its series).
+AUTOSCALING_METRICS = ("num_requests_waiting", "num_requests_running", "kv_cache_usage")
+
+
+class AutoscalingSpec(_Model):
+    min_replicas: int = Field(default=1, ge=1, le=1000)
+    max_replicas: int = Field(ge=1, le=1000)
+    metric: Literal["num_requests_waiting", "num_requests_running", "kv_cache_usage"] = "num_requests_waiting"
+    target: float | None = Field(default=None, gt=0)
+    scale_down_delay_seconds: int = Field(default=300, ge=0, le=3600)
 
 
 # vLLM's --max-lora-rank values; an adapter name is a model id (no spaces, no '=').
@@ -107,6 +121,7 @@ class InferenceServiceSpec(_Model):
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     adapters: list[AdapterSpec] = Field(default_factory=list, max_length=64)
     lora: LoRASpec | None = None
+    autoscaling: AutoscalingSpec | None = None
 
 
 def parse_spec(spec: dict[str, Any]) -> InferenceServiceSpec:
