@@ -82,3 +82,13 @@ def test_wide_output_shows_the_adapter_count():
     columns = load_crd()["spec"]["versions"][0]["additionalPrinterColumns"]
     (column,) = [c for c in columns if c["name"] == "Adapters"]
     assert column["priority"] == 1 and column["jsonPath"] == ".status.adapterCount"
+
+
+def test_changing_the_adapter_list_changes_the_pod_template_so_the_deployment_rolls():
+    def template(adapters):
+        spec = validate_spec(apply_defaults(schema(), _spec(adapters))["spec"], "svc").spec
+        return render_children(OWNER, spec)[1]["spec"]["template"]
+
+    one = template([{"name": "a", "source": "/x"}])
+    assert one == template([{"name": "a", "source": "/x"}])
+    assert one != template([{"name": "a", "source": "/x"}, {"name": "b", "source": "/y"}])
