@@ -2,9 +2,11 @@
 
 Every adapter name maps to an id that is never reused (a name unloaded and loaded again gets a new
 one), so prefix-cache chains and the ranks' weight stores can never mix two adapters' weights.
-At most `max_cpu_loras` adapters are loaded at once; loading one more drops the least recently
-used adapter that no request is using (it stays registered and is read again from its path when
-a request names it). An adapter removed while requests still use it keeps its weights until the
+At most `max_cpu_loras` adapters stay loaded; loading one more drops the least recently used
+adapter that no request is using (it stays registered and is read again from its path when a
+request names it). When every loaded adapter has requests, the new one is loaded beyond the bound
+rather than refused (requests wait for the batch's --max-loras slots, never fail for memory), and
+the set shrinks back to the bound as adapters go idle. An adapter removed while requests still use it keeps its weights until the
 last of them ends.
 """
 
@@ -117,16 +119,18 @@ class LoRAManager:
             del self.in_use[lora_id]
             if lora_id in self._removed:
                 self._drop(lora_id)
+            elif len(self.loaded) > self.capacity:  # loaded beyond the bound while all were busy
+                self._trim(self.capacity)
 
     def _make_room(self) -> None:
-        """Drop least recently used idle adapters until one more fits."""
-        while len(self.loaded) >= self.capacity:
+        """Drop least recently used idle adapters until one more fits (if none is idle, it is loaded anyway)."""
+        self._trim(self.capacity - 1)
+
+    def _trim(self, size: int) -> None:
+        while len(self.loaded) > size:
             idle = next((i for i in self.loaded if not self.in_use[i]), None)
             if idle is None:
-                raise LoRAError(
-                    f"all {self.capacity} loaded LoRA adapters are serving requests (--max-cpu-loras {self.capacity}); "
-                    "retry when one is idle", "model",
-                )
+                return
             self._evict(idle)
 
     def _evict(self, lora_id: int) -> None:

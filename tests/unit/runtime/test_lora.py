@@ -108,9 +108,11 @@ def test_registry_drops_the_least_recently_used_idle_adapter_and_reloads_it_on_u
     assert list(manager.loaded) == [b, c] and (a, False) in installs.log
     assert manager.acquire("a") == a  # read again from its path; c (idle) makes room
     assert list(manager.loaded) == [b, a]
-    with pytest.raises(LoRAError, match="--max-cpu-loras 2"):
-        manager.add(LoRAModule("d", paths["c"]))  # both loaded adapters are serving requests
-    assert {m.name for m in manager.modules()} == {"a", "b", "c"}
+    d = manager.add(LoRAModule("d", paths["c"]))  # both loaded adapters have requests: beyond the bound
+    assert list(manager.loaded) == [b, a, d]
+    manager.release(b)  # idle again: the set shrinks back to --max-cpu-loras
+    assert list(manager.loaded) == [a, d]
+    assert {m.name for m in manager.modules()} == {"a", "b", "c", "d"}
 
 
 def test_unregistering_keeps_the_weights_until_the_last_request_ends(shapes):
