@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from . import model_cache
 from .autoscaling import autoscaling_problems
 from .lora import lora_problems
 from .spec import MANAGED_FLAG_PATTERN, InferenceServiceSpec, parse_spec
@@ -73,5 +74,6 @@ def validate_spec(raw: dict[str, Any] | None, name: str | None = None) -> Valida
         spec = parse_spec(raw or {})
     except ValidationError as error:
         return Validated(None, tuple(_field_problems(error)))
-    problems = cross_field_problems(spec) + lora_problems(spec, spec.model.served_model_name or name)
+    problems = (cross_field_problems(spec) + model_cache.problems(spec)
+                + lora_problems(spec, spec.model.served_model_name or name))
     return Validated(spec if not problems else None, tuple(problems))
