@@ -77,6 +77,8 @@ class LLMEngine:
             self.device.type, config.tensor_parallel_size, time.perf_counter() - t0,
         )
         self.block_size = config.block_size
+        # Adapters (and their batch slots) take device memory: placed before the KV cache is sized from what is left.
+        self.lora = build_lora_manager(config, hf_config, self.tp.set_lora)
         num_blocks = self._num_kv_blocks()
         self.tp.allocate_kv_cache(num_blocks * self.block_size)
         logger.info(
@@ -103,7 +105,6 @@ class LLMEngine:
             self.block_manager, config.max_num_seqs, max_batched, config.enable_chunked_prefill,
             max_loras=config.max_loras if config.enable_lora else 0,
         )
-        self.lora = build_lora_manager(config, hf_config, self.tp.set_lora)
         torch.manual_seed(config.seed)  # the draws of requests that bring no seed of their own
         self.sampler = Sampler(min(self.vocab_size, len(self.tokenizer)), self.eos_token_ids)
         self.requests: dict[str, _Request] = {}

@@ -97,6 +97,9 @@ def _worker_main(config: EngineConfig, rank: int, world_size: int, port: int, dt
     runner = build_runner(config, device, dtype, rank, world_size)
     box: list = [None]
     dist.broadcast_object_list(box, src=0)
+    while isinstance(box[0], LoRAUpdate):  # --lora-modules adapters come before the KV cache is sized
+        runner.set_lora(box[0].lora_id, box[0].adapter, box[0].layout)
+        dist.broadcast_object_list(box, src=0)
     num_slots, kv_heads = box[0]
     runner.allocate_kv_cache(num_slots, kv_heads)
     while True:
