@@ -128,10 +128,12 @@ def test_load_use_unload_then_404(client, lora_server, adapters, reference):
     again = http.post("/v1/load_lora_adapter", json={"lora_name": "late", "lora_path": str(adapters["late"])})
     assert "already been loaded" in error_of(again, 400)["message"]
     # Unloading while a request of the adapter streams: that request finishes, then the unload answers.
-    stream = client.completions.create(model="late", prompt=PROMPTS[0], max_tokens=60, temperature=0, stream=True,
+    stream = client.completions.create(model="late", prompt=PROMPTS[0], max_tokens=200, temperature=0, stream=True,
                                        extra_body={"ignore_eos": True})
     chunks = iter(stream)
     first = next(chunks)
+    metrics = http.get("/metrics").text  # the gauge the inference gateway reads for adapter affinity
+    assert 'vllm:lora_requests_info{max_lora="2",running_lora_adapters="late",waiting_lora_adapters=""}' in metrics
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(http.post, "/v1/unload_lora_adapter", json={"lora_name": "late"})
         rest = list(chunks)
