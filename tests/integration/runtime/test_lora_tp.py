@@ -41,3 +41,27 @@ def test_tp2_with_adapters_equals_tp1(tiny_model_dir, tmp_path):
             engine.shutdown()
     assert results[0] == results[1]
     assert results[0]["full-1"] != results[0]["None-1"] != results[0]["qv-1"]
+
+
+def test_adapters_compose_with_int8_weights(tiny_model_dir, tmp_path):
+    """The update is added after whatever Linear the quantized format uses: mixed steps equal one-at-a-time."""
+    full = write_lora_adapter(tiny_model_dir, tmp_path / "full", rank=8, seed=11)
+    qv = write_lora_adapter(tiny_model_dir, tmp_path / "qv", rank=4, seed=12, targets=["q_proj", "v_proj", "down_proj"])
+    engine = LLMEngine(EngineConfig(
+        model=str(tiny_model_dir), served_model_name="tiny", device="cpu", quantization="int8", enable_lora=True,
+        lora_modules=[f"full={full}", f"qv={qv}"], max_loras=2, max_model_len=128, kv_cache_memory=1 << 24,
+    ))
+    try:
+        mixed = _run_mixed(engine)
+        for request_id, tokens in mixed.items():
+            name, i = request_id.rsplit("-", 1)
+            params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, lora_name=None if name == "None" else name)
+            engine.add_request("alone", engine.check_request(PROMPTS[int(i)], params))
+            alone: list[int] = []
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    alone += out.outputs[0].new_token_ids
+            assert alone == tokens, request_id
+    finally:
+        engine.shutdown()
+    assert mixed["full-1"] != mixed["None-1"]
