@@ -1,4 +1,4 @@
-"""LoRA under tensor parallelism: each rank's A/B shard matches its base-weight shard, so tp=2 = tp=1."""
+"""LoRA in the engine: tensor-parallel shards of A/B match the base weights (tp=2 = tp=1), and the update composes with quantized Linear kernels."""
 
 from __future__ import annotations
 
