@@ -175,6 +175,15 @@ class SpecDecodeStats:
 
 
 @dataclass(slots=True)
+class LoRAGauges:
+    """vLLM's `vllm:lora_requests_info` labels: the adapters of running and waiting requests."""
+
+    running: tuple[str, ...]
+    waiting: tuple[str, ...]
+    max_lora: int
+
+
+@dataclass(slots=True)
 class EngineStats:
     """Engine-wide gauges for /metrics and tests."""
 
@@ -183,6 +192,7 @@ class EngineStats:
     num_free_blocks: int
     num_total_blocks: int
     spec_decode: SpecDecodeStats | None = None  # None: no speculative decoding
+    lora: LoRAGauges | None = None  # None: LoRA not enabled
 
     @property
     def kv_cache_usage(self) -> float:

@@ -27,6 +27,8 @@ class SeqView:
     block_table: list[int]
     params: object
     num_prompt_tokens: int
+    lora_id: int = 0  # the target's rows keep the sequence's adapter; the draft runs its own base weights
+
 
     @property
     def num_tokens(self) -> int:
@@ -37,7 +39,8 @@ _ROW_IDS = itertools.count(1)
 
 
 def view(seq: Sequence, extra: list[int], num_computed: int) -> SeqView:
-    return SeqView(seq.seq_id, seq.token_ids + extra, num_computed, seq.block_table, seq.params, seq.num_prompt_tokens)
+    return SeqView(seq.seq_id, seq.token_ids + extra, num_computed, seq.block_table, seq.params, seq.num_prompt_tokens,
+                   seq.lora_id)
 
 
 @dataclass(slots=True)

@@ -185,4 +185,5 @@ class SpeculativeDecoder:
             outputs.append(engine._delta(request, finished))
             if finished:
                 del engine.requests[request.request_id]
+                engine._release(request)
         return outputs

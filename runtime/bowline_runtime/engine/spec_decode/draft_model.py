@@ -137,6 +137,7 @@ class DraftModelProposer:
         first = ScheduledBatch(rows + batch.seqs[d:], [1] * len(rows) + batch.num_tokens[d:], len(rows))
         plan = prepare_step(first, self.block_size, group_decodes=self.group_decodes)
         plan.step.keep = torch.tensor(wanted, dtype=torch.long)
+        plan.step.lora_segments = []  # LoRA adapters live on the target; the draft proposes with its own weights
         logits = self.runner.execute(plan.step)
         assert logits is not None  # the runner is a driver
         forks: list[Any] = []
@@ -160,6 +161,7 @@ class DraftModelProposer:
             plan = prepare_step(ScheduledBatch(views, [1] * len(views), len(views)), self.block_size,
                                 group_decodes=self.group_decodes)
             plan.step.keep = torch.arange(len(views), dtype=torch.long)
+            plan.step.lora_segments = []
             logits = self.runner.execute(plan.step)
             assert logits is not None
             for out_row, i in enumerate(active):
