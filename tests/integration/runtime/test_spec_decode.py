@@ -315,3 +315,26 @@ def test_tensor_parallel_two_ranks_greedy_is_the_same_with_a_draft_and_with_ngra
             assert engine.stats().spec_decode.num_draft_tokens > 0
         finally:
             engine.shutdown()
+
+
+def test_lora_adapters_under_speculation_give_the_same_tokens(tiny_model_dir, drafts, tmp_path):
+    """Verify rows carry the sequence's adapter; the draft proposes with its own base weights."""
+    from bowline_runtime.tools.tiny_lora import write_lora_adapter
+
+    adapter = write_lora_adapter(tiny_model_dir, tmp_path / "full", rank=8, seed=11)
+    lora = dict(enable_lora=True, lora_modules=[f"full={adapter}"], max_loras=1, max_model_len=128)
+    prompts = [[(5 * i + 2) % 1500 + 100 for i in range(n)] * 2 for n in (7, 12)]
+    reqs = [(p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, lora_name=name))
+            for p in prompts for name in (None, "full")]
+    results = []
+    for kw in ({}, {"speculative_model": drafts["layer1"], "num_speculative_tokens": 3},
+               {"speculative_model": "[ngram]", "num_speculative_tokens": 3}):
+        engine = make(tiny_model_dir, **lora, **kw)
+        try:
+            results.append([r["ids"] for r in concurrently(engine, reqs)])
+            if kw:
+                assert engine.stats().spec_decode.num_draft_tokens > 0
+        finally:
+            engine.shutdown()
+    assert results[1] == results[0] and results[2] == results[0]
+    assert results[0][0] != results[0][1]  # the adapter changes the tokens
