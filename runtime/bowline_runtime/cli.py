@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> None:
         _check_parser_names(config)
     except ValueError as exc:
         parser.error(str(exc))
+    if config.node_rank > 0:  # a worker node of a multi-node group: ranks only, the leader serves
+        from bowline_runtime.engine.worker import run_worker_node
+
+        sys.exit(run_worker_node(config))
     from bowline_runtime.api.server import run_server
 
     sys.exit(run_server(config))

@@ -31,6 +31,12 @@ class EngineConfig:
     load_format: Literal["auto", "dummy"] = "auto"
     trust_remote_code: bool = False
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29501
+    distributed_init_timeout: float = 600.0
     max_model_len: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int | None = None
@@ -60,6 +66,17 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ValueError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
+        if self.pipeline_parallel_size < 1:
+            raise ValueError(f"--pipeline-parallel-size must be >= 1, got {self.pipeline_parallel_size}")
+        if self.nnodes < 1:
+            raise ValueError(f"--nnodes must be >= 1, got {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"--node-rank must be in [0, {self.nnodes}), got {self.node_rank}")
+        if (self.tensor_parallel_size * self.pipeline_parallel_size) % self.nnodes:
+            raise ValueError(
+                f"--tensor-parallel-size x --pipeline-parallel-size ({self.tensor_parallel_size} x "
+                f"{self.pipeline_parallel_size}) must split evenly over --nnodes {self.nnodes}"
+            )
         if self.block_size < 1:
             raise ValueError(f"--block-size must be >= 1, got {self.block_size}")
         if self.max_num_seqs < 1:
@@ -93,6 +110,14 @@ _HELP = {
     "dtype": "weights and activations dtype; auto takes the config's, float32 on CPU",
     "load_format": "dummy: random weights from config.json (benchmarks at real shapes)",
     "tensor_parallel_size": "shard the model over this many devices (processes)",
+    "pipeline_parallel_size": "split the layers into this many stages (processes), each of "
+    "--tensor-parallel-size ranks",
+    "nnodes": "nodes (processes started separately) sharing one model copy; each runs "
+    "tensor x pipeline parallel size / nnodes ranks [default from LWS_GROUP_SIZE]",
+    "node_rank": "this node's index; 0 serves HTTP, the others run ranks only [default from LWS_WORKER_INDEX]",
+    "master_addr": "the leader's address (node 0) [default from LWS_LEADER_ADDRESS]",
+    "master_port": "the leader's rendezvous port; the next port carries the liveness watch",
+    "distributed_init_timeout": "seconds the leader waits for every rank to join (the error names the missing ones)",
     "max_model_len": "bound on prompt + output tokens (default: the model's position limit)",
     "max_num_seqs": "most sequences in one batch",
     "max_num_batched_tokens": "most tokens in one forward step (prefill chunking bound; default 512 on CPU, "
@@ -113,6 +138,10 @@ _HELP = {
     "reasoning_parser": "parser splitting reasoning from content (e.g. qwen3, deepseek_r1)",
     "guided_decoding_any_whitespace": "let guided JSON contain free whitespace (default: compact JSON)",
 }
+
+
+# A LeaderWorkerSet sets these in every pod of a group; flags and BOWLINE_* variables still win.
+LWS_ENV = {"master_addr": "LWS_LEADER_ADDRESS", "nnodes": "LWS_GROUP_SIZE", "node_rank": "LWS_WORKER_INDEX"}
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -168,6 +197,8 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
         raw, source = getattr(args, f.name, None), _flag(f.name)
         if raw is None:
             raw, source = environ.get(env_name(f.name)), env_name(f.name)
+        if raw is None and f.name in LWS_ENV:
+            raw, source = environ.get(LWS_ENV[f.name]), LWS_ENV[f.name]
         if raw is None:
             continue
         try:

@@ -112,7 +112,8 @@ class AsyncEngine:
 
     @property
     def is_alive(self) -> bool:
-        return self._dead is None and self._thread.is_alive()
+        # A rank of a multi-process group can die while this thread idles: the group is then dead too.
+        return self._dead is None and self._thread.is_alive() and getattr(getattr(self.engine, "tp", None), "failure", None) is None
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._streams) or self.engine.has_unfinished_requests()

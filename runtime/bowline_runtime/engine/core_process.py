@@ -71,6 +71,7 @@ def run_engine_core(config: EngineConfig, in_addr: str, out_addr: str, parent_pi
         from bowline_runtime.engine.llm_engine import LLMEngine
 
         engine = LLMEngine(config)
+        engine.tp.exit_on_failure = True  # a lost rank ends this process, which the server sees at once
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails its start
         push.send(pickle.dumps(("load_failed", type(exc).__name__, str(exc))))
         push.close()

@@ -21,8 +21,9 @@ class RowParallelLinear(nn.Module):
     The local product is a plain nn.Linear (`inner`), so device layers can swap in faster kernels.
     """
 
-    def __init__(self, linear: nn.Linear, rank: int, world_size: int) -> None:
+    def __init__(self, linear: nn.Linear, rank: int, world_size: int, group=None) -> None:
         super().__init__()
+        self.group = group  # the tensor-parallel ranks of this pipeline stage (None: all ranks)
         in_features = linear.in_features
         if in_features % world_size:
             raise ValueError(f"{in_features} input features do not split over tensor-parallel size {world_size}")
@@ -35,7 +36,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.inner(x)
-        dist.all_reduce(y)
+        dist.all_reduce(y, group=self.group)
         if self.bias is not None:
             y = y + self.bias
         return y
@@ -70,8 +71,11 @@ def check_divisible(config, world_size: int) -> None:
         )
 
 
-def shard_model(model: nn.Module, rank: int, world_size: int) -> None:
-    """Replace the planned Linear layers of `model` by this rank's shards, in place."""
+def shard_model(model: nn.Module, rank: int, world_size: int, group=None) -> None:
+    """Replace the planned Linear layers of `model` by this rank's shards, in place.
+
+    `rank` and `world_size` are within the tensor-parallel group `group` (None: the whole world).
+    """
     if world_size == 1:
         return
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
@@ -90,6 +94,6 @@ def shard_model(model: nn.Module, rank: int, world_size: int) -> None:
         if style.startswith("colwise") or style == "local_colwise":
             setattr(parent, child, _colwise(module, rank, world_size))
         elif style.startswith("rowwise") or style == "local_rowwise":
-            setattr(parent, child, RowParallelLinear(module, rank, world_size))
+            setattr(parent, child, RowParallelLinear(module, rank, world_size, group))
         else:
             raise ValueError(f"unsupported tensor-parallel style {style!r} for {name}")
