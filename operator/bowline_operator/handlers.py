@@ -15,9 +15,10 @@ from kubernetes.client.exceptions import ApiException
 
 from . import kube
 from .diff import DEPLOYMENT_PRUNE
+from .leader_worker_set import LWS_CRD_NAME, LWS_GROUP, LWS_KIND, LWS_PLURAL, LWS_VERSION, MISSING_CRD_MESSAGE, rollout_view
 from .render import API_VERSION, GROUP, KIND, PLURAL, VERSION, Owner, render_children
 from .status import compute_status, invalid_status, status_changed
-from .validation import validate_spec
+from .validation import Validated, validate_spec
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "bowline"}
 
@@ -48,6 +49,8 @@ def reconcile_object(body: kopf.Body | dict[str, Any], logger: logging.Logger | 
     namespace, name, generation = meta["namespace"], meta["name"], meta.get("generation")
     previous = status.get("conditions") or []
     checked = validate_spec(body.get("spec"))
+    if checked.ok and checked.spec is not None and checked.spec.nodes > 1 and not kube.crd_exists(LWS_CRD_NAME):
+        checked = Validated(None, (MISSING_CRD_MESSAGE,))
     if not checked.ok:
         message = "; ".join(checked.problems)
         _write_status(namespace, name, status, invalid_status(checked.problems, generation, _now(), previous))
@@ -63,6 +66,8 @@ def reconcile_object(body: kopf.Body | dict[str, Any], logger: logging.Logger | 
         actions.append(f"{child['kind']} {action}")
         if child["kind"] == "Deployment":
             deployment = live
+        elif child["kind"] == LWS_KIND:  # its ready groups are the replicas
+            deployment = rollout_view(live)
     _write_status(namespace, name, status, compute_status(owner, checked.spec, generation, deployment, _now(), previous))
     return ", ".join(actions)
 
@@ -109,6 +114,12 @@ def deployment_event(body: kopf.Body, event: kopf.RawEvent, logger: logging.Logg
         reconcile_object(parent, logger)
     except ApiException as error:
         logger.error("Could not update InferenceService %s/%s from its Deployment: %s", namespace, parent_name, error)
+
+
+@kopf.on.event(LWS_GROUP, LWS_VERSION, LWS_PLURAL, labels=MANAGED_BY)
+def leader_worker_set_event(body: kopf.Body, event: kopf.RawEvent, logger: logging.Logger, **_: Any) -> None:
+    """A child LeaderWorkerSet changed (groups ready, edits): re-level its parent, as for a Deployment."""
+    deployment_event(body=body, event=event, logger=logger)
 
 
 @kopf.on.probe(id="reconciling")

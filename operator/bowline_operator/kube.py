@@ -78,11 +78,16 @@ def with_retries(call: Callable[[], T], attempts: int = 4, delay: float = 0.2) -
 def object_path(api_version: str, plural: str, namespace: str, name: str | None = None) -> str:
     """REST path of a namespaced resource (core `v1` lives under /api, groups under /apis)."""
     base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
-    path = f"{base}/namespaces/{namespace}/{plural}"
+    path = f"{base}/namespaces/{namespace}/{plural}" if namespace else f"{base}/{plural}"
     return f"{path}/{name}" if name else path
 
 
-PLURALS = {"Deployment": "deployments", "Service": "services"}
+PLURALS = {"Deployment": "deployments", "Service": "services", "LeaderWorkerSet": "leaderworkersets"}
+
+
+def crd_exists(name: str) -> bool:
+    """Whether a CustomResourceDefinition is installed (e.g. LeaderWorkerSet's, before rendering one)."""
+    return get("apiextensions.k8s.io/v1", "customresourcedefinitions", "", name) is not None
 
 
 def get(api_version: str, plural: str, namespace: str, name: str) -> dict[str, Any] | None:

@@ -25,6 +25,9 @@ REQUIRED_RULES: list[PolicyRule] = [
     # Children: rendered, created and patched; watched so their status flows up to the parent.
     {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch", "create", "patch"]},
     {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch", "create", "patch"]},
+    # Multi-node copies (spec.nodes > 1): a LeaderWorkerSet instead of the Deployment.
+    {"apiGroups": ["leaderworkerset.x-k8s.io"], "resources": ["leaderworkersets"],
+     "verbs": ["get", "list", "watch", "create", "patch"]},
     # Events: kopf.info/warn and the per-handler events kopf posts.
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
     {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},

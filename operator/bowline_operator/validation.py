@@ -31,14 +31,21 @@ def cross_field_problems(spec: InferenceServiceSpec) -> list[str]:
     """The CRD's x-kubernetes-validations rules, one message each (the messages are the CRD's own)."""
     problems: list[str] = []
     acc = spec.accelerator
+    single = spec.nodes == 1 and spec.pipeline_parallel_size == 1
+    ranks = spec.tensor_parallel_size * spec.pipeline_parallel_size
     if acc.type != "cpu":
         if acc.count is None:
             problems.append("accelerator.count is required when accelerator.type is gpu or npu")
+        elif not single:
+            if ranks != spec.nodes * acc.count:
+                problems.append("tensorParallelSize × pipelineParallelSize must equal nodes × accelerator.count")
         else:
             if spec.tensor_parallel_size > acc.count:
                 problems.append("tensorParallelSize must not exceed accelerator.count")
             if acc.count % spec.tensor_parallel_size != 0:
                 problems.append("tensorParallelSize must divide accelerator.count")
+    if acc.type == "cpu" and ranks % spec.nodes != 0:
+        problems.append("tensorParallelSize × pipelineParallelSize must be a multiple of nodes")
     if acc.type == "cpu" and acc.resource_name is not None:
         problems.append("accelerator.resourceName applies to gpu and npu only")
     if acc.vendor is not None and not (
