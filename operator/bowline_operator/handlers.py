@@ -15,7 +15,15 @@ from kubernetes.client.exceptions import ApiException
 
 from . import kube
 from .diff import DEPLOYMENT_PRUNE
-from .leader_worker_set import LWS_CRD_NAME, LWS_GROUP, LWS_KIND, LWS_PLURAL, LWS_VERSION, MISSING_CRD_MESSAGE, rollout_view
+from .leader_worker_set import (
+    LWS_CRD_NAME,
+    LWS_GROUP,
+    LWS_KIND,
+    LWS_PLURAL,
+    LWS_VERSION,
+    MISSING_CRD_MESSAGE,
+    rollout_view,
+)
 from .render import API_VERSION, GROUP, KIND, PLURAL, VERSION, Owner, render_children
 from .status import compute_status, invalid_status, status_changed
 from .validation import Validated, validate_spec
