@@ -35,7 +35,10 @@ from bowline_runtime.models.tensor_parallel import check_divisible, shard_model
 
 logger = logging.getLogger("bowline.worker")
 
-_TIMEOUT = datetime.timedelta(minutes=30)
+# The collectives' timeout. A worker waits in a broadcast for the next step for as long as the server
+# idles, and gloo fails a wait that outlasts it (after 30 minutes idle the group fell apart): a year. A
+# rank that dies is caught at once by the liveness watch (engine.distributed), not by this timeout.
+_TIMEOUT = datetime.timedelta(days=365)
 
 
 def _free_port() -> int:
