@@ -76,8 +76,21 @@ def reconcile_object(body: kopf.Body | dict[str, Any], logger: logging.Logger | 
             deployment = live
         elif child["kind"] == LWS_KIND:  # its ready groups are the replicas
             deployment = rollout_view(live)
+    if status.get("observedGeneration") != generation:  # a spec change may have switched Deployment <-> LWS
+        actions += _remove_other_workload(owner, checked.spec.nodes > 1)
     _write_status(namespace, name, status, compute_status(owner, checked.spec, generation, deployment, _now(), previous))
     return ", ".join(actions)
+
+
+def _remove_other_workload(owner: Owner, multi_node: bool) -> list[str]:
+    """After nodes crossed 1: delete the workload of the other shape, whose pods still hold the devices."""
+    api_version, plural, kind = ("apps/v1", "deployments", "Deployment") if multi_node else (
+        f"{LWS_GROUP}/{LWS_VERSION}", LWS_PLURAL, LWS_KIND)
+    if not multi_node and not kube.crd_exists(LWS_CRD_NAME):
+        return []
+    if kube.delete_owned(api_version, plural, owner.namespace, owner.name, owner.uid):
+        return [f"{kind} deleted"]
+    return []
 
 
 def _reconcile_handler(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:

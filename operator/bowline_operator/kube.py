@@ -85,6 +85,21 @@ def object_path(api_version: str, plural: str, namespace: str, name: str | None 
 PLURALS = {"Deployment": "deployments", "Service": "services", "LeaderWorkerSet": "leaderworkersets"}
 
 
+def delete_owned(api_version: str, plural: str, namespace: str, name: str, owner_uid: str) -> bool:
+    """Delete a child that `owner_uid` controls, if it exists; its pods go with it. Returns whether it did."""
+    live = get(api_version, plural, namespace, name)
+    refs = (live or {}).get("metadata", {}).get("ownerReferences") or []
+    if not any(ref.get("uid") == owner_uid and ref.get("controller") for ref in refs):
+        return False
+    body = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"}
+    try:
+        with_retries(lambda: request("DELETE", object_path(api_version, plural, namespace, name), body))
+    except ApiException as error:
+        if error.status != 404:
+            raise
+    return True
+
+
 def crd_exists(name: str) -> bool:
     """Whether a CustomResourceDefinition is installed (e.g. LeaderWorkerSet's, before rendering one)."""
     return get("apiextensions.k8s.io/v1", "customresourcedefinitions", "", name) is not None

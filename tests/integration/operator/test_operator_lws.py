@@ -116,3 +116,24 @@ def test_with_the_crd_a_leader_worker_set_is_created_updated_and_reported(cluste
     parent = wait_for(lambda: (p := _get(cluster, "mn-a"))["status"].get("phase") == "Ready" and p, what="Ready")
     assert parent["status"]["ready"] == "1/1"
     assert _condition(parent, "Ready")["status"] == "True"
+
+
+def test_nodes_back_to_one_swaps_the_leader_worker_set_for_a_deployment(cluster: dict[str, Any]) -> None:
+    apps = kubernetes.client.AppsV1Api(cluster["core"].api_client)
+    cluster["custom"].create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, _example("mn-swap"))
+    wait_for(lambda: _lws(cluster, "mn-swap"), what="LeaderWorkerSet")
+    cluster["custom"].patch_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "mn-swap",
+                                                     {"spec": {"nodes": 1, "pipelineParallelSize": 1}})
+    dep = wait_for(lambda: apps.read_namespaced_deployment("mn-swap", NS), what="Deployment")
+    assert dep.spec.template.spec.containers[0].resources.limits["huawei.com/ascend-1980"] == "8"
+
+    def lws_gone() -> bool:
+        try:
+            _lws(cluster, "mn-swap")
+        except kubernetes.client.ApiException as error:
+            return error.status == 404
+        return False
+
+    wait_for(lws_gone, what="the LeaderWorkerSet deleted")
+    service = cluster["core"].read_namespaced_service("mn-swap", NS)
+    assert "leaderworkerset.sigs.k8s.io/worker-index" not in service.spec.selector
