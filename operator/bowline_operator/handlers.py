@@ -13,7 +13,7 @@ from typing import Any
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from . import kube
+from . import autoscaling, gateway, kube, model_cache
 from .diff import DEPLOYMENT_PRUNE
 from .leader_worker_set import (
     LWS_CRD_NAME,
@@ -25,7 +25,7 @@ from .leader_worker_set import (
     rollout_view,
 )
 from .render import API_VERSION, GROUP, KIND, PLURAL, VERSION, Owner, render_children
-from .status import compute_status, invalid_status, status_changed
+from .status import compute_status, condition, invalid_status, status_changed
 from .validation import Validated, validate_spec
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "bowline"}
@@ -41,7 +41,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     kube.load_credentials()
     settings.execution.max_workers = 16
     settings.posting.level = logging.WARNING  # Events for problems only; progress is in status
-    settings.persistence.finalizer = "serving.bowline.dev/finalizer"  # unused: no delete handlers, children are GC'd
+    settings.persistence.finalizer = "serving.bowline.dev/finalizer"  # only on services whose model cache is deleted with them
     settings.watching.server_timeout = 300
     settings.networking.error_backoffs = [1, 2, 5, 10]
 
@@ -57,7 +57,7 @@ def reconcile_object(body: kopf.Body | dict[str, Any], logger: logging.Logger | 
     namespace, name, generation = meta["namespace"], meta["name"], meta.get("generation")
     previous = status.get("conditions") or []
     checked = validate_spec(body.get("spec"))
-    if checked.ok and checked.spec is not None and checked.spec.nodes > 1 and not kube.crd_exists(LWS_CRD_NAME):
+    if checked.ok and checked.spec is not None and checked.spec.nodes > 1 and not kube.crd_installed(LWS_CRD_NAME):
         checked = Validated(None, (MISSING_CRD_MESSAGE,))
     if not checked.ok:
         message = "; ".join(checked.problems)
@@ -67,10 +67,19 @@ def reconcile_object(body: kopf.Body | dict[str, Any], logger: logging.Logger | 
         return "invalid"
     assert checked.spec is not None
     owner = Owner(name=name, namespace=namespace, uid=meta["uid"])
-    actions = []
+    cache, actions = model_cache.sync(owner, checked.spec)
+    withheld = cache is not None and not cache.ready  # pods start only on a filled cache
     deployment: dict[str, Any] | None = None
-    for child in render_children(owner, checked.spec):
-        live, action = kube.apply(child, DEPLOYMENT_PRUNE if child["kind"] == "Deployment" else None)
+    keda = checked.spec.autoscaling is not None and autoscaling.KEDA_PLURAL in kube.served_resources(autoscaling.KEDA_API_VERSION)
+    children = render_children(owner, checked.spec) + autoscaling.render_scaling(owner, checked.spec, keda)
+    for child in children:
+        if child["kind"] == "Deployment" and cache is not None:
+            if withheld:
+                deployment = kube.get("apps/v1", "deployments", namespace, name)
+                continue
+            child = model_cache.mount_cache(child, checked.spec)
+        live, action = kube.apply(child, DEPLOYMENT_PRUNE if child["kind"] == "Deployment" else None,
+                                  autoscaling.on_create(child, checked.spec))
         actions.append(f"{child['kind']} {action}")
         if child["kind"] == "Deployment":
             deployment = live
@@ -78,15 +87,39 @@ def reconcile_object(body: kopf.Body | dict[str, Any], logger: logging.Logger | 
             deployment = rollout_view(live)
     if status.get("observedGeneration") != generation:  # a spec change may have switched Deployment <-> LWS
         actions += _remove_other_workload(owner, checked.spec.nodes > 1)
-    _write_status(namespace, name, status, compute_status(owner, checked.spec, generation, deployment, _now(), previous))
-    return ", ".join(actions)
+    for kind, api_version, plural in autoscaling.unrendered(children):  # e.g. HPA after KEDA arrived
+        if kube.delete_owned(api_version, plural, namespace, name, owner.uid):
+            actions.append(f"{kind} deleted")
+    routing, gateway_actions = gateway.sync(owner, checked.spec, gateway.reported(status))
+    now = _now()
+    new = compute_status(owner, checked.spec, generation, deployment, now, previous)
+
+    def make_condition(ctype: str, ok: bool, reason: str, message: str) -> dict[str, Any]:
+        return condition(ctype, ok, reason, message, generation, now, previous)
+
+    new = model_cache.apply_status(new, cache, make_condition, withheld and deployment is None)
+    new = gateway.apply_status(new, routing, gateway.pool_name(owner, checked.spec), make_condition)
+    _write_status(namespace, name, status, {**new, **autoscaling.scaling_status(checked.spec, children)})
+    _warn_on_new_problem(body, previous, new["conditions"], {"ModelCached": "CacheFailed",
+                                                             "InferencePoolReady": "InferenceExtensionMissing"})
+    return ", ".join(actions + gateway_actions)
+
+
+def _warn_on_new_problem(body: kopf.Body | dict[str, Any], previous: list[dict[str, Any]],
+                         current: list[dict[str, Any]], problems: dict[str, str]) -> None:
+    """A Warning event when a condition turns to one of `problems`' reasons (once, not every reconcile)."""
+    before = {c.get("type"): c.get("reason") for c in previous}
+    for cond in current:
+        reason = problems.get(cond["type"])
+        if reason and cond.get("reason") == reason and before.get(cond["type"]) != reason:
+            kopf.warn(dict(body), reason=reason, message=cond.get("message", ""))
 
 
 def _remove_other_workload(owner: Owner, multi_node: bool) -> list[str]:
     """After nodes crossed 1: delete the workload of the other shape, whose pods still hold the devices."""
     api_version, plural, kind = ("apps/v1", "deployments", "Deployment") if multi_node else (
         f"{LWS_GROUP}/{LWS_VERSION}", LWS_PLURAL, LWS_KIND)
-    if not multi_node and not kube.crd_exists(LWS_CRD_NAME):
+    if not multi_node and not kube.crd_installed(LWS_CRD_NAME):
         return []
     if kube.delete_owned(api_version, plural, owner.namespace, owner.name, owner.uid):
         return [f"{kind} deleted"]
@@ -141,6 +174,39 @@ def deployment_event(body: kopf.Body, event: kopf.RawEvent, logger: logging.Logg
 def leader_worker_set_event(body: kopf.Body, event: kopf.RawEvent, logger: logging.Logger, **_: Any) -> None:
     """A child LeaderWorkerSet changed (groups ready, edits): re-level its parent, as for a Deployment."""
     deployment_event(body=body, event=event, logger=logger)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={model_cache.CACHE_LABEL: kopf.PRESENT, **MANAGED_BY})
+def cache_job_event(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+    """A model-cache Job changed (started, succeeded, failed): re-level every service that waits on it.
+
+    The Job has no controller owner (it is shared), so its users are found by the claim they name.
+    """
+    namespace = body["metadata"]["namespace"]
+    claim = body["metadata"].get("labels", {}).get(model_cache.CACHE_LABEL)
+    try:
+        for parent in kube.list_objects(API_VERSION, KIND, namespace):
+            if parent.get("metadata", {}).get("deletionTimestamp"):
+                continue
+            if model_cache.users(claim, [parent], exclude_uid=""):
+                reconcile_object(parent, logger)
+    except ApiException as error:
+        logger.error("Could not update the InferenceServices of model cache %s/%s: %s", namespace, claim, error)
+
+
+def _deletes_cache(spec: kopf.Spec, **_: Any) -> bool:
+    cache = (spec.get("model") or {}).get("cache") or {}
+    return bool(cache.get("enabled")) and cache.get("deletePolicy") == "Delete"
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, when=_deletes_cache, backoff=2)
+def release_cache(body: kopf.Body, spec: kopf.Spec, logger: logging.Logger, **_: Any) -> None:
+    """cache.deletePolicy Delete: the claim and its Job go with the last InferenceService using them.
+
+    Only services with that policy carry kopf's finalizer; the others' deletion is never blocked.
+    """
+    meta = body["metadata"]
+    logger.info("Model cache: %s", model_cache.release(meta["namespace"], meta["uid"], dict(spec), logger.info))
 
 
 @kopf.on.probe(id="reconciling")

@@ -78,31 +78,23 @@ def with_retries(call: Callable[[], T], attempts: int = 4, delay: float = 0.2) -
 def object_path(api_version: str, plural: str, namespace: str, name: str | None = None) -> str:
     """REST path of a namespaced resource (core `v1` lives under /api, groups under /apis)."""
     base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
-    path = f"{base}/namespaces/{namespace}/{plural}" if namespace else f"{base}/{plural}"
+    path = f"{base}/namespaces/{namespace}/{plural}"
     return f"{path}/{name}" if name else path
 
 
-PLURALS = {"Deployment": "deployments", "Service": "services", "LeaderWorkerSet": "leaderworkersets"}
+PLURALS = {
+    "Deployment": "deployments",
+    "Service": "services",
+    "ScaledObject": "scaledobjects",
+    "HorizontalPodAutoscaler": "horizontalpodautoscalers",
+    "PodDisruptionBudget": "poddisruptionbudgets",
+    "LeaderWorkerSet": "leaderworkersets",
+}
 
 
-def delete_owned(api_version: str, plural: str, namespace: str, name: str, owner_uid: str) -> bool:
-    """Delete a child that `owner_uid` controls, if it exists; its pods go with it. Returns whether it did."""
-    live = get(api_version, plural, namespace, name)
-    refs = (live or {}).get("metadata", {}).get("ownerReferences") or []
-    if not any(ref.get("uid") == owner_uid and ref.get("controller") for ref in refs):
-        return False
-    body = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"}
-    try:
-        with_retries(lambda: request("DELETE", object_path(api_version, plural, namespace, name), body))
-    except ApiException as error:
-        if error.status != 404:
-            raise
-    return True
-
-
-def crd_exists(name: str) -> bool:
-    """Whether a CustomResourceDefinition is installed (e.g. LeaderWorkerSet's, before rendering one)."""
-    return get("apiextensions.k8s.io/v1", "customresourcedefinitions", "", name) is not None
+def plural_of(kind: str) -> str:
+    """The resource name of a kind: PLURALS, else the regular lower-case plural (Job -> jobs)."""
+    return PLURALS.get(kind) or kind.lower() + "s"
 
 
 def get(api_version: str, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
@@ -115,23 +107,27 @@ def get(api_version: str, plural: str, namespace: str, name: str) -> dict[str, A
         raise
 
 
-def apply(desired: dict[str, Any], prune: Mapping[Path, frozenset[str]] | None = None) -> tuple[dict[str, Any], str]:
+def apply(desired: dict[str, Any], prune: Mapping[Path, frozenset[str]] | None = None,
+          on_create: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], str]:
     """Create `desired`, or patch the live object by exactly the difference; returns (object, action).
 
     action is "created", "patched" or "unchanged". A second call with the same `desired` is "unchanged"
     and sends nothing but a GET, which is what makes reconciles safe to repeat. `desired` is recorded in
     the child's LAST_APPLIED annotation, so fields a later `desired` drops are deleted, not left behind.
+    `on_create` is merged into the object only when it is created (a start value others own afterwards,
+    such as the replica count an autoscaler takes over); it is not recorded, so never patched or deleted.
     """
     desired = with_last_applied(desired)
     meta = desired["metadata"]
-    api_version, plural = desired["apiVersion"], PLURALS[desired["kind"]]
+    api_version, plural = desired["apiVersion"], plural_of(desired["kind"])
     path = object_path(api_version, plural, meta["namespace"], meta["name"])
 
     def once() -> tuple[dict[str, Any], str]:
         live = get(api_version, plural, meta["namespace"], meta["name"])
         if live is None:
             try:
-                return request("POST", object_path(api_version, plural, meta["namespace"]), desired), "created"
+                body = _deep_merge(desired, on_create) if on_create else desired
+                return request("POST", object_path(api_version, plural, meta["namespace"]), body), "created"
             except ApiException as error:
                 if error.status != 409:
                     raise
@@ -146,7 +142,103 @@ def apply(desired: dict[str, Any], prune: Mapping[Path, frozenset[str]] | None =
     return with_retries(once)
 
 
+def _deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _deep_merge(merged[key], value) if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping) else value
+    return merged
+
+
 def patch_status(api_version: str, plural: str, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
     """Merge-patch the status subresource (lists such as conditions are replaced whole)."""
     path = object_path(api_version, plural, namespace, name) + "/status"
     return with_retries(lambda: request("PATCH", path, {"status": status}, MERGE_PATCH))
+
+
+def create_if_missing(desired: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Create `desired` unless an object of that name exists; never patch it ("created" / "exists").
+
+    For children whose spec is immutable or shared (a model cache's claim and Job), where a patch would
+    be refused or would change them under other owners.
+    """
+    meta = desired["metadata"]
+    api_version, plural = desired["apiVersion"], plural_of(desired["kind"])
+
+    def once() -> tuple[dict[str, Any], str]:
+        live = get(api_version, plural, meta["namespace"], meta["name"])
+        if live is not None:
+            return live, "exists"
+        try:
+            return request("POST", object_path(api_version, plural, meta["namespace"]), desired), "created"
+        except ApiException as error:
+            if error.status != 409:
+                raise
+            live = get(api_version, plural, meta["namespace"], meta["name"])
+            if live is None:
+                raise
+            return live, "exists"
+
+    return with_retries(once)
+
+
+def list_objects(api_version: str, kind: str, namespace: str) -> list[dict[str, Any]]:
+    """Every object of a kind in a namespace (callers filter; the emulator in tests has no selectors).
+    A real API server's list items carry no kind/apiVersion; they are filled in."""
+    path = object_path(api_version, plural_of(kind), namespace)
+    items = with_retries(lambda: request("GET", path)).get("items") or []
+    return [{**item, "apiVersion": api_version, "kind": kind} for item in items]
+
+
+def delete(api_version: str, plural: str, namespace: str, name: str) -> bool:
+    """Delete one object (its dependents in the background); False when it was already gone."""
+    path = object_path(api_version, plural, namespace, name)
+    try:
+        with_retries(lambda: request("DELETE", path, {"propagationPolicy": "Background"}))
+    except ApiException as error:
+        if error.status == 404:
+            return False
+        raise
+    return True
+
+
+def crd_installed(name: str) -> bool:
+    """Whether the CustomResourceDefinition `name` (plural.group) exists in the cluster."""
+    try:
+        with_retries(lambda: request("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}"))
+    except ApiException as error:
+        if error.status == 404:
+            return False
+        raise
+    return True
+
+
+def served_resources(group_version: str) -> frozenset[str]:
+    """Plural names the API server serves in `group_version` (discovery); empty when the group is absent,
+    e.g. keda.sh/v1alpha1 in a cluster without KEDA's CRDs."""
+    try:
+        listing = with_retries(lambda: request("GET", f"/apis/{group_version}"))
+    except ApiException as error:
+        if error.status == 404:
+            return frozenset()
+        raise
+    return frozenset(r["name"] for r in listing.get("resources", []) if "/" not in r.get("name", "/"))
+
+
+def delete_owned(api_version: str, plural: str, namespace: str, name: str, owner_uid: str) -> bool:
+    """Delete a child the spec no longer needs, if it exists and this owner controls it; True if deleted.
+
+    Objects of the same name that someone else made (no controller reference to `owner_uid`) are left.
+    """
+    live = get(api_version, plural, namespace, name)
+    if live is None:
+        return False
+    refs = live.get("metadata", {}).get("ownerReferences") or []
+    if not any(ref.get("uid") == owner_uid and ref.get("controller") for ref in refs):
+        return False
+    try:
+        with_retries(lambda: request("DELETE", object_path(api_version, plural, namespace, name),
+                                     {"propagationPolicy": "Background"}))
+    except ApiException as error:
+        if error.status != 404:
+            raise
+    return True

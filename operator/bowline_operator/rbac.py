@@ -26,6 +26,19 @@ REQUIRED_RULES: list[PolicyRule] = [
     # delete: when spec.nodes crosses 1, the Deployment and the LeaderWorkerSet replace each other.
     {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
     {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch", "create", "patch"]},
+    # Model cache (model_cache.py): the shared claim and the Job that fills it are created once, never
+    # patched; deleted with the last service whose cache.deletePolicy is Delete. Jobs are watched so a
+    # finished fill starts the pods.
+    {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get", "create", "delete"]},
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "delete"]},
+    # Inference gateway (gateway.py): applied like the other children, listed to delete renamed ones.
+    {"apiGroups": ["inference.networking.k8s.io"], "resources": ["inferencepools"], "verbs": ["get", "list", "create", "patch", "delete"]},
+    {"apiGroups": ["inference.networking.x-k8s.io"], "resources": ["inferenceobjectives"], "verbs": ["get", "list", "create", "patch", "delete"]},
+    # Scale-out children (autoscaling.py): created, patched, and deleted when the spec stops asking for
+    # them (an HPA after KEDA arrived, a PDB after scaling to one replica); never listed or watched.
+    {"apiGroups": ["keda.sh"], "resources": ["scaledobjects"], "verbs": ["get", "create", "patch", "delete"]},
+    {"apiGroups": ["autoscaling"], "resources": ["horizontalpodautoscalers"], "verbs": ["get", "create", "patch", "delete"]},
+    {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": ["get", "create", "patch", "delete"]},
     # Multi-node copies (spec.nodes > 1): a LeaderWorkerSet instead of the Deployment.
     {"apiGroups": ["leaderworkerset.x-k8s.io"], "resources": ["leaderworkersets"],
      "verbs": ["get", "list", "watch", "create", "patch", "delete"]},

@@ -12,6 +12,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from . import model_cache
+from .autoscaling import autoscaling_problems
 from .spec import MANAGED_FLAG_PATTERN, InferenceServiceSpec, parse_spec
 
 
@@ -57,6 +59,7 @@ def cross_field_problems(spec: InferenceServiceSpec) -> list[str]:
         problems.append("engine.maxNumBatchedTokens must be at least engine.maxNumSeqs")
     if any(MANAGED_FLAG_PATTERN.match(arg) for arg in eng.extra_args):
         problems.append("engine.extraArgs must not set flags the operator manages; use the matching spec field")
+    problems += autoscaling_problems(spec)
     return problems
 
 
@@ -75,5 +78,5 @@ def validate_spec(raw: dict[str, Any] | None) -> Validated:
         spec = parse_spec(raw or {})
     except ValidationError as error:
         return Validated(None, tuple(_field_problems(error)))
-    problems = cross_field_problems(spec)
+    problems = cross_field_problems(spec) + model_cache.problems(spec)
     return Validated(spec if not problems else None, tuple(problems))
