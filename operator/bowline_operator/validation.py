@@ -60,6 +60,9 @@ def cross_field_problems(spec: InferenceServiceSpec) -> list[str]:
     if any(MANAGED_FLAG_PATTERN.match(arg) for arg in eng.extra_args):
         problems.append("engine.extraArgs must not set flags the operator manages; use the matching spec field")
     problems += autoscaling_problems(spec)
+    cache = spec.model.cache
+    if spec.nodes > 1 and (spec.autoscaling is not None or (cache is not None and cache.enabled)):
+        problems.append("autoscaling and model.cache apply to one-node services (nodes: 1) only")  # both target the Deployment, which a LeaderWorkerSet replaces
     return problems
 
 

@@ -153,6 +153,10 @@ CASES = [
     (lambda s: s.update(nodes=4), "tensorParallelSize × pipelineParallelSize must equal nodes × accelerator.count"),
     (lambda s: (s["accelerator"].clear(), s["accelerator"].update(type="cpu"), s.update(nodes=3)),
      "tensorParallelSize × pipelineParallelSize must be a multiple of nodes"),
+    (lambda s: s.update(autoscaling=example("autoscaling")["spec"]["autoscaling"]),
+     "autoscaling and model.cache apply to one-node services (nodes: 1) only"),
+    (lambda s: s.update(model=example("model-cache")["spec"]["model"]),
+     "autoscaling and model.cache apply to one-node services (nodes: 1) only"),
     (lambda s: s["engine"].update(extraArgs=["--node-rank=1"]),
      "engine.extraArgs must not set flags the operator manages; use the matching spec field"),
 ]
