@@ -89,7 +89,8 @@ def build_runner(
     hf_config = loader.load_config(config.model, config.trust_remote_code)
     check_divisible(hf_config, layout.tensor_parallel_size)
     model = loader.load_model(
-        config.model, hf_config, dtype, config.load_format, config.trust_remote_code, seed=config.seed
+        config.model, hf_config, dtype, config.load_format, config.trust_remote_code, seed=config.seed,
+        quantization=config.quantization,
     )
     pp = layout.pipeline_parallel_size
     # Shard first: the plan's layer names no longer match once the stage boundaries wrap their layers.
