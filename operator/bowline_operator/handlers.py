@@ -56,7 +56,7 @@ def reconcile_object(body: kopf.Body | dict[str, Any], logger: logging.Logger | 
     meta, status = body.get("metadata", {}), dict(body.get("status") or {})
     namespace, name, generation = meta["namespace"], meta["name"], meta.get("generation")
     previous = status.get("conditions") or []
-    checked = validate_spec(body.get("spec"))
+    checked = validate_spec(body.get("spec"), name)
     if checked.ok and checked.spec is not None and checked.spec.nodes > 1 and not kube.crd_installed(LWS_CRD_NAME):
         checked = Validated(None, (MISSING_CRD_MESSAGE,))
     if not checked.ok:
