@@ -149,12 +149,12 @@ def init_group(backend: str, store: dist.TCPStore, rank: int, world_size: int, t
 class Watchdog:
     """On the leader: one socket per other rank; the first that closes while serving fails the group."""
 
-    def __init__(self, layout: Layout, port: int, on_failure: Callable[[str], None]) -> None:
+    def __init__(self, layout: Layout, port: int, on_failure: Callable[[str], None], host: str = "") -> None:
         self.layout = layout
         self.on_failure = on_failure
         self.failure: str | None = None
         self._closing = False
-        self._server = socket.create_server(("", port), reuse_port=False)
+        self._server = socket.create_server((host, port))
         self._conns: dict[socket.socket, int] = {}
         self._thread = threading.Thread(target=self._run, name="bowline-watchdog", daemon=True)
         self._thread.start()
@@ -184,6 +184,9 @@ class Watchdog:
             rank = int(conn.recv(16).decode().strip() or -1)
             conn.setblocking(True)
         except (OSError, ValueError):
+            return
+        if not 0 < rank < self.layout.world_size or rank in self._conns.values():
+            conn.close()  # not one of this group's ranks: its coming and going mean nothing
             return
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         self._conns[conn] = rank

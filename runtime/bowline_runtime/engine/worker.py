@@ -248,7 +248,9 @@ class TensorParallelGroup:
             layout = self.layout
             endpoint = _endpoint(self.config, layout)
             store = distributed.connect_store(endpoint, 0)
-            self.watchdog = distributed.Watchdog(layout, endpoint.watch_port, self._on_failure)
+            # One node: loopback only; several: every interface, as the store listens.
+            self.watchdog = distributed.Watchdog(layout, endpoint.watch_port, self._on_failure,
+                                                 "127.0.0.1" if layout.nnodes == 1 else "")
             ctx = mp.get_context("spawn")
             for rank in layout.local_ranks[1:]:
                 proc = ctx.Process(
