@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from bowline_runtime.config import EngineConfig
+from bowline_runtime.devices.host_memory import IdleRelease
 
 logger = logging.getLogger("bowline.engine")
 
@@ -155,6 +156,7 @@ def _handle(engine: Any, message: tuple, push: Any, unloading: dict[str, int] | 
 def _serve(engine: Any, pull: Any, push: Any, parent_pid: int) -> None:
     failures = 0
     unloading: dict[str, int] = {}  # LoRA unloads waiting for their adapter's last request, by reply token
+    idle = IdleRelease(engine.tp.release_idle_memory)
     while True:
         if os.getppid() != parent_pid:
             logger.warning("the API process is gone; the engine core exits")
@@ -167,7 +169,9 @@ def _serve(engine: Any, pull: Any, push: Any, parent_pid: int) -> None:
             timeout, handled = 0, True
         if unloading:  # an abort may have ended an unloading adapter's last request
             _finish_unloads(engine, push, unloading)
-        if not engine.has_unfinished_requests():
+        busy = engine.has_unfinished_requests()
+        idle.tick(busy)
+        if not busy:
             if handled:  # an abort freed blocks with no step to carry the new gauges: send them alone
                 push.send(pickle.dumps(("stats", engine.stats())))
             continue

@@ -42,6 +42,9 @@ logger = logging.getLogger("bowline.worker")
 # rank that dies is caught at once by the liveness watch (engine.distributed), not by this timeout.
 _TIMEOUT = datetime.timedelta(days=365)
 
+# Sent to the worker ranks in place of a step when the engine has gone idle (see devices.host_memory).
+RELEASE_IDLE_MEMORY = "release-idle-memory"
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -163,6 +166,9 @@ def _worker_main(
         if isinstance(step, LoRAUpdate):
             runner.set_lora(step.lora_id, step.adapter, step.layout)
             continue
+        if isinstance(step, str) and step == RELEASE_IDLE_MEMORY:
+            device.release_idle_memory()
+            continue
         logits = runner.execute(step)
         if sends_logits:
             dist.send(logits.float().contiguous(), dst=0)
@@ -281,6 +287,14 @@ class TensorParallelGroup:
         if self.world_size > 1:
             dist.broadcast_object_list([LoRAUpdate(lora_id, adapter, layout)], src=0)
         self.runner.set_lora(lora_id, adapter, layout)
+
+    def release_idle_memory(self) -> None:
+        """The engine is idle: every rank hands back the memory its last burst freed."""
+        if self.failure:  # the group is gone: nobody is left to tell
+            return
+        if self.world_size > 1:
+            dist.broadcast_object_list([RELEASE_IDLE_MEMORY], src=0)
+        self.device.release_idle_memory()
 
     def execute(self, step: StepInput) -> torch.Tensor:
         if self.failure:
