@@ -97,7 +97,7 @@ class EngineCoreClient:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         torch.set_num_threads(1)
         self.config = config
-        self.tokenizer = loader.load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
+        self.tokenizer = loader.load_tokenizer(config.tokenizer or config.model, config.trust_remote_code, config.tokenizer_mode)
         self._dir = tempfile.mkdtemp(prefix="bowline-core-")
         in_addr, out_addr = f"ipc://{self._dir}/in", f"ipc://{self._dir}/out"
         self._ctx = zmq.Context(1)

@@ -62,7 +62,7 @@ class LLMEngine:
         self.hf_config = hf_config
         self.max_model_len = self._resolve_max_model_len(hf_config)
         self.dtype = loader.resolve_dtype(config.dtype, hf_config, self.device)
-        self.tokenizer = loader.load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
+        self.tokenizer = loader.load_tokenizer(config.tokenizer or config.model, config.trust_remote_code, config.tokenizer_mode)
         self.eos_token_ids = loader.eos_token_ids(config.model, hf_config, self.tokenizer)
         self.vocab_size = hf_config.vocab_size
         self.request_limits = RequestLimits(self.vocab_size, self.max_model_len, config.max_logprobs)
