@@ -27,6 +27,10 @@ class EngineDeadError(RuntimeError):
     """The step loop crashed; every pending request fails with this."""
 
 
+class EngineIterationTimeout(EngineDeadError):
+    """A step ran longer than VLLM_ENGINE_ITERATION_TIMEOUT_S: its requests fail, the engine is unhealthy."""
+
+
 class EngineStepError(RuntimeError):
     """One step failed; the requests in it fail with this, and the engine carries on."""
 
@@ -54,8 +58,13 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = threading.Event()
         self._dead: BaseException | None = None
+        self._step_started: float | None = None  # monotonic start of the step running now
         self._thread = threading.Thread(target=self._run, name="bowline-engine", daemon=True)
         self._thread.start()
+        if config.engine_iteration_timeout_s is not None:
+            threading.Thread(
+                target=self._watch_steps, args=(config.engine_iteration_timeout_s,), name="bowline-step-watchdog", daemon=True
+            ).start()
 
     # --- public API -------------------------------------------------------------------------------
 
@@ -176,6 +185,7 @@ class AsyncEngine:
                     self._wakeup.clear()
                     continue
                 try:
+                    self._step_started = time.monotonic()
                     outputs = self.engine.step()
                 except Exception as exc:
                     failures += 1
@@ -184,12 +194,36 @@ class AsyncEngine:
                         raise
                     self._fail_in_flight(exc)
                     continue
+                finally:
+                    self._step_started = None
+                if self._dead is not None:  # the watchdog gave up on this step while it ran
+                    return
                 failures = 0
                 self._deliver_many([(output.request_id, output) for output in outputs])
         except BaseException as exc:  # noqa: BLE001 - anything here kills serving; tell every waiter
             logger.exception("engine step loop crashed")
             self._dead = exc
             self._deliver_many([(rid, EngineDeadError(f"engine stopped: {exc!r}")) for rid in list(self._streams)])
+
+    def _watch_steps(self, timeout_s: float) -> None:
+        """A step that is still running after `timeout_s` fails every request in flight and marks the
+        engine dead (/health turns 503, so Kubernetes restarts the pod): a device that hangs must not
+        hold its clients forever. The step itself cannot be interrupted; its result is discarded."""
+        while not self._stop.wait(min(1.0, timeout_s / 4)):
+            started = self._step_started
+            if self._dead is not None:
+                return
+            if started is None or time.monotonic() - started <= timeout_s:
+                continue
+            elapsed = time.monotonic() - started
+            exc = EngineIterationTimeout(
+                f"an engine step has run for {elapsed:.1f} s, over the iteration timeout of {timeout_s:g} s "
+                "(VLLM_ENGINE_ITERATION_TIMEOUT_S); the engine is marked unhealthy"
+            )
+            logger.error("%s; failing the %d requests in flight", exc, len(self._streams))
+            self._dead = exc
+            self._deliver_many([(rid, exc) for rid in list(self._streams)])
+            return
 
 
 def deliver_by_loop(

@@ -46,7 +46,8 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, admit: bool = True) -> ScheduledBatch:
+        """`admit=False` runs only what is already running (the inner steps of a multi-step window)."""
         budget = self.max_num_batched_tokens
         decodes: list[Sequence] = []
         prefills: list[tuple[Sequence, int]] = []
@@ -82,7 +83,7 @@ class Scheduler:
                 budget -= n
 
         # 3. Admit waiting sequences while sequences, tokens and blocks allow.
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while admit and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not self.chunked_prefill and seq.num_tokens > budget:
                 break  # it waits for a step with room for the whole prompt
