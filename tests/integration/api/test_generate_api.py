@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -197,3 +199,27 @@ def test_the_alpaca_demo_launch_serves(tiny_model_dir, tmp_path_factory):
         assert "--tokenizer-mode slow:" in server.log()
     finally:
         server.stop()
+
+
+def test_the_generate_batch_command_writes_the_servers_answers_in_input_order(client, ascend_model, tmp_path):
+    lines = [
+        {"id": "a", "prompt": PROMPTS[0]},
+        {"id": "b", "messages": [{"role": "user", "content": "name a colour"}], "max_tokens": 6},
+        {"id": "c", "prompt": PROMPTS[1], "max_tokens": 4, "stop": ["zzz"]},
+    ]
+    source, target = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "bowline_runtime", "generate", "--model", str(ascend_model), "--device", "cpu",
+         "--max-model-len", "4096", "--kv-cache-memory", str(64 * 2**20), "--temperature", "0", "--max-tokens", "8",
+         "--input", str(source), "--output", str(target)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in target.read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in records] == ["a", "b", "c"]
+    first = completion(client, prompt=PROMPTS[0], temperature=0, max_tokens=8)["choices"][0]
+    assert records[0]["outputs"][0]["text"] == first["text"] and len(records[0]["outputs"][0]["token_ids"]) == 8
+    chat = client.post("/v1/chat/completions", json={"model": MODEL, "messages": lines[1]["messages"], "temperature": 0, "max_tokens": 6})
+    assert records[1]["outputs"][0]["text"] == chat.json()["choices"][0]["message"]["content"]
+    assert len(records[2]["outputs"][0]["token_ids"]) == 4 and records[2]["outputs"][0]["finish_reason"] == "length"
