@@ -10,9 +10,12 @@ conversations with the same chat template code the server uses. Results are vLLM
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import sys
+import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +71,44 @@ class _Pending:
     prompt_token_ids: list[int]
     params: EngineSamplingParams
     accumulator: OutputAccumulator = field(default_factory=OutputAccumulator)
+
+
+class _SteppedEngine:
+    """Beam search's view of the synchronous engine (engine/beam_search.py drives an async engine):
+    `generate` adds its request and steps the engine whenever it has nothing to hand out, so the
+    one-token requests of every live beam share each step, as they do on the server."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.eos_token_ids = engine.eos_token_ids
+        self.max_model_len = engine.max_model_len
+        self._queues: dict[str, collections.deque] = {}
+
+    async def generate(self, prompt_token_ids, params, request_id=None, arrival_time=None):
+        import asyncio
+
+        request_id = request_id or uuid.uuid4().hex
+        self.engine.add_request(request_id, self.engine.check_request(prompt_token_ids, params))
+        queue: collections.deque = collections.deque()
+        self._queues[request_id] = queue
+        finished = False
+        try:
+            while not finished:
+                await asyncio.sleep(0)  # the other beams add their requests before anyone steps
+                if not queue:
+                    for delta in self.engine.step():
+                        target = self._queues.get(delta.request_id)
+                        if target is not None:
+                            target.append(delta)
+                while queue and not finished:
+                    delta = queue.popleft()
+                    finished = delta.finished
+                    yield delta
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self.engine.abort_request(request_id)
 
 
 def _best(outputs, params: EngineSamplingParams):
@@ -187,22 +228,46 @@ class LLM:
             raise ValueError(f"{len(per_prompt)} sampling params for {len(prompts)} prompts")
         engine = self.engine
         pending: dict[str, _Pending] = {}
+        beams: dict[str, _Pending] = {}
         order = []
         try:
             for (text, ids), params in zip(prompts, per_prompt, strict=True):
-                if params.use_beam_search:
-                    raise ValueError("beam search runs on the server (use_beam_search on /generate or /v1/completions)")
                 prepared = engine.check_request(ids, params)  # RequestRejected (a ValueError) names the field
                 request_id = str(next(self._ids))
+                order.append(request_id)
+                if params.use_beam_search:
+                    beams[request_id] = _Pending(text, ids, params)
+                    continue
                 engine.add_request(request_id, prepared)
                 pending[request_id] = _Pending(text, ids, params)
-                order.append(request_id)
             results = self._drain(pending, use_tqdm)
         except BaseException:
             for request_id in order:
                 engine.abort_request(request_id)
             raise
+        if beams:
+            results.update(self._beam_search(beams))
         return [results[request_id] for request_id in order]
+
+    def _beam_search(self, beams: dict[str, _Pending]) -> dict[str, RequestOutput]:
+        """Every beam-search prompt at once, by the server's algorithm (engine/beam_search.py)."""
+        import asyncio
+
+        from bowline_runtime.engine.beam_search import beam_search
+
+        stepped = _SteppedEngine(self.engine)
+
+        async def one(request_id: str, item: _Pending) -> RequestOutput:
+            async for delta in beam_search(stepped, item.prompt_token_ids, item.params, request_id, time.time()):
+                item.accumulator.add(delta)
+            snap = item.accumulator.latest
+            assert snap is not None
+            return self._result(request_id, item, snap, ranked=True)
+
+        async def run_all() -> list[RequestOutput]:
+            return await asyncio.gather(*(one(rid, item) for rid, item in beams.items()))
+
+        return {out.request_id: out for out in asyncio.run(run_all())}
 
     def _drain(self, pending: dict[str, _Pending], use_tqdm: bool | None) -> dict[str, RequestOutput]:
         show = use_tqdm if use_tqdm is not None else len(pending) >= PROGRESS_BAR_MIN_PROMPTS
@@ -229,14 +294,16 @@ class LLM:
         return results
 
     @staticmethod
-    def _result(request_id: str, item: _Pending, snap) -> RequestOutput:
+    def _result(request_id: str, item: _Pending, snap, ranked: bool = False) -> RequestOutput:
+        """`ranked`: beam search's outputs, already best first and cut to n."""
+        chosen = sorted(snap.outputs, key=lambda o: o.index) if ranked else _best(snap.outputs, item.params)
         outputs = [
             CompletionOutput(
                 index=i, text=out.text, token_ids=list(out.token_ids),
-                cumulative_logprob=out.cumulative_logprob if out.logprobs is not None else None,
+                cumulative_logprob=out.cumulative_logprob if (out.logprobs is not None or ranked) else None,
                 logprobs=out.logprobs, finish_reason=out.finish_reason, stop_reason=out.stop_reason,
             )
-            for i, out in enumerate(_best(snap.outputs, item.params))
+            for i, out in enumerate(chosen)
         ]
         return RequestOutput(
             request_id=request_id, prompt=item.prompt, prompt_token_ids=list(item.prompt_token_ids), outputs=outputs,

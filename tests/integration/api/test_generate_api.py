@@ -168,6 +168,14 @@ def test_llm_generate_over_20_prompts_equals_the_servers_greedy_outputs(client, 
         assert out.outputs[0].finish_reason == choice["finish_reason"]
 
 
+def test_llm_beam_search_ranks_the_beams_as_the_server_does(client, llm):
+    params = SamplingParams(temperature=0, max_tokens=8, n=2, best_of=2, use_beam_search=True, length_penalty=2)
+    out = llm.generate("hello", params)[0]
+    served = completion(client, prompt="hello", temperature=0, max_tokens=8, n=2, best_of=2, use_beam_search=True,
+                        length_penalty=2)
+    assert [o.text for o in out.outputs] == [c["text"] for c in sorted(served["choices"], key=lambda c: c["index"])]
+
+
 def test_llm_chat_applies_the_chat_template_as_the_server_does(client, llm):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "name a colour"}]
     out = llm.chat(messages, SamplingParams(temperature=0, max_tokens=10))[0]
