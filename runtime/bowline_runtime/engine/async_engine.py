@@ -19,16 +19,11 @@ from typing import Any
 from bowline_runtime.config import EngineConfig
 from bowline_runtime.engine.outputs import EngineStats, RequestOutput, merge_delta
 from bowline_runtime.engine.sampling_params import SamplingParams
+from bowline_runtime.engine.step_watchdog import EngineDeadError, EngineIterationTimeout, StepWatchdog
+
+__all__ = ["AsyncEngine", "EngineDeadError", "EngineIterationTimeout", "EngineStepError", "deliver_by_loop"]
 
 logger = logging.getLogger("bowline.engine")
-
-
-class EngineDeadError(RuntimeError):
-    """The step loop crashed; every pending request fails with this."""
-
-
-class EngineIterationTimeout(EngineDeadError):
-    """A step ran longer than VLLM_ENGINE_ITERATION_TIMEOUT_S: its requests fail, the engine is unhealthy."""
 
 
 class EngineStepError(RuntimeError):
@@ -58,13 +53,11 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = threading.Event()
         self._dead: BaseException | None = None
-        self._step_started: float | None = None  # monotonic start of the step running now
+        self._watchdog: StepWatchdog | None = None
+        if config.engine_iteration_timeout_s is not None:
+            self._watchdog = StepWatchdog(config.engine_iteration_timeout_s, self._step_timed_out)
         self._thread = threading.Thread(target=self._run, name="bowline-engine", daemon=True)
         self._thread.start()
-        if config.engine_iteration_timeout_s is not None:
-            threading.Thread(
-                target=self._watch_steps, args=(config.engine_iteration_timeout_s,), name="bowline-step-watchdog", daemon=True
-            ).start()
 
     # --- public API -------------------------------------------------------------------------------
 
@@ -127,6 +120,8 @@ class AsyncEngine:
         return bool(self._streams) or self.engine.has_unfinished_requests()
 
     async def shutdown(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.stop()
         self._stop.set()
         self._wakeup.set()
         await asyncio.to_thread(self._thread.join, 10)
@@ -185,7 +180,8 @@ class AsyncEngine:
                     self._wakeup.clear()
                     continue
                 try:
-                    self._step_started = time.monotonic()
+                    if self._watchdog is not None:
+                        self._watchdog.begin()
                     outputs = self.engine.step()
                 except Exception as exc:
                     failures += 1
@@ -195,7 +191,8 @@ class AsyncEngine:
                     self._fail_in_flight(exc)
                     continue
                 finally:
-                    self._step_started = None
+                    if self._watchdog is not None:
+                        self._watchdog.end()
                 if self._dead is not None:  # the watchdog gave up on this step while it ran
                     return
                 failures = 0
@@ -205,25 +202,11 @@ class AsyncEngine:
             self._dead = exc
             self._deliver_many([(rid, EngineDeadError(f"engine stopped: {exc!r}")) for rid in list(self._streams)])
 
-    def _watch_steps(self, timeout_s: float) -> None:
-        """A step that is still running after `timeout_s` fails every request in flight and marks the
-        engine dead (/health turns 503, so Kubernetes restarts the pod): a device that hangs must not
-        hold its clients forever. The step itself cannot be interrupted; its result is discarded."""
-        while not self._stop.wait(min(1.0, timeout_s / 4)):
-            started = self._step_started
-            if self._dead is not None:
-                return
-            if started is None or time.monotonic() - started <= timeout_s:
-                continue
-            elapsed = time.monotonic() - started
-            exc = EngineIterationTimeout(
-                f"an engine step has run for {elapsed:.1f} s, over the iteration timeout of {timeout_s:g} s "
-                "(VLLM_ENGINE_ITERATION_TIMEOUT_S); the engine is marked unhealthy"
-            )
-            logger.error("%s; failing the %d requests in flight", exc, len(self._streams))
-            self._dead = exc
-            self._deliver_many([(rid, exc) for rid in list(self._streams)])
-            return
+    def _step_timed_out(self, exc: EngineIterationTimeout) -> None:
+        """From the watchdog's thread while the step still runs: fail every waiter, report dead."""
+        logger.error("%s; failing the %d requests in flight", exc, len(self._streams))
+        self._dead = exc
+        self._deliver_many([(rid, exc) for rid in list(self._streams)])
 
 
 def deliver_by_loop(

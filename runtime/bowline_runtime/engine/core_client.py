@@ -47,6 +47,7 @@ from bowline_runtime.config import EngineConfig
 from bowline_runtime.engine.async_engine import EngineDeadError, EngineStepError, deliver_by_loop
 from bowline_runtime.engine.outputs import EngineStats, RequestOutput, merge_delta
 from bowline_runtime.engine.sampling_params import SamplingParams
+from bowline_runtime.engine.step_watchdog import EngineIterationTimeout
 
 logger = logging.getLogger("bowline.engine")
 
@@ -79,6 +80,8 @@ def rebuild_error(module: str, class_name: str, message: str, param: Any, client
             except AttributeError:
                 pass
         return error
+    if class_name == "EngineIterationTimeout":
+        return EngineIterationTimeout(message)
     if class_name == "EngineDeadError":
         return EngineDeadError(message)
     return EngineStepError(message)

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from bowline_runtime.config import EngineConfig
+from bowline_runtime.engine.step_watchdog import StepWatchdog
 
 logger = logging.getLogger("bowline.engine")
 
@@ -87,8 +88,11 @@ def run_engine_core(config: EngineConfig, in_addr: str, out_addr: str, parent_pi
         "stats": engine.stats(),
         "pid": os.getpid(),
     })))
+    watchdog = None
+    if config.engine_iteration_timeout_s is not None:
+        watchdog = StepWatchdog(config.engine_iteration_timeout_s, lambda exc: _give_up(engine, out_addr, exc))
     try:
-        _serve(engine, pull, push, parent_pid)
+        _serve(engine, pull, push, parent_pid, watchdog)
     finally:
         engine.shutdown()
         push.close(linger=500)
@@ -113,7 +117,30 @@ def _handle(engine: Any, message: tuple, push: Any) -> bool:
     return True
 
 
-def _serve(engine: Any, pull: Any, push: Any, parent_pid: int) -> None:
+def _give_up(engine: Any, out_addr: str, exc: BaseException) -> None:
+    """The iteration timeout fired (watchdog thread, the step still running): tell each request in
+    flight why, on a socket of this thread's own, then exit; the client sees the process die and
+    marks the engine dead."""
+    import zmq
+
+    logger.error("%s; failing the requests in flight and exiting", exc)
+    ctx = zmq.Context(1)
+    push = ctx.socket(zmq.PUSH)
+    push.connect(out_addr)
+    for _ in range(3):  # the engine thread may change the dict meanwhile
+        try:
+            request_ids = list(engine.requests)
+            break
+        except RuntimeError:
+            request_ids = []
+    for request_id in request_ids:
+        push.send(pickle.dumps(_error(request_id, exc)))
+    push.close(linger=2000)
+    ctx.term()
+    os._exit(1)
+
+
+def _serve(engine: Any, pull: Any, push: Any, parent_pid: int, watchdog: StepWatchdog | None = None) -> None:
     failures = 0
     while True:
         if os.getppid() != parent_pid:
@@ -130,6 +157,8 @@ def _serve(engine: Any, pull: Any, push: Any, parent_pid: int) -> None:
                 push.send(pickle.dumps(("stats", engine.stats())))
             continue
         try:
+            if watchdog is not None:
+                watchdog.begin()
             outputs = engine.step()
         except Exception as exc:
             failures += 1
@@ -140,6 +169,9 @@ def _serve(engine: Any, pull: Any, push: Any, parent_pid: int) -> None:
                 engine.abort_request(request_id)
                 push.send(pickle.dumps(_error(request_id, EngineStepErrorLike(f"generation failed: {exc!r}"))))
             continue
+        finally:
+            if watchdog is not None:
+                watchdog.end()
         failures = 0
         # The gauges ride on every step's message, so /metrics reads a cached copy and never waits.
         push.send(pickle.dumps(("outputs", outputs, engine.stats(), time.time())))

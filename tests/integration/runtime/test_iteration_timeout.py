@@ -45,3 +45,30 @@ def test_a_step_over_the_timeout_fails_its_requests_and_marks_the_engine_dead(ti
     finally:
         asyncio.run(engine.shutdown())
 
+
+
+def test_the_engine_core_process_fails_its_requests_and_exits_on_a_step_over_the_timeout(tiny_model_dir):
+    from bowline_runtime.engine.core_client import EngineCoreClient
+
+    # 1 ms: the first step (a prefill on a CPU) already runs longer, with no hook into the core needed.
+    client = EngineCoreClient(EngineConfig(model=str(tiny_model_dir), device="cpu", max_model_len=128,
+                                           kv_cache_memory=8 * 2**20, engine_iteration_timeout_s=0.001))
+
+    async def main():
+        ids = client.tokenizer.encode("hello world")
+        with pytest.raises(EngineIterationTimeout) as info:
+            async for _ in client.generate(ids, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)):
+                pass
+        return info.value
+
+    try:
+        error = asyncio.run(main())
+        assert "iteration timeout of 0.001 s" in str(error)
+        client.process.join(30)
+        assert client.process.exitcode == 1
+        deadline = time.monotonic() + 10
+        while client.is_alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not client.is_alive
+    finally:
+        asyncio.run(client.shutdown())
