@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bowline_runtime.config import EngineConfig
+from bowline_runtime.config import DType, EngineConfig
 from bowline_runtime.engine.outputs import OutputAccumulator, TokenLogprob
 from bowline_runtime.engine.sampling_params import SamplingParams as EngineSamplingParams
 
@@ -129,7 +129,7 @@ class LLM:
         tokenizer: str | None = None,
         tensor_parallel_size: int = 1,
         max_model_len: int | None = None,
-        dtype: str = "auto",
+        dtype: DType = "auto",
         device: str = "auto",
         seed: int = 0,
         trust_remote_code: bool = False,
@@ -167,7 +167,7 @@ class LLM:
         `{"prompt_token_ids": [...]}`; `sampling_params` is one for all or one per prompt."""
         items = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
         tokenizer = self.engine.tokenizer
-        resolved = []
+        resolved: list[tuple[str | None, list[int]]] = []
         for item in items:
             if isinstance(item, str):
                 resolved.append((item, tokenizer.encode(item, add_special_tokens=True)))
@@ -200,7 +200,7 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tokenizer = self.engine.tokenizer
         parsed_tools = [ChatTool.model_validate(t) for t in tools] if tools else None
-        resolved = []
+        resolved: list[tuple[str | None, list[int]]] = []
         for conversation in conversations:
             try:
                 text = render_chat(
