@@ -46,6 +46,7 @@ class GenerateRequest(SamplingFields):
     prompt: str = Field(..., description="the prompt text; the answer repeats it before each output")
     max_tokens: int | None = Field(VLLM_DEFAULT_MAX_TOKENS, ge=1, description="null: up to the context limit")
     logprobs: int | None = Field(None, ge=0)
+    prompt_logprobs: int | None = Field(None, ge=0)
 
 
 class GenerateResponse(ResponseModel):
@@ -100,7 +101,10 @@ def generate_sampling_params(body: GenerateRequest, state: ServerState) -> Sampl
     limits = state.limits
     assert limits is not None
     check_logprobs(body.logprobs, limits, "logprobs")
-    params = build_sampling_params(body, limits, max_tokens=body.max_tokens, logprobs=body.logprobs)
+    check_logprobs(body.prompt_logprobs, limits, "prompt_logprobs")
+    params = build_sampling_params(
+        body, limits, max_tokens=body.max_tokens, logprobs=body.logprobs, prompt_logprobs=body.prompt_logprobs
+    )
     if params.use_beam_search and params.num_candidates > params.n:
         params.n = params.num_candidates
     check_stream_compatible(body, params)

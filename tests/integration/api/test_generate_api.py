@@ -146,6 +146,7 @@ def test_generate_streams_cumulative_objects_ending_with_the_full_text(client):
         ({"prompt": "hello", "temperature": -1}, "temperature", "greater than or equal"),
         ({"prompt": "hello", "best_of": 2, "stream": True}, "best_of", "cannot be streamed"),
         ({"prompt": "hello", "max_tokens": 5000}, None, "4096"),
+        ({"prompt": "hello", "logprobs": 2}, "logprobs", "--enable-logprob"),
     ],
 )
 def test_generate_refuses_bad_bodies_with_a_400_naming_the_field(client, body, param, words):
@@ -155,8 +156,9 @@ def test_generate_refuses_bad_bodies_with_a_400_naming_the_field(client, body, p
     assert words in error["message"].lower()
 
 
-def test_llm_generate_over_20_prompts_equals_the_servers_greedy_outputs(client, llm):
+def test_llm_generate_over_20_prompts_equals_the_servers_greedy_outputs(client, llm, capfd):
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12))
+    assert "Processed prompts" in capfd.readouterr().err  # a batch this long shows its progress bar
     reference = completion(client, prompt=PROMPTS, temperature=0, max_tokens=12, return_token_ids=True)
     choices = sorted(reference["choices"], key=lambda c: c["index"])
     assert len(outs) == len(choices) == 20
