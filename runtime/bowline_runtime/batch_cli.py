@@ -63,8 +63,8 @@ def read_lines(path: Path, defaults: dict[str, Any]) -> list[tuple[dict[str, Any
 def run(args: argparse.Namespace) -> int:
     from bowline_runtime.offline import LLM
 
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(args)
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     defaults = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     items = read_lines(Path(args.input), defaults)
     engine_settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "model"}
