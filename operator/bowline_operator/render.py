@@ -150,6 +150,7 @@ def runtime_args(owner: Owner, spec: InferenceServiceSpec, model_path: str) -> l
     engine = spec.engine
     optional = [
         ("--dtype", engine.dtype),
+        ("--quantization", engine.quantization),
         ("--max-num-seqs", engine.max_num_seqs),
         ("--max-num-batched-tokens", engine.max_num_batched_tokens),
         ("--block-size", engine.block_size),

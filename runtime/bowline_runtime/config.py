@@ -15,6 +15,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 ENV_PREFIX = "BOWLINE_"
 
 DType = Literal["auto", "float32", "float16", "bfloat16"]
+# vLLM's names; smoothquant and compressed-tensors are read as w8a8 (models.quantization).
+Quantization = Literal["auto", "none", "awq", "w8a8", "smoothquant", "compressed-tensors", "int8"]
 
 
 @dataclass(slots=True)
@@ -29,6 +31,7 @@ class EngineConfig:
     device: str = "auto"
     dtype: DType = "auto"
     load_format: Literal["auto", "dummy"] = "auto"
+    quantization: Quantization = "auto"
     trust_remote_code: bool = False
     tensor_parallel_size: int = 1
     max_model_len: int | None = None
@@ -105,6 +108,9 @@ _HELP = {
     "device": "auto picks npu, then cuda, then cpu",
     "dtype": "weights and activations dtype; auto takes the config's, float32 on CPU",
     "load_format": "dummy: random weights from config.json (benchmarks at real shapes)",
+    "quantization": "weights' format: auto follows config.json's quantization_config; awq (4-bit AutoAWQ), "
+    "w8a8 (alias smoothquant: compressed-tensors int8 weights and per-token int8 activations), int8 (weight-only, "
+    "quantized at load from a float checkpoint), none",
     "tensor_parallel_size": "shard the model over this many devices (processes)",
     "max_model_len": "bound on prompt + output tokens (default: the model's position limit)",
     "max_num_seqs": "most sequences in one batch",

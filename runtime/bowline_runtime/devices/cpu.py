@@ -13,7 +13,7 @@ from bowline_runtime.config import switch_on
 from bowline_runtime.devices import host_memory
 from bowline_runtime.devices.base import Device
 from bowline_runtime.kernels import cpu as kernels
-from bowline_runtime.kernels import linear_choice
+from bowline_runtime.kernels import linear_choice, quant_cpu
 from bowline_runtime.models.fused_ops import FusedOps
 
 logger = logging.getLogger(__name__)
@@ -149,7 +149,9 @@ class CpuDevice(Device):
         Bowline's own product (KernelLinear, float32, where gemm.c builds), oneDNN-packed (where this
         torch build and CPU pack that dtype, see onednn_packs) or plain torch (bfloat16 on an AVX2-only
         CPU). One packed weight per Linear is kept. BOWLINE_CPU_LINEAR forces a choice;
-        BOWLINE_CPU_PACKED_LINEAR=0 keeps plain torch everywhere."""
+        BOWLINE_CPU_PACKED_LINEAR=0 keeps plain torch everywhere. Quantized layers go first to their
+        fused dequantize-and-multiply kernels (kernels.quant_cpu)."""
+        quant_cpu.swap_quantized(model)
         chooser = LinearChooser()
         for module in list(model.modules()):
             for child_name, child in list(module.named_children()):

@@ -48,7 +48,8 @@ def build_runner(config: EngineConfig, device: Device, dtype: torch.dtype, rank:
     hf_config = loader.load_config(config.model, config.trust_remote_code)
     check_divisible(hf_config, world_size)
     model = loader.load_model(
-        config.model, hf_config, dtype, config.load_format, config.trust_remote_code, seed=config.seed
+        config.model, hf_config, dtype, config.load_format, config.trust_remote_code, seed=config.seed,
+        quantization=config.quantization,
     )
     shard_model(model, rank, world_size)
     torch_device = device.torch_device(rank)

@@ -74,26 +74,39 @@ def _concat_linears(parts: list[nn.Linear]) -> nn.Linear:
     return fused
 
 
+def _concat(parts: list) -> nn.Module | None:
+    """The parts joined by output columns: nn.Linear, or quantized layers of one kind (their `concat`)."""
+    if all(type(p) is nn.Linear for p in parts):
+        return _concat_linears(parts)
+    kind = type(parts[0])
+    if hasattr(kind, "concat") and all(type(p) is kind for p in parts):
+        return kind.concat(parts)
+    return None
+
+
 def fuse_projections(model: nn.Module) -> None:
     """Replace each layer's q/k/v by one `qkv_proj` and gate/up by one `gate_up_proj`, in place.
 
     Every product has a fixed cost per call (oneDNN's is ~15 us on the CPU, whatever its size), and
     at decode sizes that cost is most of a small product's time: on the bench model at 16 rows, one
     q/k/v product takes 50 us against 71 us for three. The outputs are split again as views, so no
-    copy is added. Only plain nn.Linear layers are fused (before a device swaps in its own kernels);
-    layers fused already, or of another kind, are left as they are. transformers' own forward no
+    copy is added. Only plain nn.Linear layers, or quantized layers of one kind (models.quant_linear),
+    are fused (before a device swaps in its own kernels); layers fused already, or of another kind,
+    are left as they are. transformers' own forward no
     longer runs on a fused model: only this decoder does.
     """
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         parts = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
-        if all(type(p) is nn.Linear for p in parts):
-            attn.qkv_proj = _concat_linears(parts)
+        fused = _concat(parts) if all(p is not None for p in parts) else None
+        if fused is not None:
+            attn.qkv_proj = fused
             attn.qkv_sizes = tuple(p.out_features for p in parts)
             del attn.q_proj, attn.k_proj, attn.v_proj
         parts = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj")]
-        if all(type(p) is nn.Linear for p in parts) and parts[0].out_features == parts[1].out_features:
-            mlp.gate_up_proj = _concat_linears(parts)
+        fused = _concat(parts) if all(p is not None for p in parts) else None
+        if fused is not None and parts[0].out_features == parts[1].out_features:
+            mlp.gate_up_proj = fused
             del mlp.gate_proj, mlp.up_proj
 
 
