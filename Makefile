@@ -103,7 +103,7 @@ MULTI_STEP_ARGS ?=
 bench-multi-step: install ## tok/s with --num-scheduler-steps 1, 4, 8 in one process (not part of make test)
 	$(BIN)/python -m bench.multi_step_bench $(MULTI_STEP_ARGS)
 
-.PHONY: bench-full bench-roofline bench-quant bench-vllm-env bench-multi-step
+.PHONY: bench-full bench-roofline bench-quant bench-vllm-env bench-lora bench-multi-step
 
 # Images are tagged as the operator's defaults expect: $(REGISTRY)/bowline-NAME:$(IMAGE_TAG).
 REGISTRY     ?= ghcr.io/bowline-dev
@@ -134,6 +134,9 @@ helm-lint: install ## lint charts/bowline with real Helm (no cluster needed)
 
 clean:
 	rm -rf $(VENV) $(VENV)-helm models bench/results .pytest_cache
+
+bench-lora: install $(BIN)/.bench-installed ## LoRA: c=8, 4 rank-16 adapters mixed with base requests vs the base model alone
+	$(BIN)/python -m bench.lora_bench $(BENCH_ARGS)
 
 bench-operator: install ## operator: 200 InferenceServices against the emulated API (time to children+status, peak RSS)
 	$(BIN)/python bench/operator_bench.py

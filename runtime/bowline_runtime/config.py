@@ -54,6 +54,13 @@ class EngineConfig:
     reasoning_parser: str | None = None
     guided_decoding_any_whitespace: bool = False
     log_level: str = "info"
+    # Multi-LoRA (bowline_runtime.lora), vLLM's flags
+    enable_lora: bool = False
+    lora_modules: list[str] | None = None  # name=path or JSON items; see lora.modules
+    max_lora_rank: int = 16
+    max_loras: int = 1
+    max_cpu_loras: int | None = None  # None: --max-loras
+    allow_runtime_lora_updating: bool = False  # also VLLM_ALLOW_RUNTIME_LORA_UPDATING
     # The reference documents' remaining launch flags (docs/seed-flags.md says what each does here).
     api_server: Literal["openai", "vllm", "both"] = "both"
     tokenizer_mode: Literal["auto", "slow"] = "auto"
@@ -80,6 +87,10 @@ class EngineConfig:
             raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"--max-model-len must be >= 1, got {self.max_model_len}")
+        from bowline_runtime.lora.modules import check_settings, parse_modules
+
+        check_settings(self.enable_lora, parse_modules(self.lora_modules), self.max_lora_rank, self.max_loras,
+                       self.max_cpu_loras, self.model_name)
         if self.num_scheduler_steps < 1:
             raise ValueError(f"--num-scheduler-steps must be >= 1, got {self.num_scheduler_steps}")
         if self.engine_iteration_timeout_s is not None and self.engine_iteration_timeout_s <= 0:
@@ -131,6 +142,13 @@ _HELP = {
     "tool_call_parser": "parser for tool calls in generated text (e.g. hermes)",
     "reasoning_parser": "parser splitting reasoning from content (e.g. qwen3, deepseek_r1)",
     "guided_decoding_any_whitespace": "let guided JSON contain free whitespace (default: compact JSON)",
+    "enable_lora": "serve LoRA adapters over the base model (requests name one as `model`)",
+    "lora_modules": "adapters to serve: name=path or {\"name\": ..., \"path\": ..., \"base_model_name\": ...}, several",
+    "max_lora_rank": "largest adapter rank accepted (one of 1, 8, 16, 32, 64, 128, 256, 320, 512)",
+    "max_loras": "most adapters in one batch",
+    "max_cpu_loras": "most adapters kept loaded (least recently used idle ones are dropped; >= --max-loras)",
+    "allow_runtime_lora_updating": "enable /v1/load_lora_adapter and /v1/unload_lora_adapter "
+    "(also VLLM_ALLOW_RUNTIME_LORA_UPDATING)",
     "api_server": "which routes to serve: openai (/v1/...), vllm (vLLM's native POST /generate) or both",
     "tokenizer_mode": "slow: the Python tokenizer where the model ships one (vLLM's --tokenizer-mode slow)",
     "num_scheduler_steps": "multi-step scheduling: decode steps per scheduling decision (no admission in between)",
@@ -142,6 +160,8 @@ _HELP = {
     "distributed_executor_backend": "mp (tensor-parallel ranks as processes, what Bowline does); ray is accepted "
     "and runs mp",
 }
+# Flags that take several values.
+_NARGS = {"lora_modules": "+"}
 
 # Flags vLLM spells `--flag true|false` as well as bare `--flag` (vLLM's StoreBoolean): the Ascend
 # document writes `--multi-step-stream-outputs false`.
@@ -164,13 +184,17 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         elif annotation == "bool":
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            parser.add_argument(_flag(f.name), default=None, help=help_text)
+            parser.add_argument(_flag(f.name), default=None, nargs=_NARGS.get(f.name), help=help_text)
     return parser
 
 
 def _coerce(annotation: str, raw: Any) -> Any:
     if raw is None:
         return None
+    if annotation.startswith("list"):
+        from bowline_runtime.lora.modules import split_items
+
+        return split_items(raw)
     if annotation == "bool":
         if isinstance(raw, bool):
             return raw
@@ -220,6 +244,10 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
                 raise ValueError(f"choose one of {list(choices)}")
         except ValueError as exc:
             raise ValueError(f"{source}: cannot read {raw!r} ({exc})") from None
+    if "allow_runtime_lora_updating" not in values:  # vLLM's variable works too
+        from bowline_runtime.lora.modules import runtime_updating_allowed
+
+        values["allow_runtime_lora_updating"] = runtime_updating_allowed(False, dict(environ))
     if "model" not in values:
         raise ValueError(f"--model is required (or set {env_name('model')})")
     return EngineConfig(**values)

@@ -12,6 +12,8 @@ import datetime
 import logging
 import signal
 import socket
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -43,6 +45,15 @@ def _threads_per_rank(device: Device, world_size: int) -> None:
         torch.set_num_threads(max(1, usable_cores() // world_size))
 
 
+@dataclass(slots=True)
+class LoRAUpdate:
+    """Sent to every rank between steps: install an adapter's weights (each rank takes its shard) or drop them."""
+
+    lora_id: int
+    adapter: Any  # lora.adapter.LoRAAdapter, or None to drop
+    layout: Any  # lora.delta.LoRALayout
+
+
 def build_runner(config: EngineConfig, device: Device, dtype: torch.dtype, rank: int, world_size: int) -> ModelRunner:
     device.prepare_process()
     hf_config = loader.load_config(config.model, config.trust_remote_code)
@@ -57,13 +68,20 @@ def build_runner(config: EngineConfig, device: Device, dtype: torch.dtype, rank:
     # Before the device packs its Linear layers: the decoder fuses q/k/v and gate/up into one product each.
     use_packed = switch_on(packed_decoder.PACKED_DECODER_ENV) and packed_decoder.supports(model)
     decoder = PackedDecoder(model, device.fused_ops(dtype)) if use_packed else None
+    if config.enable_lora and decoder is None:
+        raise ValueError(
+            f"--enable-lora needs a Llama-family model ({', '.join(sorted(packed_decoder.SUPPORTED_MODEL_TYPES))}) "
+            f"served by the packed decoder ({packed_decoder.PACKED_DECODER_ENV} on)"
+        )
     device.optimize_model(model)
-    return ModelRunner(
+    runner = ModelRunner(
         model, torch_device, dtype, is_driver=rank == 0, block_size=config.block_size, decoder=decoder,
         stage_decode_context=device.stages_decode_context, decode_kernel=device.paged_decode_kernel(dtype),
         prefill_kernel=device.paged_prefill_kernel(dtype, head_dim(hf_config)),
         cache_writer=device.paged_cache_writer(dtype),
     )
+    runner.tp_rank, runner.tp_size = rank, world_size
+    return runner
 
 
 def _worker_main(config: EngineConfig, rank: int, world_size: int, port: int, dtype: torch.dtype) -> None:
@@ -80,6 +98,9 @@ def _worker_main(config: EngineConfig, rank: int, world_size: int, port: int, dt
     runner = build_runner(config, device, dtype, rank, world_size)
     box: list = [None]
     dist.broadcast_object_list(box, src=0)
+    while isinstance(box[0], LoRAUpdate):  # --lora-modules adapters come before the KV cache is sized
+        runner.set_lora(box[0].lora_id, box[0].adapter, box[0].layout)
+        dist.broadcast_object_list(box, src=0)
     num_slots, kv_heads = box[0]
     runner.allocate_kv_cache(num_slots, kv_heads)
     while True:
@@ -87,6 +108,9 @@ def _worker_main(config: EngineConfig, rank: int, world_size: int, port: int, dt
         step = box[0]
         if step is None:
             break
+        if isinstance(step, LoRAUpdate):
+            runner.set_lora(step.lora_id, step.adapter, step.layout)
+            continue
         runner.execute(step)
     dist.destroy_process_group()
 
@@ -135,6 +159,12 @@ class TensorParallelGroup:
         if self.world_size > 1:
             dist.broadcast_object_list([(num_slots, self.num_kv_heads_local)], src=0)
         self.runner.allocate_kv_cache(num_slots, self.num_kv_heads_local)
+
+    def set_lora(self, lora_id: int, adapter: Any, layout: Any) -> None:
+        """Install (or drop, adapter None) a LoRA adapter on every rank, between steps."""
+        if self.world_size > 1:
+            dist.broadcast_object_list([LoRAUpdate(lora_id, adapter, layout)], src=0)
+        self.runner.set_lora(lora_id, adapter, layout)
 
     def execute(self, step: StepInput) -> torch.Tensor:
         if self.world_size > 1:

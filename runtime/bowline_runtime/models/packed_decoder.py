@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bowline_runtime.lora.delta import LoRABatch
 from bowline_runtime.models.attention import AttentionMetadata, head_dim, paged_attention
 from bowline_runtime.models.fused_ops import FusedOps
 
@@ -149,8 +150,10 @@ class PackedDecoder:
         ]
 
     def __call__(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, meta: AttentionMetadata
+        self, input_ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, meta: AttentionMetadata,
+        lora: LoRABatch | None = None,
     ) -> torch.Tensor:
+        """`lora`: the step's adapter rows (lora.delta); each base product then gets their updates added."""
         ops, d = self.ops, self.head_dim
         hidden = self.embed(input_ids)  # [T, hidden]
         num_tokens = hidden.shape[0]
@@ -158,12 +161,12 @@ class PackedDecoder:
         cos, sin = cos[0], sin[0]
         residual = hidden  # the stream; each add_rms_norm adds a block's output to it in place
         out = None  # the previous block's output, not yet added to the stream
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             attn, mlp, in_norm, post_norm, q_norm, k_norm = (
                 layer.attn, layer.mlp, layer.input_norm, layer.post_norm, layer.q_norm, layer.k_norm
             )
             x = ops.rms_norm(hidden, *in_norm) if out is None else ops.add_rms_norm(out, residual, *in_norm)
-            q, k, v = _qkv(attn, x)
+            q, k, v = _qkv(attn, x, lora, index)
             q, k, v = q.view(num_tokens, -1, d), k.view(num_tokens, -1, d), v.view(num_tokens, -1, d)
             if q_norm is not None:
                 q = ops.rms_norm(q.reshape(-1, d), q_norm.weight, _eps(q_norm)).view(num_tokens, -1, d)
@@ -174,20 +177,43 @@ class PackedDecoder:
                 attn, q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
                 v.transpose(0, 1).unsqueeze(0), None, scaling=attn.scaling, attn_meta=meta,
             )
-            x = ops.add_rms_norm(attn.o_proj(attended.view(num_tokens, -1)), residual, *post_norm)
-            out = mlp.down_proj(ops.silu_mul(*_gate_up(mlp, x)))
+            attended = attended.view(num_tokens, -1)
+            o = attn.o_proj(attended)
+            if lora is not None:
+                lora.add(index, "o", attended, [o])
+            x = ops.add_rms_norm(o, residual, *post_norm)
+            act = ops.silu_mul(*_gate_up(mlp, x, lora, index))
+            out = mlp.down_proj(act)
+            if lora is not None:
+                lora.add(index, "down", act, [out])
         final = ops.rms_norm(hidden, *self.final_norm) if out is None else ops.add_rms_norm(out, residual, *self.final_norm)
         return self.model.lm_head(final[keep])
 
 
-def _qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _qkv(
+    attn: nn.Module, x: torch.Tensor, lora: LoRABatch | None = None, layer: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Queries, keys and values of x [T, hidden]: column views of one product where fused."""
     if hasattr(attn, "qkv_proj"):
-        return attn.qkv_proj(x).split(attn.qkv_sizes, dim=-1)
-    return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        qkv = attn.qkv_proj(x)
+        if lora is not None:
+            lora.add(layer, "qkv", x, [qkv])
+        return qkv.split(attn.qkv_sizes, dim=-1)
+    q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    if lora is not None:
+        lora.add(layer, "qkv", x, [q, k, v])
+    return q, k, v
 
 
-def _gate_up(mlp: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _gate_up(
+    mlp: nn.Module, x: torch.Tensor, lora: LoRABatch | None = None, layer: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     if hasattr(mlp, "gate_up_proj"):
-        return mlp.gate_up_proj(x).chunk(2, dim=-1)
-    return mlp.gate_proj(x), mlp.up_proj(x)
+        gate_up = mlp.gate_up_proj(x)
+        if lora is not None:
+            lora.add(layer, "gate_up", x, [gate_up])
+        return gate_up.chunk(2, dim=-1)
+    gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    if lora is not None:
+        lora.add(layer, "gate_up", x, [gate, up])
+    return gate, up
