@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from bowline_runtime.config import EngineConfig
+from bowline_runtime.devices.host_memory import IdleRelease
 from bowline_runtime.engine.errors import RequestRejected
 from bowline_runtime.engine.outputs import EngineStats, RequestOutput, merge_delta
 from bowline_runtime.engine.sampling_params import SamplingParams
@@ -213,10 +214,13 @@ class AsyncEngine:
 
     def _run(self) -> None:
         failures = 0
+        idle = IdleRelease(self.engine.tp.release_idle_memory)
         try:
             while not self._stop.is_set():
                 self._drain_inbox()
-                if not self.engine.has_unfinished_requests():
+                busy = self.engine.has_unfinished_requests()
+                idle.tick(busy)
+                if not busy:
                     self._wakeup.wait(0.5)
                     self._wakeup.clear()
                     continue

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from bowline_runtime.config import EngineConfig
+from bowline_runtime.devices.host_memory import IdleRelease
 from bowline_runtime.engine.step_watchdog import StepWatchdog
 
 logger = logging.getLogger("bowline.engine")
@@ -181,6 +182,7 @@ def _give_up(engine: Any, out_addr: str, exc: BaseException) -> None:
 def _serve(engine: Any, pull: Any, push: Any, parent_pid: int, watchdog: StepWatchdog | None = None) -> None:
     failures = 0
     unloading: dict[str, int] = {}  # LoRA unloads waiting for their adapter's last request, by reply token
+    idle = IdleRelease(engine.tp.release_idle_memory)
     while True:
         if os.getppid() != parent_pid:
             logger.warning("the API process is gone; the engine core exits")
@@ -193,7 +195,9 @@ def _serve(engine: Any, pull: Any, push: Any, parent_pid: int, watchdog: StepWat
             timeout, handled = 0, True
         if unloading:  # an abort may have ended an unloading adapter's last request
             _finish_unloads(engine, push, unloading)
-        if not engine.has_unfinished_requests():
+        busy = engine.has_unfinished_requests()
+        idle.tick(busy)
+        if not busy:
             if handled:  # an abort freed blocks with no step to carry the new gauges: send them alone
                 push.send(pickle.dumps(("stats", engine.stats())))
             continue

@@ -32,6 +32,9 @@ logger = logging.getLogger("bowline.worker")
 
 _TIMEOUT = datetime.timedelta(minutes=30)
 
+# Sent to the worker ranks in place of a step when the engine has gone idle (see devices.host_memory).
+RELEASE_IDLE_MEMORY = "release-idle-memory"
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -111,6 +114,9 @@ def _worker_main(config: EngineConfig, rank: int, world_size: int, port: int, dt
         if isinstance(step, LoRAUpdate):
             runner.set_lora(step.lora_id, step.adapter, step.layout)
             continue
+        if step == RELEASE_IDLE_MEMORY:
+            device.release_idle_memory()
+            continue
         runner.execute(step)
     dist.destroy_process_group()
 
@@ -165,6 +171,12 @@ class TensorParallelGroup:
         if self.world_size > 1:
             dist.broadcast_object_list([LoRAUpdate(lora_id, adapter, layout)], src=0)
         self.runner.set_lora(lora_id, adapter, layout)
+
+    def release_idle_memory(self) -> None:
+        """The engine is idle: every rank hands back the memory its last burst freed."""
+        if self.world_size > 1:
+            dist.broadcast_object_list([RELEASE_IDLE_MEMORY], src=0)
+        self.device.release_idle_memory()
 
     def execute(self, step: StepInput) -> torch.Tensor:
         if self.world_size > 1:
