@@ -15,9 +15,18 @@ from kubernetes.client.exceptions import ApiException
 
 from . import autoscaling, gateway, kube, model_cache
 from .diff import DEPLOYMENT_PRUNE
+from .leader_worker_set import (
+    LWS_CRD_NAME,
+    LWS_GROUP,
+    LWS_KIND,
+    LWS_PLURAL,
+    LWS_VERSION,
+    MISSING_CRD_MESSAGE,
+    rollout_view,
+)
 from .render import API_VERSION, GROUP, KIND, PLURAL, VERSION, Owner, render_children
 from .status import compute_status, condition, invalid_status, status_changed
-from .validation import validate_spec
+from .validation import Validated, validate_spec
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "bowline"}
 
@@ -48,6 +57,8 @@ def reconcile_object(body: kopf.Body | dict[str, Any], logger: logging.Logger | 
     namespace, name, generation = meta["namespace"], meta["name"], meta.get("generation")
     previous = status.get("conditions") or []
     checked = validate_spec(body.get("spec"), name)
+    if checked.ok and checked.spec is not None and checked.spec.nodes > 1 and not kube.crd_installed(LWS_CRD_NAME):
+        checked = Validated(None, (MISSING_CRD_MESSAGE,))
     if not checked.ok:
         message = "; ".join(checked.problems)
         _write_status(namespace, name, status, invalid_status(checked.problems, generation, _now(), previous))
@@ -72,6 +83,10 @@ def reconcile_object(body: kopf.Body | dict[str, Any], logger: logging.Logger | 
         actions.append(f"{child['kind']} {action}")
         if child["kind"] == "Deployment":
             deployment = live
+        elif child["kind"] == LWS_KIND:  # its ready groups are the replicas
+            deployment = rollout_view(live)
+    if status.get("observedGeneration") != generation:  # a spec change may have switched Deployment <-> LWS
+        actions += _remove_other_workload(owner, checked.spec.nodes > 1)
     for kind, api_version, plural in autoscaling.unrendered(children):  # e.g. HPA after KEDA arrived
         if kube.delete_owned(api_version, plural, namespace, name, owner.uid):
             actions.append(f"{kind} deleted")
@@ -98,6 +113,17 @@ def _warn_on_new_problem(body: kopf.Body | dict[str, Any], previous: list[dict[s
         reason = problems.get(cond["type"])
         if reason and cond.get("reason") == reason and before.get(cond["type"]) != reason:
             kopf.warn(dict(body), reason=reason, message=cond.get("message", ""))
+
+
+def _remove_other_workload(owner: Owner, multi_node: bool) -> list[str]:
+    """After nodes crossed 1: delete the workload of the other shape, whose pods still hold the devices."""
+    api_version, plural, kind = ("apps/v1", "deployments", "Deployment") if multi_node else (
+        f"{LWS_GROUP}/{LWS_VERSION}", LWS_PLURAL, LWS_KIND)
+    if not multi_node and not kube.crd_installed(LWS_CRD_NAME):
+        return []
+    if kube.delete_owned(api_version, plural, owner.namespace, owner.name, owner.uid):
+        return [f"{kind} deleted"]
+    return []
 
 
 def _reconcile_handler(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
@@ -142,6 +168,12 @@ def deployment_event(body: kopf.Body, event: kopf.RawEvent, logger: logging.Logg
         reconcile_object(parent, logger)
     except ApiException as error:
         logger.error("Could not update InferenceService %s/%s from its Deployment: %s", namespace, parent_name, error)
+
+
+@kopf.on.event(LWS_GROUP, LWS_VERSION, LWS_PLURAL, labels=MANAGED_BY)
+def leader_worker_set_event(body: kopf.Body, event: kopf.RawEvent, logger: logging.Logger, **_: Any) -> None:
+    """A child LeaderWorkerSet changed (groups ready, edits): re-level its parent, as for a Deployment."""
+    deployment_event(body=body, event=event, logger=logger)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={model_cache.CACHE_LABEL: kopf.PRESENT, **MANAGED_BY})

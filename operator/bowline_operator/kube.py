@@ -88,6 +88,7 @@ PLURALS = {
     "ScaledObject": "scaledobjects",
     "HorizontalPodAutoscaler": "horizontalpodautoscalers",
     "PodDisruptionBudget": "poddisruptionbudgets",
+    "LeaderWorkerSet": "leaderworkersets",
 }
 
 

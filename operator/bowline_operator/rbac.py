@@ -23,7 +23,8 @@ REQUIRED_RULES: list[PolicyRule] = [
     {"apiGroups": ["serving.bowline.dev"], "resources": ["inferenceservices"], "verbs": ["get", "list", "watch", "patch"]},
     {"apiGroups": ["serving.bowline.dev"], "resources": ["inferenceservices/status"], "verbs": ["get", "patch", "update"]},
     # Children: rendered, created and patched; watched so their status flows up to the parent.
-    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch", "create", "patch"]},
+    # delete: when spec.nodes crosses 1, the Deployment and the LeaderWorkerSet replace each other.
+    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
     {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch", "create", "patch"]},
     # Model cache (model_cache.py): the shared claim and the Job that fills it are created once, never
     # patched; deleted with the last service whose cache.deletePolicy is Delete. Jobs are watched so a
@@ -38,6 +39,9 @@ REQUIRED_RULES: list[PolicyRule] = [
     {"apiGroups": ["keda.sh"], "resources": ["scaledobjects"], "verbs": ["get", "create", "patch", "delete"]},
     {"apiGroups": ["autoscaling"], "resources": ["horizontalpodautoscalers"], "verbs": ["get", "create", "patch", "delete"]},
     {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": ["get", "create", "patch", "delete"]},
+    # Multi-node copies (spec.nodes > 1): a LeaderWorkerSet instead of the Deployment.
+    {"apiGroups": ["leaderworkerset.x-k8s.io"], "resources": ["leaderworkersets"],
+     "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
     # Events: kopf.info/warn and the per-handler events kopf posts.
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
     {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},

@@ -366,4 +366,8 @@ def render_service(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any]:
 
 def render_children(owner: Owner, spec: InferenceServiceSpec) -> list[dict[str, Any]]:
     """Everything an InferenceService owns, in apply order (the Service first, so the URL resolves early)."""
+    if spec.nodes > 1:  # a model copy over several pods: a LeaderWorkerSet instead of the Deployment
+        from .leader_worker_set import render_multi_node_children
+
+        return render_multi_node_children(owner, spec)
     return [render_service(owner, spec), render_deployment(owner, spec)]

@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 SOURCE_PATTERN = re.compile(r"^(pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?|hostPath:///.*|hf://[^/]+/[^/]+|/.*)$")
 
 # Flags the operator sets itself; `engine.extraArgs` may not repeat them (the CRD's CEL rule says the same).
-MANAGED_FLAGS = ("model", "served-model-name", "host", "port", "device", "tensor-parallel-size", "max-model-len")
+MANAGED_FLAGS = ("model", "served-model-name", "host", "port", "device", "tensor-parallel-size", "max-model-len",
+                 "pipeline-parallel-size", "nnodes", "node-rank", "master-addr", "master-port")
 MANAGED_FLAG_PATTERN = re.compile(r"^--(" + "|".join(MANAGED_FLAGS) + r")(=.*)?$")
 
 
@@ -161,6 +162,8 @@ class InferenceServiceSpec(_Model):
     model: ModelSpec
     accelerator: AcceleratorSpec
     tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    pipeline_parallel_size: int = Field(default=1, ge=1, le=64)
+    nodes: int = Field(default=1, ge=1, le=64)  # pods per model copy; > 1 renders a LeaderWorkerSet
     max_model_len: int | None = Field(default=None, ge=1)
     replicas: int = Field(default=1, ge=0)
     engine: EngineSpec = Field(default_factory=EngineSpec)

@@ -34,14 +34,21 @@ def cross_field_problems(spec: InferenceServiceSpec) -> list[str]:
     """The CRD's x-kubernetes-validations rules, one message each (the messages are the CRD's own)."""
     problems: list[str] = []
     acc = spec.accelerator
+    single = spec.nodes == 1 and spec.pipeline_parallel_size == 1
+    ranks = spec.tensor_parallel_size * spec.pipeline_parallel_size
     if acc.type != "cpu":
         if acc.count is None:
             problems.append("accelerator.count is required when accelerator.type is gpu or npu")
+        elif not single:
+            if ranks != spec.nodes * acc.count:
+                problems.append("tensorParallelSize × pipelineParallelSize must equal nodes × accelerator.count")
         else:
             if spec.tensor_parallel_size > acc.count:
                 problems.append("tensorParallelSize must not exceed accelerator.count")
             if acc.count % spec.tensor_parallel_size != 0:
                 problems.append("tensorParallelSize must divide accelerator.count")
+    if acc.type == "cpu" and ranks % spec.nodes != 0:
+        problems.append("tensorParallelSize × pipelineParallelSize must be a multiple of nodes")
     if acc.type == "cpu" and acc.resource_name is not None:
         problems.append("accelerator.resourceName applies to gpu and npu only")
     if acc.vendor is not None and not (
@@ -57,6 +64,9 @@ def cross_field_problems(spec: InferenceServiceSpec) -> list[str]:
     if spec_dec is not None and (spec_dec.model is None) != (spec_dec.resolved_method == "ngram"):
         problems.append("speculative.model is required for the draft_model method and must be unset for ngram")
     problems += autoscaling_problems(spec)
+    cache = spec.model.cache
+    if spec.nodes > 1 and (spec.autoscaling is not None or (cache is not None and cache.enabled)):
+        problems.append("autoscaling and model.cache apply to one-node services (nodes: 1) only")  # both target the Deployment, which a LeaderWorkerSet replaces
     return problems
 
 

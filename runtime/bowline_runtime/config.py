@@ -34,6 +34,12 @@ class EngineConfig:
     quantization: Quantization = "auto"
     trust_remote_code: bool = False
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29501
+    distributed_init_timeout: float = 600.0
     max_model_len: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int | None = None
@@ -69,6 +75,15 @@ class EngineConfig:
     max_loras: int = 1
     max_cpu_loras: int | None = None  # None: --max-loras
     allow_runtime_lora_updating: bool = False  # also VLLM_ALLOW_RUNTIME_LORA_UPDATING
+    # The reference documents' remaining launch flags (docs/seed-flags.md says what each does here).
+    api_server: Literal["openai", "vllm", "both"] = "both"
+    tokenizer_mode: Literal["auto", "slow"] = "auto"
+    num_scheduler_steps: int = 1
+    multi_step_stream_outputs: bool = True
+    engine_iteration_timeout_s: float | None = None  # also read from VLLM_ENGINE_ITERATION_TIMEOUT_S
+    enforce_eager: bool = False
+    disable_async_output_proc: bool = False
+    distributed_executor_backend: Literal["mp", "ray"] | None = None
 
     @property
     def model_name(self) -> str:
@@ -78,6 +93,17 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ValueError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
+        if self.pipeline_parallel_size < 1:
+            raise ValueError(f"--pipeline-parallel-size must be >= 1, got {self.pipeline_parallel_size}")
+        if self.nnodes < 1:
+            raise ValueError(f"--nnodes must be >= 1, got {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"--node-rank must be in [0, {self.nnodes}), got {self.node_rank}")
+        if (self.tensor_parallel_size * self.pipeline_parallel_size) % self.nnodes:
+            raise ValueError(
+                f"--tensor-parallel-size x --pipeline-parallel-size ({self.tensor_parallel_size} x "
+                f"{self.pipeline_parallel_size}) must split evenly over --nnodes {self.nnodes}"
+            )
         if self.block_size < 1:
             raise ValueError(f"--block-size must be >= 1, got {self.block_size}")
         if self.max_num_seqs < 1:
@@ -90,9 +116,15 @@ class EngineConfig:
 
         check_settings(self.enable_lora, parse_modules(self.lora_modules), self.max_lora_rank, self.max_loras,
                        self.max_cpu_loras, self.model_name)
+        if self.num_scheduler_steps < 1:
+            raise ValueError(f"--num-scheduler-steps must be >= 1, got {self.num_scheduler_steps}")
+        if self.engine_iteration_timeout_s is not None and self.engine_iteration_timeout_s <= 0:
+            raise ValueError(f"the engine iteration timeout must be > 0 seconds, got {self.engine_iteration_timeout_s}")
         from bowline_runtime.engine.spec_decode.config import speculative_config_from
 
-        speculative_config_from(self)  # bad speculative settings fail at start-up, with the flag's name
+        speculative = speculative_config_from(self)  # bad speculative settings fail at start-up, with the flag's name
+        if speculative is not None and self.num_scheduler_steps > 1:
+            raise ValueError("--num-scheduler-steps > 1 cannot be combined with speculative decoding")
 
 
 def _flag(name: str) -> str:
@@ -121,6 +153,14 @@ _HELP = {
     "w8a8 (alias smoothquant: compressed-tensors int8 weights and per-token int8 activations), int8 (weight-only, "
     "quantized at load from a float checkpoint), none",
     "tensor_parallel_size": "shard the model over this many devices (processes)",
+    "pipeline_parallel_size": "split the layers into this many stages (processes), each of "
+    "--tensor-parallel-size ranks",
+    "nnodes": "nodes (processes started separately) sharing one model copy; each runs "
+    "tensor x pipeline parallel size / nnodes ranks [default from LWS_GROUP_SIZE]",
+    "node_rank": "this node's index; 0 serves HTTP, the others run ranks only [default from LWS_WORKER_INDEX]",
+    "master_addr": "the leader's address (node 0) [default from LWS_LEADER_ADDRESS]",
+    "master_port": "the leader's rendezvous port; the next port carries the liveness watch",
+    "distributed_init_timeout": "seconds the leader waits for every rank to join (the error names the missing ones)",
     "max_model_len": "bound on prompt + output tokens (default: the model's position limit)",
     "max_num_seqs": "most sequences in one batch",
     "max_num_batched_tokens": "most tokens in one forward step (prefill chunking bound; default 512 on CPU, "
@@ -155,9 +195,30 @@ _HELP = {
     "max_cpu_loras": "most adapters kept loaded (least recently used idle ones are dropped; >= --max-loras)",
     "allow_runtime_lora_updating": "enable /v1/load_lora_adapter and /v1/unload_lora_adapter "
     "(also VLLM_ALLOW_RUNTIME_LORA_UPDATING)",
+    "api_server": "which routes to serve: openai (/v1/...), vllm (vLLM's native POST /generate) or both",
+    "tokenizer_mode": "slow: the Python tokenizer where the model ships one (vLLM's --tokenizer-mode slow)",
+    "num_scheduler_steps": "multi-step scheduling: decode steps per scheduling decision (no admission in between)",
+    "multi_step_stream_outputs": "stream each token of a multi-step run (false: send the steps' tokens at once)",
+    "engine_iteration_timeout_s": "seconds one engine step may run before its requests fail and the engine is "
+    "marked unhealthy (also VLLM_ENGINE_ITERATION_TIMEOUT_S; default: no limit)",
+    "enforce_eager": "accepted: Bowline always runs eagerly (it captures no graphs)",
+    "disable_async_output_proc": "accepted: Bowline's output processing is already synchronous with the step",
+    "distributed_executor_backend": "mp (tensor-parallel ranks as processes, what Bowline does); ray is accepted "
+    "and runs mp",
 }
 # Flags that take several values.
 _NARGS = {"lora_modules": "+"}
+
+# Flags vLLM spells `--flag true|false` as well as bare `--flag` (vLLM's StoreBoolean): the Ascend
+# document writes `--multi-step-stream-outputs false`.
+_VALUE_BOOLS = {"multi_step_stream_outputs"}
+
+# vLLM's own environment variables that name a setting here, read when the BOWLINE_ one is unset.
+VLLM_ENV_ALIASES = {"engine_iteration_timeout_s": "VLLM_ENGINE_ITERATION_TIMEOUT_S"}
+
+
+# A LeaderWorkerSet sets these in every pod of a group; flags and BOWLINE_* variables still win.
+LWS_ENV = {"master_addr": "LWS_LEADER_ADDRESS", "nnodes": "LWS_GROUP_SIZE", "node_rank": "LWS_WORKER_INDEX"}
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -167,7 +228,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         env = env_name(f.name)
         help_text = f"{_HELP.get(f.name, f.name.replace('_', ' '))} [env {env}]"
         annotation = str(f.type)
-        if annotation == "bool":
+        if f.name in _VALUE_BOOLS:
+            parser.add_argument(_flag(f.name), nargs="?", const="true", default=None, help=help_text)
+            parser.add_argument("--no-" + _flag(f.name)[2:], dest=f.name, action="store_const", const="false")
+        elif annotation == "bool":
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             parser.add_argument(_flag(f.name), default=None, nargs=_NARGS.get(f.name), help=help_text)
@@ -206,6 +270,8 @@ def _coerce(annotation: str, raw: Any) -> Any:
 def _choices(name: str) -> tuple[Any, ...]:
     """The allowed values of a Literal-typed field (--dtype, --load-format); () for the rest."""
     hint = get_type_hints(EngineConfig)[name]
+    if get_origin(hint) is not Literal:  # Literal[...] | None: the Literal's values
+        hint = next((a for a in get_args(hint) if get_origin(a) is Literal), hint)
     return get_args(hint) if get_origin(hint) is Literal else ()
 
 
@@ -217,6 +283,10 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
         raw, source = getattr(args, f.name, None), _flag(f.name)
         if raw is None:
             raw, source = environ.get(env_name(f.name)), env_name(f.name)
+        if raw is None and f.name in LWS_ENV:
+            raw, source = environ.get(LWS_ENV[f.name]), LWS_ENV[f.name]
+        if raw is None and f.name in VLLM_ENV_ALIASES:
+            raw, source = environ.get(VLLM_ENV_ALIASES[f.name]), VLLM_ENV_ALIASES[f.name]
         if raw is None:
             continue
         try:

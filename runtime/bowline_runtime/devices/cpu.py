@@ -121,6 +121,10 @@ class CpuDevice(Device):
         """Keep freed activations mapped (see devices.host_memory): a 512-token prefill 110 -> 80 ms."""
         host_memory.keep_freed_memory()
 
+    def release_idle_memory(self) -> None:
+        """Idle: the kept activations go back to the kernel (see devices.host_memory), so RSS is bounded."""
+        host_memory.release_freed_memory()
+
     def paged_decode_kernel(self, dtype: torch.dtype) -> Callable[..., None] | None:
         """The C kernel of bowline_runtime.kernels (float32; built on first use, cached), if it builds here."""
         if dtype != torch.float32 or kernels.load() is None:

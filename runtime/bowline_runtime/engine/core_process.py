@@ -16,6 +16,8 @@ import time
 from typing import Any
 
 from bowline_runtime.config import EngineConfig
+from bowline_runtime.devices.host_memory import IdleRelease
+from bowline_runtime.engine.step_watchdog import StepWatchdog
 
 logger = logging.getLogger("bowline.engine")
 
@@ -71,6 +73,7 @@ def run_engine_core(config: EngineConfig, in_addr: str, out_addr: str, parent_pi
         from bowline_runtime.engine.llm_engine import LLMEngine
 
         engine = LLMEngine(config)
+        engine.tp.exit_on_failure = True  # a lost rank ends this process, which the server sees at once
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails its start
         push.send(pickle.dumps(("load_failed", type(exc).__name__, str(exc))))
         push.close()
@@ -87,8 +90,11 @@ def run_engine_core(config: EngineConfig, in_addr: str, out_addr: str, parent_pi
         "stats": engine.stats(),
         "pid": os.getpid(),
     })))
+    watchdog = None
+    if config.engine_iteration_timeout_s is not None:
+        watchdog = StepWatchdog(config.engine_iteration_timeout_s, lambda exc: _give_up(engine, out_addr, exc))
     try:
-        _serve(engine, pull, push, parent_pid)
+        _serve(engine, pull, push, parent_pid, watchdog)
     finally:
         engine.shutdown()
         push.close(linger=500)
@@ -151,9 +157,33 @@ def _handle(engine: Any, message: tuple, push: Any, unloading: dict[str, int] | 
     return True
 
 
-def _serve(engine: Any, pull: Any, push: Any, parent_pid: int) -> None:
+def _give_up(engine: Any, out_addr: str, exc: BaseException) -> None:
+    """The iteration timeout fired (watchdog thread, the step still running): tell each request in
+    flight why, on a socket of this thread's own, then exit; the client sees the process die and
+    marks the engine dead."""
+    import zmq
+
+    logger.error("%s; failing the requests in flight and exiting", exc)
+    ctx = zmq.Context(1)
+    push = ctx.socket(zmq.PUSH)
+    push.connect(out_addr)
+    for _ in range(3):  # the engine thread may change the dict meanwhile
+        try:
+            request_ids = list(engine.requests)
+            break
+        except RuntimeError:
+            request_ids = []
+    for request_id in request_ids:
+        push.send(pickle.dumps(_error(request_id, exc)))
+    push.close(linger=2000)
+    ctx.term()
+    os._exit(1)
+
+
+def _serve(engine: Any, pull: Any, push: Any, parent_pid: int, watchdog: StepWatchdog | None = None) -> None:
     failures = 0
     unloading: dict[str, int] = {}  # LoRA unloads waiting for their adapter's last request, by reply token
+    idle = IdleRelease(engine.tp.release_idle_memory)
     while True:
         if os.getppid() != parent_pid:
             logger.warning("the API process is gone; the engine core exits")
@@ -166,11 +196,15 @@ def _serve(engine: Any, pull: Any, push: Any, parent_pid: int) -> None:
             timeout, handled = 0, True
         if unloading:  # an abort may have ended an unloading adapter's last request
             _finish_unloads(engine, push, unloading)
-        if not engine.has_unfinished_requests():
+        busy = engine.has_unfinished_requests()
+        idle.tick(busy)
+        if not busy:
             if handled:  # an abort freed blocks with no step to carry the new gauges: send them alone
                 push.send(pickle.dumps(("stats", engine.stats())))
             continue
         try:
+            if watchdog is not None:
+                watchdog.begin()
             outputs = engine.step()
         except Exception as exc:
             failures += 1
@@ -181,6 +215,9 @@ def _serve(engine: Any, pull: Any, push: Any, parent_pid: int) -> None:
                 engine.abort_request(request_id)
                 push.send(pickle.dumps(_error(request_id, EngineStepErrorLike(f"generation failed: {exc!r}"))))
             continue
+        finally:
+            if watchdog is not None:
+                watchdog.end()
         failures = 0
         if unloading:
             _finish_unloads(engine, push, unloading)

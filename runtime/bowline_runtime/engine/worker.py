@@ -1,15 +1,19 @@
-"""Tensor-parallel ranks: rank 0 (the driver) schedules and samples; ranks 1..N-1 run its forward passes.
+"""The ranks of one model copy: rank 0 (the driver) schedules and samples; the others run its forward passes.
 
-Each rank is a process holding one shard of the weights and of the KV cache. Every step the driver
+Each rank is a process holding one shard of the weights and of the KV cache: a tensor-parallel
+shard of the layers of one pipeline stage (engine.distributed has the layout). Every step the driver
 broadcasts the StepInput (a few small tensors) over torch.distributed, then all ranks run the same
-forward; the sharded layers' all-reduces keep them in step. The backend comes from the device layer
-(gloo on CPU, nccl on CUDA, hccl on NPU).
+forward; the sharded layers' all-reduces keep a stage in step, and point-to-point sends carry the
+hidden states from stage to stage and the last stage's logits back to the driver. The backend comes
+from the device layer (gloo on CPU, nccl on CUDA, hccl on NPU). Ranks may live in other processes
+started on other nodes (`--nnodes`, `--node-rank`): those run `run_worker_node` instead of a server.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import os
 import signal
 import socket
 from dataclasses import dataclass
@@ -22,15 +26,24 @@ import torch.multiprocessing as mp
 from bowline_runtime.config import EngineConfig, switch_on
 from bowline_runtime.devices import Device, get_device
 from bowline_runtime.devices.threads import usable_cores
+from bowline_runtime.engine import distributed
+from bowline_runtime.engine.distributed import Endpoint, Layout
 from bowline_runtime.engine.model_runner import ModelRunner, StepInput
 from bowline_runtime.models import loader, packed_decoder
 from bowline_runtime.models.attention import head_dim
 from bowline_runtime.models.packed_decoder import PackedDecoder
+from bowline_runtime.models.pipeline_parallel import split_model
 from bowline_runtime.models.tensor_parallel import check_divisible, shard_model
 
 logger = logging.getLogger("bowline.worker")
 
-_TIMEOUT = datetime.timedelta(minutes=30)
+# The collectives' timeout. A worker waits in a broadcast for the next step for as long as the server
+# idles, and gloo fails a wait that outlasts it (after 30 minutes idle the group fell apart): a year. A
+# rank that dies is caught at once by the liveness watch (engine.distributed), not by this timeout.
+_TIMEOUT = datetime.timedelta(days=365)
+
+# Sent to the worker ranks in place of a step when the engine has gone idle (see devices.host_memory).
+RELEASE_IDLE_MEMORY = "release-idle-memory"
 
 
 def _free_port() -> int:
@@ -39,10 +52,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _threads_per_rank(device: Device, world_size: int) -> None:
-    """On CPU the ranks share the cores: give each its fair part instead of oversubscribing."""
+def layout_of(config: EngineConfig) -> Layout:
+    return Layout(config.tensor_parallel_size, config.pipeline_parallel_size, config.nnodes, config.node_rank)
+
+
+def _endpoint(config: EngineConfig, layout: Layout) -> Endpoint:
+    """One node: private free ports on loopback; several: the leader's address and port from the flags."""
+    if layout.nnodes == 1:
+        port = _free_port()
+        watch = _free_port()
+        while watch == port:
+            watch = _free_port()
+        return Endpoint("127.0.0.1", port, config.distributed_init_timeout, watch)
+    return Endpoint(config.master_addr, config.master_port, config.distributed_init_timeout)
+
+
+def _threads_per_rank(device: Device, local_size: int) -> None:
+    """On CPU the ranks of a node share its cores: give each its fair part instead of oversubscribing."""
     if device.type == "cpu":
-        torch.set_num_threads(max(1, usable_cores() // world_size))
+        torch.set_num_threads(max(1, usable_cores() // local_size))
 
 
 @dataclass(slots=True)
@@ -54,20 +82,42 @@ class LoRAUpdate:
     layout: Any  # lora.delta.LoRALayout
 
 
-def build_runner(config: EngineConfig, device: Device, dtype: torch.dtype, rank: int, world_size: int) -> ModelRunner:
+def _logits_rank(layout: Layout) -> int:
+    """The rank that computes logits: the driver, or with stages the first rank of the last stage."""
+    return (layout.pipeline_parallel_size - 1) * layout.tensor_parallel_size
+
+
+def _tp_groups(layout: Layout):
+    """Every rank builds every stage's group, in the same order (torch.distributed requires it); keeps its own."""
+    if layout.pipeline_parallel_size == 1:
+        return None
+    tp = layout.tensor_parallel_size
+    groups = [dist.new_group(list(range(s * tp, (s + 1) * tp))) for s in range(layout.pipeline_parallel_size)]
+    return groups
+
+
+def build_runner(
+    config: EngineConfig, device: Device, dtype: torch.dtype, layout: Layout, rank: int, tp_group=None
+) -> ModelRunner:
     device.prepare_process()
     hf_config = loader.load_config(config.model, config.trust_remote_code)
-    check_divisible(hf_config, world_size)
+    check_divisible(hf_config, layout.tensor_parallel_size)
     model = loader.load_model(
         config.model, hf_config, dtype, config.load_format, config.trust_remote_code, seed=config.seed,
         quantization=config.quantization,
     )
-    shard_model(model, rank, world_size)
-    torch_device = device.torch_device(rank)
+    pp = layout.pipeline_parallel_size
+    # Shard first: the plan's layer names no longer match once the stage boundaries wrap their layers.
+    shard_model(model, layout.tp_rank(rank), layout.tensor_parallel_size, tp_group)
+    split_model(model, layout.pp_rank(rank), pp, layout.tensor_parallel_size, rank)
+    torch_device = device.torch_device(layout.local_rank(rank))
     model.to(torch_device)
     # Before the device packs its Linear layers: the decoder fuses q/k/v and gate/up into one product each.
-    use_packed = switch_on(packed_decoder.PACKED_DECODER_ENV) and packed_decoder.supports(model)
+    # Its forward has no stage boundaries: pipeline stages run transformers' own forward.
+    use_packed = pp == 1 and switch_on(packed_decoder.PACKED_DECODER_ENV) and packed_decoder.supports(model)
     decoder = PackedDecoder(model, device.fused_ops(dtype)) if use_packed else None
+    if config.enable_lora and pp > 1:
+        raise ValueError("--enable-lora does not work with --pipeline-parallel-size above 1 yet")
     if config.enable_lora and decoder is None:
         raise ValueError(
             f"--enable-lora needs a Llama-family model ({', '.join(sorted(packed_decoder.SUPPORTED_MODEL_TYPES))}) "
@@ -75,27 +125,32 @@ def build_runner(config: EngineConfig, device: Device, dtype: torch.dtype, rank:
         )
     device.optimize_model(model)
     runner = ModelRunner(
-        model, torch_device, dtype, is_driver=rank == 0, block_size=config.block_size, decoder=decoder,
-        stage_decode_context=device.stages_decode_context, decode_kernel=device.paged_decode_kernel(dtype),
+        model, torch_device, dtype, is_driver=rank == _logits_rank(layout), block_size=config.block_size,
+        decoder=decoder, stage_decode_context=device.stages_decode_context,
+        decode_kernel=device.paged_decode_kernel(dtype),
         prefill_kernel=device.paged_prefill_kernel(dtype, head_dim(hf_config)),
         cache_writer=device.paged_cache_writer(dtype),
     )
-    runner.tp_rank, runner.tp_size = rank, world_size
+    runner.tp_rank, runner.tp_size = layout.tp_rank(rank), layout.tensor_parallel_size
     return runner
 
 
-def _worker_main(config: EngineConfig, rank: int, world_size: int, port: int, dtype: torch.dtype) -> None:
-    # The driver owns a worker's life: a Ctrl-C or a SIGTERM sent to the whole process group must
-    # reach the driver alone, which drains requests and then releases the workers in order.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def _worker_main(
+    config: EngineConfig, layout: Layout, endpoint: Endpoint, rank: int, dtype: torch.dtype, spawned: bool = True
+) -> None:
+    if spawned:
+        # The node's main process owns a spawned rank's life: a Ctrl-C or a SIGTERM sent to the whole
+        # process group must reach it alone (on the leader it drains requests, then releases the ranks).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     device = get_device(config.device)
-    device.set_device(rank)
-    _threads_per_rank(device, world_size)
-    dist.init_process_group(
-        device.dist_backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=_TIMEOUT
-    )
-    runner = build_runner(config, device, dtype, rank, world_size)
+    device.set_device(layout.local_rank(rank))
+    _threads_per_rank(device, layout.local_size)
+    store = distributed.connect_store(endpoint, rank)
+    release = distributed.watch_leader(endpoint, rank)
+    distributed.init_group(device.dist_backend, store, rank, layout.world_size, _TIMEOUT)
+    runner = build_runner(config, device, dtype, layout, rank, _own_group(layout, rank))
+    sends_logits = layout.pipeline_parallel_size > 1 and rank == _logits_rank(layout)
     box: list = [None]
     dist.broadcast_object_list(box, src=0)
     while isinstance(box[0], LoRAUpdate):  # --lora-modules adapters come before the KV cache is sized
@@ -111,48 +166,115 @@ def _worker_main(config: EngineConfig, rank: int, world_size: int, port: int, dt
         if isinstance(step, LoRAUpdate):
             runner.set_lora(step.lora_id, step.adapter, step.layout)
             continue
-        runner.execute(step)
+        if isinstance(step, str) and step == RELEASE_IDLE_MEMORY:
+            device.release_idle_memory()
+            continue
+        logits = runner.execute(step)
+        if sends_logits:
+            dist.send(logits.float().contiguous(), dst=0)
+    release()
     dist.destroy_process_group()
 
 
+def _own_group(layout: Layout, rank: int):
+    groups = _tp_groups(layout)
+    return None if groups is None else groups[layout.pp_rank(rank)]
+
+
+def run_worker_node(config: EngineConfig) -> int:
+    """A node other than the leader (`--node-rank` > 0): its ranks, no server; returns the exit code."""
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    layout = layout_of(config)
+    endpoint = _endpoint(config, layout)
+    device = get_device(config.device)
+    hf_config = loader.load_config(config.model, config.trust_remote_code)
+    dtype = loader.resolve_dtype(config.dtype, hf_config, device)
+    first, *others = layout.local_ranks
+    logger.info(
+        "node %d of %d: ranks %d..%d of %d, leader at %s:%d",
+        layout.node_rank, layout.nnodes, first, layout.local_ranks[-1], layout.world_size, endpoint.addr, endpoint.port,
+    )
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(target=_worker_main, args=(config, layout, endpoint, rank, dtype), name=f"bowline-rank{rank}",
+                    daemon=True)
+        for rank in others
+    ]
+    for proc in procs:
+        proc.start()
+    _worker_main(config, layout, endpoint, first, dtype, spawned=False)
+    for proc in procs:
+        proc.join(timeout=30)
+    logger.info("node %d: the leader released the group; exiting", layout.node_rank)
+    return 0
+
+
 class TensorParallelGroup:
-    """The driver's handle on all ranks; with size 1 it is just the local model runner."""
+    """The driver's handle on all ranks (tensor- and pipeline-parallel); with size 1 it is just the local runner."""
 
     def __init__(self, config: EngineConfig, device: Device, dtype: torch.dtype, hf_config) -> None:
         self.config = config
         self.device = device
         self.dtype = dtype
-        self.world_size = config.tensor_parallel_size
-        self.procs: list[mp.Process] = []
+        self.layout = layout_of(config)
+        self.world_size = self.layout.world_size
+        self.procs: dict[int, mp.Process] = {}
         self.runner: ModelRunner | None = None
-        check_divisible(hf_config, self.world_size)
+        self.watchdog: distributed.Watchdog | None = None
+        self.failure: str | None = None  # set when a rank is gone: the engine is dead, /health 503
+        self.exit_on_failure = False  # in the engine-core process: exiting is how the server learns it
+        tp = self.layout.tensor_parallel_size
+        check_divisible(hf_config, tp)
         kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
-        self.num_kv_heads_local = kv_heads // self.world_size
-        if device.type != "cpu" and self.world_size > device.device_count():
+        self.num_kv_heads_local = kv_heads // tp
+        local = self.layout.local_size
+        if device.type != "cpu" and local > device.device_count():
             raise ValueError(
-                f"--tensor-parallel-size {self.world_size} needs {self.world_size} {device.type} devices, "
-                f"but {device.device_count()} are visible"
+                f"{local} ranks per node (--tensor-parallel-size x --pipeline-parallel-size / --nnodes) need "
+                f"{local} {device.type} devices, but {device.device_count()} are visible"
                 + (f" (check {device.visible_devices_env})" if device.visible_devices_env else "")
             )
 
+    def _on_failure(self, message: str) -> None:
+        self.failure = message
+        if self.exit_on_failure:
+            logger.error("the engine core exits: %s", message)
+            os._exit(1)
+
+    def _check_local_ranks(self) -> None:
+        for rank, proc in self.procs.items():
+            if proc.exitcode is not None:
+                raise RuntimeError(f"{self.layout.describe(rank)} exited with code {proc.exitcode} during start-up")
+        if self.failure:
+            raise RuntimeError(self.failure)
+
     def start_driver(self) -> ModelRunner:
+        tp_group = None
         if self.world_size > 1:
-            port = _free_port()
+            layout = self.layout
+            endpoint = _endpoint(self.config, layout)
+            store = distributed.connect_store(endpoint, 0)
+            # One node: loopback only; several: every interface, as the store listens.
+            self.watchdog = distributed.Watchdog(layout, endpoint.watch_port, self._on_failure,
+                                                 "127.0.0.1" if layout.nnodes == 1 else "")
             ctx = mp.get_context("spawn")
-            for rank in range(1, self.world_size):
+            for rank in layout.local_ranks[1:]:
                 proc = ctx.Process(
-                    target=_worker_main, args=(self.config, rank, self.world_size, port, self.dtype),
-                    name=f"bowline-tp-rank{rank}", daemon=True,
+                    target=_worker_main, args=(self.config, layout, endpoint, rank, self.dtype),
+                    name=f"bowline-rank{rank}", daemon=True,
                 )
                 proc.start()
-                self.procs.append(proc)
+                self.procs[rank] = proc
             self.device.set_device(0)
-            _threads_per_rank(self.device, self.world_size)
-            dist.init_process_group(
-                self.device.dist_backend, init_method=f"tcp://127.0.0.1:{port}", rank=0,
-                world_size=self.world_size, timeout=_TIMEOUT,
-            )
-        self.runner = build_runner(self.config, self.device, self.dtype, 0, self.world_size)
+            _threads_per_rank(self.device, layout.local_size)
+            if layout.nnodes > 1:
+                logger.info("waiting for %d ranks on %d nodes at %s:%d", self.world_size - 1, layout.nnodes,
+                            endpoint.addr, endpoint.port)
+            distributed.wait_for_ranks(store, layout, endpoint.init_timeout, self._check_local_ranks)
+            distributed.init_group(self.device.dist_backend, store, 0, self.world_size, _TIMEOUT)
+            tp_group = _own_group(layout, 0)
+        self.runner = build_runner(self.config, self.device, self.dtype, self.layout, 0, tp_group)
+        self._vocab = self.runner.model.config.vocab_size
         return self.runner
 
     def allocate_kv_cache(self, num_slots: int) -> None:
@@ -166,20 +288,40 @@ class TensorParallelGroup:
             dist.broadcast_object_list([LoRAUpdate(lora_id, adapter, layout)], src=0)
         self.runner.set_lora(lora_id, adapter, layout)
 
+    def release_idle_memory(self) -> None:
+        """The engine is idle: every rank hands back the memory its last burst freed."""
+        if self.failure:  # the group is gone: nobody is left to tell
+            return
+        if self.world_size > 1:
+            dist.broadcast_object_list([RELEASE_IDLE_MEMORY], src=0)
+        self.device.release_idle_memory()
+
     def execute(self, step: StepInput) -> torch.Tensor:
+        if self.failure:
+            raise RuntimeError(self.failure)
         if self.world_size > 1:
             dist.broadcast_object_list([step], src=0)
-        return self.runner.execute(step)
+        logits = self.runner.execute(step)
+        if self.layout.pipeline_parallel_size > 1:
+            logits = torch.empty((len(step.keep), self._vocab), dtype=torch.float32, device=self.runner.device)
+            dist.recv(logits, src=_logits_rank(self.layout))
+            logits = logits.to(device=self.runner.device, dtype=self.dtype)
+        return logits
 
     def shutdown(self) -> None:
         if self.world_size > 1 and dist.is_initialized():
+            if self.watchdog is not None:
+                self.watchdog.stop()
             try:
-                dist.broadcast_object_list([None], src=0)
+                if self.failure is None:
+                    dist.broadcast_object_list([None], src=0)
             except RuntimeError as exc:  # a worker is already gone: nothing left to tell it
                 logger.warning("tensor-parallel worker gone before shutdown: %s", exc)
             finally:
-                for proc in self.procs:
+                for proc in self.procs.values():
                     proc.join(timeout=10)
                     if proc.is_alive():
                         proc.terminate()
+                if self.watchdog is not None:
+                    self.watchdog.close()
                 dist.destroy_process_group()

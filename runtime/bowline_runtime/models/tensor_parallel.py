@@ -25,8 +25,9 @@ class RowParallelLinear(nn.Module):
     The local product is a plain nn.Linear (`inner`), so device layers can swap in faster kernels.
     """
 
-    def __init__(self, linear: nn.Module, rank: int, world_size: int, name: str = "") -> None:
+    def __init__(self, linear: nn.Module, rank: int, world_size: int, name: str = "", group=None) -> None:
         super().__init__()
+        self.group = group  # the tensor-parallel ranks of this pipeline stage (None: all ranks)
         if isinstance(linear, QuantLinear):  # quantized: the layer cuts its own rows (whole groups only)
             self.inner = linear.shard_rows(rank, world_size, name)
             self.bias = None if linear.bias is None else nn.Parameter(linear.bias.data.clone(), False)
@@ -43,7 +44,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.inner(x)
-        dist.all_reduce(y)
+        dist.all_reduce(y, group=self.group)
         if self.bias is not None:
             y = y + self.bias
         return y
@@ -78,8 +79,11 @@ def check_divisible(config, world_size: int) -> None:
         )
 
 
-def shard_model(model: nn.Module, rank: int, world_size: int) -> None:
-    """Replace the planned Linear layers of `model` by this rank's shards, in place."""
+def shard_model(model: nn.Module, rank: int, world_size: int, group=None) -> None:
+    """Replace the planned Linear layers of `model` by this rank's shards, in place.
+
+    `rank` and `world_size` are within the tensor-parallel group `group` (None: the whole world).
+    """
     if world_size == 1:
         return
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
@@ -102,6 +106,6 @@ def shard_model(model: nn.Module, rank: int, world_size: int) -> None:
             else:
                 setattr(parent, child, _colwise(module, rank, world_size))
         elif style.startswith("rowwise") or style == "local_rowwise":
-            setattr(parent, child, RowParallelLinear(module, rank, world_size, prefix + name))
+            setattr(parent, child, RowParallelLinear(module, rank, world_size, prefix + name, group))
         else:
             raise ValueError(f"unsupported tensor-parallel style {style!r} for {name}")
