@@ -49,6 +49,7 @@ class DraftModelProposer:
 
     @classmethod
     def load(cls, engine_config, model_path: str, device, dtype: torch.dtype, target_hf_config, vocab_size: int):
+        from bowline_runtime.engine.distributed import Layout
         from bowline_runtime.engine.worker import build_runner
         from bowline_runtime.models import loader
 
@@ -60,8 +61,8 @@ class DraftModelProposer:
             )
         # The draft's weights follow its own config.json (a quantized target may have a plain draft).
         draft_config = dataclasses.replace(engine_config, model=model_path, tokenizer=None, tensor_parallel_size=1,
-                                           quantization="auto")
-        runner = build_runner(draft_config, device, dtype, 0, 1)
+                                           quantization="auto", enable_lora=False)
+        runner = build_runner(draft_config, device, dtype, Layout(), 0)  # one unsharded copy beside rank 0
         kv_heads = getattr(draft_hf, "num_key_value_heads", None) or draft_hf.num_attention_heads
         proposer = cls(runner, vocab_size, engine_config.block_size, kv_heads)
         logger.info("draft model %s (%d layers) loaded", model_path, draft_hf.num_hidden_layers)
