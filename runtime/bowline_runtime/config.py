@@ -7,6 +7,7 @@ either args or env. The flag names are vLLM's and FastDeploy's, so reference com
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -50,6 +51,9 @@ class EngineConfig:
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
     guided_decoding_any_whitespace: bool = False
+    limit_mm_per_prompt: str | None = None  # vLLM's JSON, e.g. {"image": 2}
+    image_fetch_timeout: float = 5.0  # seconds; VLLM_IMAGE_FETCH_TIMEOUT seeds it too
+    max_image_bytes: int = 20 * 2**20
     log_level: str = "info"
 
     @property
@@ -68,6 +72,28 @@ class EngineConfig:
             raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"--max-model-len must be >= 1, got {self.max_model_len}")
+        if self.image_fetch_timeout <= 0:
+            raise ValueError(f"--image-fetch-timeout must be > 0, got {self.image_fetch_timeout}")
+        parse_mm_limit(self.limit_mm_per_prompt)  # a bad value fails at start-up, not per request
+
+
+def parse_mm_limit(value: str | None) -> int | None:
+    """`--limit-mm-per-prompt`: vLLM's JSON `{"image": N}` (or its older `image=N`); None: no limit."""
+    if value is None or not str(value).strip():
+        return None
+    text = str(value).strip()
+    try:
+        limits = json.loads(text) if text.startswith("{") else {
+            k.strip(): int(v) for k, v in (item.split("=", 1) for item in text.split(","))
+        }
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f'--limit-mm-per-prompt {value!r}: expected JSON such as {{"image": 2}} ({exc})') from None
+    if not isinstance(limits, dict) or not all(isinstance(v, int) and v >= 0 for v in limits.values()):
+        raise ValueError(f'--limit-mm-per-prompt {value!r}: expected counts such as {{"image": 2}}')
+    unknown = set(limits) - {"image"}
+    if unknown:
+        raise ValueError(f"--limit-mm-per-prompt {value!r}: only images are served (not {sorted(unknown)})")
+    return limits.get("image")
 
 
 def _flag(name: str) -> str:
@@ -112,6 +138,10 @@ _HELP = {
     "tool_call_parser": "parser for tool calls in generated text (e.g. hermes)",
     "reasoning_parser": "parser splitting reasoning from content (e.g. qwen3, deepseek_r1)",
     "guided_decoding_any_whitespace": "let guided JSON contain free whitespace (default: compact JSON)",
+    "limit_mm_per_prompt": 'most images per request, as JSON: {"image": N} (default: no limit)',
+    "image_fetch_timeout": "seconds to fetch a request's http(s) image URLs (default 5; also read from "
+    "VLLM_IMAGE_FETCH_TIMEOUT)",
+    "max_image_bytes": "largest image accepted, fetched or in a data: URL (default 20 MiB)",
 }
 
 
@@ -154,6 +184,10 @@ def _coerce(annotation: str, raw: Any) -> Any:
     return raw
 
 
+# Fields vLLM reads from an environment variable of its own, honoured after BOWLINE_*.
+_VLLM_ENV = {"image_fetch_timeout": "VLLM_IMAGE_FETCH_TIMEOUT"}
+
+
 def _choices(name: str) -> tuple[Any, ...]:
     """The allowed values of a Literal-typed field (--dtype, --load-format); () for the rest."""
     hint = get_type_hints(EngineConfig)[name]
@@ -168,6 +202,8 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
         raw, source = getattr(args, f.name, None), _flag(f.name)
         if raw is None:
             raw, source = environ.get(env_name(f.name)), env_name(f.name)
+        if raw is None and f.name in _VLLM_ENV:  # the name vLLM's deployments already set
+            raw, source = environ.get(_VLLM_ENV[f.name]), _VLLM_ENV[f.name]
         if raw is None:
             continue
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
+from bowline_runtime.engine.multimodal import ImageInput
 from bowline_runtime.engine.outputs import EngineStats, RequestOutput
 from bowline_runtime.engine.sampling_params import SamplingParams
 
@@ -25,8 +26,10 @@ class EngineClient(Protocol):
         params: SamplingParams,
         request_id: str | None = None,
         arrival_time: float | None = None,
+        images: list[ImageInput] | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Per-step deltas (engine/outputs.py) until the request finishes; RequestRejected before the first."""
+        """Per-step deltas (engine/outputs.py) until the request finishes; RequestRejected before the first.
+        `images`: the prompt's images (engine/multimodal.py), for a vision-language model."""
         ...
 
     async def abort(self, request_id: str) -> None: ...

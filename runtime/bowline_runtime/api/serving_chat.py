@@ -30,6 +30,7 @@ from bowline_runtime.api.protocol import (
 )
 from bowline_runtime.api.sampling import build_sampling_params, check_logprobs, check_stream_compatible
 from bowline_runtime.api.state import ServerState, get_state
+from bowline_runtime.api.vision_prompts import image_chat_inputs, request_image_urls
 from bowline_runtime.engine.outputs import RequestOutput
 from bowline_runtime.engine.request_checks import check_request
 from bowline_runtime.engine.sampling_params import SamplingParams
@@ -176,8 +177,11 @@ async def create_chat_completion(body: ChatCompletionRequest, raw_request: Reque
     if body.logprobs:
         logprobs = body.top_logprobs or 0
         check_logprobs(logprobs, limits, "top_logprobs" if body.top_logprobs else "logprobs")
-    # Rendering and tokenising a long conversation takes seconds: off the event loop.
-    prompt_ids = await asyncio.to_thread(chat_prompt_ids, body, engine.tokenizer, state.chat_template)
+    images = None
+    if request_image_urls(body):  # fetched, decoded and expanded by the model's processor (api/vision_prompts.py)
+        prompt_ids, images = await image_chat_inputs(state, body, engine.tokenizer)
+    else:  # rendering and tokenising a long conversation takes seconds: off the event loop
+        prompt_ids = await asyncio.to_thread(chat_prompt_ids, body, engine.tokenizer, state.chat_template)
     params = build_sampling_params(body, limits, max_tokens=body.output_limit, logprobs=logprobs)
     params = prepare_params(body, params, prompt_ids, engine.tokenizer, state.config)
     check_stream_compatible(body, params)
@@ -190,4 +194,4 @@ async def create_chat_completion(body: ChatCompletionRequest, raw_request: Reque
         "top_logprobs" if body.top_logprobs else "logprobs",
     )
     call = ChatCall(state, body, prompt_ids, params)
-    return await run_call(state, raw_request, call, [prompt_ids], stream=body.stream)
+    return await run_call(state, raw_request, call, [prompt_ids], stream=body.stream, images=images)

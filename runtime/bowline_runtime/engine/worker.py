@@ -21,7 +21,7 @@ from bowline_runtime.config import EngineConfig, switch_on
 from bowline_runtime.devices import Device, get_device
 from bowline_runtime.devices.threads import usable_cores
 from bowline_runtime.engine.model_runner import ModelRunner, StepInput
-from bowline_runtime.models import loader, packed_decoder
+from bowline_runtime.models import loader, packed_decoder, vision
 from bowline_runtime.models.attention import head_dim
 from bowline_runtime.models.packed_decoder import PackedDecoder
 from bowline_runtime.models.tensor_parallel import check_divisible, shard_model
@@ -46,7 +46,8 @@ def _threads_per_rank(device: Device, world_size: int) -> None:
 def build_runner(config: EngineConfig, device: Device, dtype: torch.dtype, rank: int, world_size: int) -> ModelRunner:
     device.prepare_process()
     hf_config = loader.load_config(config.model, config.trust_remote_code)
-    check_divisible(hf_config, world_size)
+    text_config = hf_config.get_text_config()  # itself for a text model; a vision-language model's LM part
+    check_divisible(text_config, world_size)
     model = loader.load_model(
         config.model, hf_config, dtype, config.load_format, config.trust_remote_code, seed=config.seed
     )
@@ -54,14 +55,15 @@ def build_runner(config: EngineConfig, device: Device, dtype: torch.dtype, rank:
     torch_device = device.torch_device(rank)
     model.to(torch_device)
     # Before the device packs its Linear layers: the decoder fuses q/k/v and gate/up into one product each.
-    use_packed = switch_on(packed_decoder.PACKED_DECODER_ENV) and packed_decoder.supports(model)
-    decoder = PackedDecoder(model, device.fused_ops(dtype)) if use_packed else None
+    lm = vision.language_model(model)  # the model itself, or a vision-language model's LM part
+    use_packed = switch_on(packed_decoder.PACKED_DECODER_ENV) and packed_decoder.supports(lm)
+    decoder = PackedDecoder(lm, device.fused_ops(dtype)) if use_packed else None
     device.optimize_model(model)
     return ModelRunner(
         model, torch_device, dtype, is_driver=rank == 0, block_size=config.block_size, decoder=decoder,
         stage_decode_context=device.stages_decode_context, decode_kernel=device.paged_decode_kernel(dtype),
-        prefill_kernel=device.paged_prefill_kernel(dtype, head_dim(hf_config)),
-        cache_writer=device.paged_cache_writer(dtype),
+        prefill_kernel=device.paged_prefill_kernel(dtype, head_dim(text_config)),
+        cache_writer=device.paged_cache_writer(dtype), vision=vision.VisionEncoder.of(model),
     )
 
 
@@ -100,6 +102,7 @@ class TensorParallelGroup:
         self.world_size = config.tensor_parallel_size
         self.procs: list[mp.Process] = []
         self.runner: ModelRunner | None = None
+        hf_config = hf_config.get_text_config()
         check_divisible(hf_config, self.world_size)
         kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
         self.num_kv_heads_local = kv_heads // self.world_size

@@ -45,20 +45,23 @@ def load_config(model_path: str, trust_remote_code: bool):
 def load_model(
     model_path: str, hf_config, dtype: torch.dtype, load_format: str, trust_remote_code: bool, seed: int = 0
 ) -> nn.Module:
-    """Build the model with `attn_implementation="bowline"`; `dummy` draws random weights from the config."""
-    from transformers import AutoModelForCausalLM
+    """Build the model with `attn_implementation="bowline"`; `dummy` draws random weights from the config.
+
+    A vision-language model (models.vision) loads as a whole; paged attention serves its language model."""
+    from bowline_runtime.models import vision
 
     attention.register()
+    auto_class, attn_implementation = vision.model_class_and_attention(hf_config, attention.ATTN_IMPLEMENTATION)
     if load_format == "dummy":
         with torch.device("cpu"):
-            model = AutoModelForCausalLM.from_config(
-                hf_config, dtype=dtype, attn_implementation=attention.ATTN_IMPLEMENTATION,
+            model = auto_class.from_config(
+                hf_config, dtype=dtype, attn_implementation=attn_implementation,
                 trust_remote_code=trust_remote_code,
             )
         _init_dummy(model, seed=seed)
     elif load_format == "auto":
-        model = AutoModelForCausalLM.from_pretrained(
-            model_path, config=hf_config, dtype=dtype, attn_implementation=attention.ATTN_IMPLEMENTATION,
+        model = auto_class.from_pretrained(
+            model_path, config=hf_config, dtype=dtype, attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code,
         )
     else:
