@@ -54,6 +54,7 @@ class EngineConfig:
     limit_mm_per_prompt: str | None = None  # vLLM's JSON, e.g. {"image": 2}
     image_fetch_timeout: float = 5.0  # seconds; VLLM_IMAGE_FETCH_TIMEOUT seeds it too
     max_image_bytes: int = 20 * 2**20
+    enable_prompt_tokens_details: bool = False
     log_level: str = "info"
 
     @property
@@ -142,6 +143,7 @@ _HELP = {
     "image_fetch_timeout": "seconds to fetch a request's http(s) image URLs (default 5; also read from "
     "VLLM_IMAGE_FETCH_TIMEOUT)",
     "max_image_bytes": "largest image accepted, fetched or in a data: URL (default 20 MiB)",
+    "enable_prompt_tokens_details": "report usage.prompt_tokens_details.cached_tokens (prefix-cache hits) in chat usage",
 }
 
 

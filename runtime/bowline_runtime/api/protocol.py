@@ -285,10 +285,16 @@ class DeltaToolCall(ResponseModel):
     function: DeltaFunctionCall | None = None
 
 
+class PromptTokensDetails(ResponseModel):
+    cached_tokens: int = 0  # prompt tokens whose KV blocks came from the prefix cache
+
+
 class UsageInfo(ResponseModel):
+    _omit_if_none = frozenset({"prompt_tokens_details"})
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None  # with --enable-prompt-tokens-details (vLLM)
 
     @classmethod
     def of(cls, prompt_tokens: int, completion_tokens: int) -> UsageInfo:

@@ -24,6 +24,7 @@ from bowline_runtime.api.protocol import (
     ChatMessage,
     ChatResponseMessage,
     DeltaMessage,
+    PromptTokensDetails,
     UsageInfo,
     random_id,
     stream_usage,
@@ -94,12 +95,16 @@ class ChatCall:
                 )
             )
         return ChatCompletionResponse(
-            id=self.id, created=self.created, model=self.state.model_name, choices=choices, usage=self.usage(chosen)
+            id=self.id, created=self.created, model=self.state.model_name, choices=choices,
+            usage=self.usage(chosen, final.num_cached_tokens),
         )
 
-    def usage(self, outputs) -> UsageInfo:
+    def usage(self, outputs, cached_tokens: int = 0) -> UsageInfo:
         completion = sum(len(o.token_ids) for o in outputs)
-        return UsageInfo.of(len(self.prompt_ids), completion)
+        usage = UsageInfo.of(len(self.prompt_ids), completion)
+        if self.state.config.enable_prompt_tokens_details:
+            usage.prompt_tokens_details = PromptTokensDetails(cached_tokens=cached_tokens)
+        return usage
 
     def _chunk(self, choices: list[ChatCompletionStreamChoice], usage: UsageInfo | None = None) -> str:
         return ChatCompletionChunk(
@@ -123,7 +128,9 @@ class ChatCall:
         sent_lps = [0] * n
         done = [False] * n
         outputs = []
+        cached = 0
         async for _, snap in gen.starting_with(first):
+            cached = snap.num_cached_tokens
             if self.params.use_beam_search and not snap.finished:
                 continue  # beams are re-ranked until the end: only the final ones are a stable answer
             outputs = select_best(snap.outputs, self.params) if snap.finished else snap.outputs
@@ -157,9 +164,9 @@ class ChatCall:
                     arrival_time=time.time() - since,
                 )
                 done[i] = finished
-                yield self._chunk([choice], self.usage(outputs) if continuous else None)
+                yield self._chunk([choice], self.usage(outputs, cached) if continuous else None)
         if include_usage:
-            yield self._chunk([], self.usage(outputs))
+            yield self._chunk([], self.usage(outputs, cached))
 
 
 @router.post(

@@ -28,7 +28,7 @@ from bowline_runtime.engine.errors import RequestRejected
 from bowline_runtime.engine.multimodal import ImageInput, pixel_hash
 
 # A loop over a message's content, the mark of a template that takes content parts.
-_PARTS_LOOP = re.compile(r"for\s+\w+\s+in\s+\w+\s*(\[\s*['\"]content['\"]\s*\]|\.content)\b")
+_PARTS_LOOP = re.compile(r"for\s+\w+\s+in\s+\w+\s*(\[\s*['\"]content['\"]\s*\]|\.content\b)")
 
 
 def request_image_urls(req: ChatCompletionRequest) -> list[str]:
