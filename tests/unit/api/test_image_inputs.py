@@ -84,3 +84,21 @@ def test_adjacent_images_split_into_equal_runs():
     assert placeholder_runs(ids, 9, 3) == [(1, 2), (3, 2), (6, 2)]
     with pytest.raises(RequestRejected, match="image tokens"):
         placeholder_runs(ids, 9, 4)
+
+
+def test_a_string_template_prompt_is_what_the_processor_builds(tiny_llava_dir):
+    """vLLM's template_llava.jinja style: content as one string, the placeholder before the text."""
+    from bowline_runtime.api.protocol import ChatCompletionRequest
+    from bowline_runtime.api.vision_prompts import build_prompt, load_processor
+    from PIL import Image
+
+    processor = load_processor(str(tiny_llava_dir), False)
+    template = "{% for m in messages %}USER: {{ m['content'] }}\n{% endfor %}ASSISTANT:"
+    picture = Image.new("RGB", (30, 20), (9, 99, 199))
+    parts = [{"type": "text", "text": "Hi"}, {"type": "image_url", "image_url": {"url": "data:,"}}]
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": parts}])
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    ids, [image] = build_prompt(req, processor.tokenizer, processor, template, [picture], image_id)
+    want = processor(text=["USER: <image>\nHi\nASSISTANT:"], images=[picture], return_tensors="pt")
+    assert ids == want["input_ids"][0].tolist()
+    assert (image.offset, image.length) == (ids.index(image_id), 16)
