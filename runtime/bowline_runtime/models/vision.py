@@ -74,7 +74,7 @@ class LanguageModelView(nn.Module):
     """A vision-language model's language part shaped like a causal LM (`config`, `model`, `lm_head`),
     for the packed decoder; its modules are the loaded model's own, not copies."""
 
-    def __init__(self, vlm: nn.Module) -> None:
+    def __init__(self, vlm: Any) -> None:
         super().__init__()
         self.config = vlm.config.get_text_config()
         self.model = vlm.model.language_model
@@ -89,8 +89,8 @@ def language_model(model: nn.Module) -> nn.Module:
 class VisionEncoder:
     """Runs the vision tower + projector per image and merges the features into token embeddings."""
 
-    def __init__(self, model: nn.Module, cache_size: int = FEATURE_CACHE_SIZE) -> None:
-        self.model = model
+    def __init__(self, model: Any, cache_size: int = FEATURE_CACHE_SIZE) -> None:
+        self.model = model  # a transformers vision-language model (typed Any: its sub-modules are dynamic)
         self.embed_tokens = model.get_input_embeddings()
         self.cache_size = cache_size
         self._features: OrderedDict[int, torch.Tensor] = OrderedDict()

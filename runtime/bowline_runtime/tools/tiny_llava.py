@@ -57,10 +57,9 @@ VISION_SHAPES = {
 
 def _image_processor(size: int):
     """A CLIP image processor at `size`: Pillow's backend where transformers has one (no torchvision needed)."""
-    try:
-        from transformers import CLIPImageProcessorPil as processor_class  # transformers >= 5
-    except ImportError:
-        from transformers import CLIPImageProcessor as processor_class
+    import transformers
+
+    processor_class = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor  # >= 5: Pil
     return processor_class(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
