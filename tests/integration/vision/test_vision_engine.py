@@ -10,7 +10,7 @@ from bowline_runtime.api.protocol import ChatCompletionRequest
 from bowline_runtime.api.vision_prompts import build_prompt, load_processor
 from bowline_runtime.config import EngineConfig
 from bowline_runtime.engine.sampling_params import SamplingParams
-from conftest import image_bytes
+from vision_helpers import image_bytes
 
 TEXT = "What is in the picture?"
 

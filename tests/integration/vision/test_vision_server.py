@@ -9,7 +9,7 @@ import time
 
 import httpx
 import pytest
-from conftest import FETCH_TIMEOUT_S, IMAGE_LIMIT, MAX_IMAGE_BYTES, SLOW_S, data_url, image_bytes
+from vision_helpers import FETCH_TIMEOUT_S, IMAGE_LIMIT, MAX_IMAGE_BYTES, SLOW_S, data_url, image_bytes
 
 TEXT = "Describe the picture."
 MAX_TOKENS = 16
