@@ -17,7 +17,8 @@ import random
 
 import kopf
 
-from . import handlers  # noqa: F401  (registers the handlers with kopf)
+# handlers before peering_watch: kopf runs start-up handlers in import order (credentials first).
+from . import autoscaling, handlers, peering_watch  # noqa: F401  (importing registers the kopf handlers)
 
 LOG_FORMATS = ("plain", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -35,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--priority", type=int, default=None,
                         help="peering priority of this replica (the highest works, the others wait); "
                              "default: random, so that replicas of one Deployment never tie")
+    parser.add_argument("--prometheus-url", default=os.environ.get("BOWLINE_OPERATOR_PROMETHEUS_URL", autoscaling.DEFAULT_PROMETHEUS_URL),
+                        help="Prometheus that KEDA ScaledObjects query for spec.autoscaling")
     parser.add_argument("--liveness", default=os.environ.get("BOWLINE_OPERATOR_LIVENESS", "http://0.0.0.0:8080/healthz"),
                         help="URL of the operator's own health endpoint; empty to disable")
     parser.add_argument("--log-format", choices=LOG_FORMATS, default=os.environ.get("BOWLINE_OPERATOR_LOG_FORMAT", "plain"),
@@ -87,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
         # kopf pauses *every* peer when two share the highest priority; distinct random priorities make
         # exactly one replica active and hand over to the next when it stops.
         args.priority = random.SystemRandom().randint(1, 2**31 - 1)
+    autoscaling.configure(args.prometheus_url)
+    peering_watch.configure(None if args.standalone else args.peering, args.namespaces)
     asyncio.run(kopf.operator(
         clusterwide=not args.namespaces,
         namespaces=args.namespaces,

@@ -33,6 +33,12 @@ DEPLOYMENT_PRUNE: Mapping[Path, frozenset[str]] = {
 }
 
 
+# Keys the operator stops rendering when someone else takes them over: never deleted by omission.
+# `spec.replicas` belongs to the scaler once spec.autoscaling is set; deleting it would reset the
+# Deployment to 1 replica on the way.
+HANDED_OVER: Mapping[Path, frozenset[str]] = {("spec",): frozenset({"replicas"})}
+
+
 def covers(live: Any, want: Any) -> bool:
     """True when `live` has every field of `want` with equal values (extra server defaults allowed)."""
     if isinstance(want, dict):
@@ -76,7 +82,7 @@ def merge_patch(want: dict[str, Any], live: dict[str, Any], prune: Mapping[Path,
                 patch[key] = sub
         elif not covers(current, value) or key not in live:
             patch[key] = value
-    gone = set((prune or {}).get(_path, ())) | set(last or ())
+    gone = (set((prune or {}).get(_path, ())) | set(last or ())) - HANDED_OVER.get(_path, frozenset())
     for key in sorted(gone - want.keys()):
         if live.get(key) is not None:
             patch[key] = None

@@ -13,7 +13,7 @@ from typing import Any
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from . import kube
+from . import autoscaling, kube
 from .diff import DEPLOYMENT_PRUNE
 from .render import API_VERSION, GROUP, KIND, PLURAL, VERSION, Owner, render_children
 from .status import compute_status, invalid_status, status_changed
@@ -58,12 +58,19 @@ def reconcile_object(body: kopf.Body | dict[str, Any], logger: logging.Logger | 
     owner = Owner(name=name, namespace=namespace, uid=meta["uid"])
     actions = []
     deployment: dict[str, Any] | None = None
-    for child in render_children(owner, checked.spec):
-        live, action = kube.apply(child, DEPLOYMENT_PRUNE if child["kind"] == "Deployment" else None)
+    keda = checked.spec.autoscaling is not None and autoscaling.KEDA_PLURAL in kube.served_resources(autoscaling.KEDA_API_VERSION)
+    children = render_children(owner, checked.spec) + autoscaling.render_scaling(owner, checked.spec, keda)
+    for child in children:
+        live, action = kube.apply(child, DEPLOYMENT_PRUNE if child["kind"] == "Deployment" else None,
+                                  autoscaling.on_create(child, checked.spec))
         actions.append(f"{child['kind']} {action}")
         if child["kind"] == "Deployment":
             deployment = live
-    _write_status(namespace, name, status, compute_status(owner, checked.spec, generation, deployment, _now(), previous))
+    for kind, api_version, plural in autoscaling.unrendered(children):  # e.g. HPA after KEDA arrived
+        if kube.delete_owned(api_version, plural, namespace, name, owner.uid):
+            actions.append(f"{kind} deleted")
+    new_status = compute_status(owner, checked.spec, generation, deployment, _now(), previous)
+    _write_status(namespace, name, status, {**new_status, **autoscaling.scaling_status(checked.spec, children)})
     return ", ".join(actions)
 
 

@@ -82,7 +82,13 @@ def object_path(api_version: str, plural: str, namespace: str, name: str | None 
     return f"{path}/{name}" if name else path
 
 
-PLURALS = {"Deployment": "deployments", "Service": "services"}
+PLURALS = {
+    "Deployment": "deployments",
+    "Service": "services",
+    "ScaledObject": "scaledobjects",
+    "HorizontalPodAutoscaler": "horizontalpodautoscalers",
+    "PodDisruptionBudget": "poddisruptionbudgets",
+}
 
 
 def get(api_version: str, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
@@ -95,12 +101,15 @@ def get(api_version: str, plural: str, namespace: str, name: str) -> dict[str, A
         raise
 
 
-def apply(desired: dict[str, Any], prune: Mapping[Path, frozenset[str]] | None = None) -> tuple[dict[str, Any], str]:
+def apply(desired: dict[str, Any], prune: Mapping[Path, frozenset[str]] | None = None,
+          on_create: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], str]:
     """Create `desired`, or patch the live object by exactly the difference; returns (object, action).
 
     action is "created", "patched" or "unchanged". A second call with the same `desired` is "unchanged"
     and sends nothing but a GET, which is what makes reconciles safe to repeat. `desired` is recorded in
     the child's LAST_APPLIED annotation, so fields a later `desired` drops are deleted, not left behind.
+    `on_create` is merged into the object only when it is created (a start value others own afterwards,
+    such as the replica count an autoscaler takes over); it is not recorded, so never patched or deleted.
     """
     desired = with_last_applied(desired)
     meta = desired["metadata"]
@@ -111,7 +120,8 @@ def apply(desired: dict[str, Any], prune: Mapping[Path, frozenset[str]] | None =
         live = get(api_version, plural, meta["namespace"], meta["name"])
         if live is None:
             try:
-                return request("POST", object_path(api_version, plural, meta["namespace"]), desired), "created"
+                body = _deep_merge(desired, on_create) if on_create else desired
+                return request("POST", object_path(api_version, plural, meta["namespace"]), body), "created"
             except ApiException as error:
                 if error.status != 409:
                     raise
@@ -126,7 +136,46 @@ def apply(desired: dict[str, Any], prune: Mapping[Path, frozenset[str]] | None =
     return with_retries(once)
 
 
+def _deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _deep_merge(merged[key], value) if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping) else value
+    return merged
+
+
 def patch_status(api_version: str, plural: str, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
     """Merge-patch the status subresource (lists such as conditions are replaced whole)."""
     path = object_path(api_version, plural, namespace, name) + "/status"
     return with_retries(lambda: request("PATCH", path, {"status": status}, MERGE_PATCH))
+
+
+def served_resources(group_version: str) -> frozenset[str]:
+    """Plural names the API server serves in `group_version` (discovery); empty when the group is absent,
+    e.g. keda.sh/v1alpha1 in a cluster without KEDA's CRDs."""
+    try:
+        listing = with_retries(lambda: request("GET", f"/apis/{group_version}"))
+    except ApiException as error:
+        if error.status == 404:
+            return frozenset()
+        raise
+    return frozenset(r["name"] for r in listing.get("resources", []) if "/" not in r.get("name", "/"))
+
+
+def delete_owned(api_version: str, plural: str, namespace: str, name: str, owner_uid: str) -> bool:
+    """Delete a child the spec no longer needs, if it exists and this owner controls it; True if deleted.
+
+    Objects of the same name that someone else made (no controller reference to `owner_uid`) are left.
+    """
+    live = get(api_version, plural, namespace, name)
+    if live is None:
+        return False
+    refs = live.get("metadata", {}).get("ownerReferences") or []
+    if not any(ref.get("uid") == owner_uid and ref.get("controller") for ref in refs):
+        return False
+    try:
+        with_retries(lambda: request("DELETE", object_path(api_version, plural, namespace, name),
+                                     {"propagationPolicy": "Background"}))
+    except ApiException as error:
+        if error.status != 404:
+            raise
+    return True

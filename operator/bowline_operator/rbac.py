@@ -25,6 +25,11 @@ REQUIRED_RULES: list[PolicyRule] = [
     # Children: rendered, created and patched; watched so their status flows up to the parent.
     {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch", "create", "patch"]},
     {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch", "create", "patch"]},
+    # Scale-out children (autoscaling.py): created, patched, and deleted when the spec stops asking for
+    # them (an HPA after KEDA arrived, a PDB after scaling to one replica); never listed or watched.
+    {"apiGroups": ["keda.sh"], "resources": ["scaledobjects"], "verbs": ["get", "create", "patch", "delete"]},
+    {"apiGroups": ["autoscaling"], "resources": ["horizontalpodautoscalers"], "verbs": ["get", "create", "patch", "delete"]},
+    {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": ["get", "create", "patch", "delete"]},
     # Events: kopf.info/warn and the per-handler events kopf posts.
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
     {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .accelerators import AcceleratorProfile, profile_for
+from .scheduling import topology_spread_constraints
 from .spec import InferenceServiceSpec
 
 GROUP = "serving.bowline.dev"
@@ -255,6 +256,8 @@ def render_deployment(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any
     tolerations = list(profile.tolerations) + [dict(t) for t in rt.tolerations]
     if tolerations:
         pod_spec["tolerations"] = tolerations
+    if spread := topology_spread_constraints(spec, selector_labels(owner)):
+        pod_spec["topologySpreadConstraints"] = spread
     optional_pod_fields = {
         "affinity": rt.affinity,
         "serviceAccountName": rt.service_account_name,
@@ -275,7 +278,8 @@ def render_deployment(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any
         "metadata": {"name": owner.name, "namespace": owner.namespace, "labels": common_labels(owner),
                      "ownerReferences": [owner_reference(owner)]},
         "spec": {
-            "replicas": spec.replicas,
+            # With spec.autoscaling the scaler owns the count: not rendered, so never patched back.
+            **({} if spec.autoscaling else {"replicas": spec.replicas}),
             "selector": {"matchLabels": selector_labels(owner)},
             "strategy": strategy,
             "revisionHistoryLimit": 3,

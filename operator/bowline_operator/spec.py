@@ -74,6 +74,20 @@ class RuntimeSpec(_Model):
     scheduler_name: str | None = None
     run_as_root: bool = False
     startup_timeout_seconds: int = Field(default=1800, ge=60)
+    # None: spread across nodes (scheduling.py); [] turns spreading off; a list replaces the default.
+    topology_spread_constraints: list[dict[str, Any]] | None = None
+
+
+# The runtime's vLLM-named gauges a scaler may follow (autoscaling.py maps each to its series).
+AUTOSCALING_METRICS = ("num_requests_waiting", "num_requests_running", "kv_cache_usage")
+
+
+class AutoscalingSpec(_Model):
+    min_replicas: int = Field(default=1, ge=1, le=1000)
+    max_replicas: int = Field(ge=1, le=1000)
+    metric: Literal["num_requests_waiting", "num_requests_running", "kv_cache_usage"] = "num_requests_waiting"
+    target: float | None = Field(default=None, gt=0)
+    scale_down_delay_seconds: int = Field(default=300, ge=0, le=3600)
 
 
 class InferenceServiceSpec(_Model):
@@ -84,6 +98,7 @@ class InferenceServiceSpec(_Model):
     replicas: int = Field(default=1, ge=0)
     engine: EngineSpec = Field(default_factory=EngineSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    autoscaling: AutoscalingSpec | None = None
 
 
 def parse_spec(spec: dict[str, Any]) -> InferenceServiceSpec:

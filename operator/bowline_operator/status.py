@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from .autoscaling import desired_replicas
 from .render import Owner, device_summary, served_model_name, service_url
 from .spec import InferenceServiceSpec
 
@@ -56,7 +57,7 @@ def compute_status(owner: Owner, spec: InferenceServiceSpec, generation: int | N
                    deployment: dict[str, Any] | None, now: str,
                    previous: Sequence[Condition] = ()) -> dict[str, Any]:
     """Phase, conditions and counters for a valid spec, given the live child Deployment (or None)."""
-    desired = spec.replicas
+    desired = desired_replicas(spec, deployment)  # the scaler's choice under spec.autoscaling
     dstatus = (deployment or {}).get("status", {}) or {}
     dgen = (deployment or {}).get("metadata", {}).get("generation")
     # Counters from an older Deployment generation describe the previous rollout, not this spec.
@@ -95,6 +96,8 @@ def compute_status(owner: Owner, spec: InferenceServiceSpec, generation: int | N
         "ready": f"{ready}/{desired}",
         "replicas": replicas,
         "readyReplicas": ready,
+        "desiredReplicas": desired,
+        "currentReplicas": replicas,
         "selector": f"serving.bowline.dev/inferenceservice={owner.name}",
         "observedGeneration": generation,
         "conditions": [

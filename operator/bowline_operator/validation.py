@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from .autoscaling import autoscaling_problems
 from .spec import MANAGED_FLAG_PATTERN, InferenceServiceSpec, parse_spec
 
 
@@ -50,6 +51,7 @@ def cross_field_problems(spec: InferenceServiceSpec) -> list[str]:
         problems.append("engine.maxNumBatchedTokens must be at least engine.maxNumSeqs")
     if any(MANAGED_FLAG_PATTERN.match(arg) for arg in eng.extra_args):
         problems.append("engine.extraArgs must not set flags the operator manages; use the matching spec field")
+    problems += autoscaling_problems(spec)
     return problems
 
 

@@ -45,6 +45,7 @@ GOOD_CASES: dict[str, dict[str, Any]] = {
         "priorityClassName": "system-cluster-critical",
         "serviceAccount": {"create": True, "name": "bowline-op", "annotations": {"example.com/role": "op"}},
     },
+    "autoscaling": {"autoscaling": {"prometheus": {"serverAddress": "http://prometheus.obs.svc:9090"}}},
     "no-rbac": {"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "existing-sa"}},
     "monitoring": {"monitoring": {"podMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
                                   "grafanaDashboard": {"enabled": True, "namespace": "grafana"}}},
@@ -70,6 +71,8 @@ BAD_CASES: dict[str, tuple[dict[str, Any], list[str]]] = {
     "isvc-bad-device": ({"inferenceServices": [{"name": "x", "spec": {"model": {"source": "/m"},
                                                                       "accelerator": {"type": "tpu"}}}]},
                         ["/inferenceServices/0/spec/accelerator/type"]),
+    "prometheus-without-scheme": ({"autoscaling": {"prometheus": {"serverAddress": "prometheus:9090"}}},
+                                  ["/autoscaling/prometheus/serverAddress", "does not match pattern"]),
     "replicas-without-leader-election": ({"replicaCount": 2, "leaderElection": {"enabled": False}},
                                          ["replicaCount > 1 needs leaderElection.enabled=true"]),
 }
@@ -211,6 +214,27 @@ def test_namespaced_rbac_grants_namespaced_rules_only_in_watched_namespaces(
         assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                       "name": one(docs, "ClusterRole")["metadata"]["name"]}
         assert binding["subjects"][0]["namespace"] == RELEASE_NAMESPACE
+
+
+def test_rbac_grants_the_scale_out_children_exactly_and_no_wildcards(rendered: dict[str, dict[str, Any]]) -> None:
+    for case in ("defaults", "namespaced"):
+        docs = rendered[case]["docs"]
+        rules = [rule for d in docs if d["kind"] in ("ClusterRole", "Role") for rule in d["rules"]]
+        assert not [r for r in rules if "*" in r["apiGroups"] + r["resources"] + r["verbs"]], case
+        granted = rule_set(rules)
+        for group, resource in (("keda.sh", "scaledobjects"), ("autoscaling", "horizontalpodautoscalers"),
+                                ("policy", "poddisruptionbudgets")):
+            assert {v for g, r, v in granted if (g, r) == (group, resource)} == {"get", "create", "patch", "delete"}
+
+
+def test_prometheus_address_reaches_the_operator(rendered: dict[str, dict[str, Any]]) -> None:
+    from bowline_operator import autoscaling
+    from bowline_operator.__main__ import parse_args
+
+    assert parse_args(operator_container(rendered["autoscaling"]["docs"])["args"]).prometheus_url == \
+        "http://prometheus.obs.svc:9090"
+    assert parse_args(operator_container(rendered["defaults"]["docs"])["args"]).prometheus_url == \
+        autoscaling.DEFAULT_PROMETHEUS_URL
 
 
 def test_rbac_and_service_account_can_be_brought_by_the_user(rendered: dict[str, dict[str, Any]]) -> None:

@@ -83,9 +83,11 @@ def test_one_replica_with_peering_reconciles(cluster: dict[str, Any]) -> None:
     [(identity, peer)] = _peers(cluster).items()
     assert peer["priority"] > 0 and peer["lifetime"] > 0  # a random priority: replicas never tie
     # --log-format=json: every line the operator wrote is one JSON object with the promised fields.
+    # The reconcile logs "Reconciled" after its last child and status write, a moment after the Deployment.
+    wait_for(lambda: any(line.get("object") == f"{NS}/tiny-peered" and "Reconciled" in line["message"]
+                         for line in _json_lines(log)), what="the Reconciled line")
     lines = _json_lines(log)
     assert lines and all({"time", "level", "logger", "message"} <= line.keys() for line in lines)
-    assert any(line.get("object") == f"{NS}/tiny-peered" and "Reconciled" in line["message"] for line in lines)
 
 
 def test_two_replicas_create_children_exactly_once(cluster: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,7 +12,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 CRD_PATH = REPO_ROOT / "crds" / "serving.bowline.dev_inferenceservices.yaml"
-EXAMPLES = ("cpu-tiny", "nvidia-gpu", "ascend-npu", "llava-gpu")
+EXAMPLES = ("cpu-tiny", "nvidia-gpu", "ascend-npu", "autoscaling", "llava-gpu")
 
 
 def load_crd() -> dict[str, Any]:
@@ -58,6 +58,8 @@ def cel_failures(obj: dict[str, Any]) -> list[str]:
     obj = apply_defaults(root, obj)
     failures = []
     for path, rule, message in _rules(root):
+        if "oldSelf" in rule:
+            continue  # transition rules run on updates only (transition_failures)
         value: Any = obj
         for key in path:
             if not isinstance(value, dict) or key not in value:
@@ -65,5 +67,26 @@ def cel_failures(obj: dict[str, Any]) -> list[str]:
             value = value[key]
         else:
             if cel.evaluate(rule, {"self": value}) is not True:
+                failures.append(message)
+    return failures
+
+
+def transition_failures(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Messages of the transition rules (those using oldSelf) that updating `old` to `new` breaks;
+    like the API server, a rule runs only where both the old and the new object have the field."""
+    root = schema()
+    old, new = apply_defaults(root, old), apply_defaults(root, new)
+    failures = []
+    for path, rule, message in _rules(root):
+        if "oldSelf" not in rule:
+            continue
+        values = []
+        for obj in (new, old):
+            value: Any = obj
+            for key in path:
+                value = value.get(key) if isinstance(value, dict) else None
+            values.append(value)
+        if values[0] is not None and values[1] is not None:
+            if cel.evaluate(rule, {"self": values[0], "oldSelf": values[1]}) is not True:
                 failures.append(message)
     return failures
