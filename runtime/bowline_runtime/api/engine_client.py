@@ -19,6 +19,7 @@ class EngineClient(Protocol):
     tokenizer: Any  # a Hugging Face tokenizer (transformers has no common static type for them)
     max_model_len: int  # prompt + output tokens
     vocab_size: int  # valid token ids are 0..vocab_size-1 (the model's embedding rows)
+    image_token_id: int | None  # a vision-language model's image placeholder token; None: text-only
 
     def generate(
         self,

@@ -123,8 +123,7 @@ def build_prompt(
 async def image_chat_inputs(state: Any, req: ChatCompletionRequest, tokenizer: Any) -> tuple[list[int], list[ImageInput]]:
     """A chat with image parts: checks, fetches and decodes, then the processor, off the event loop."""
     urls = request_image_urls(req)
-    engine = state.engine
-    image_token_id = getattr(engine, "image_token_id", None)
+    image_token_id = getattr(state.engine, "image_token_id", None)  # engine doubles in tests may lack it
     if image_token_id is None:
         raise RequestRejected(
             f"the model {state.model_name!r} is text-only: it does not accept image_url content parts; "
