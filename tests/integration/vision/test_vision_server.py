@@ -154,3 +154,10 @@ def test_bad_image_urls_are_400s_and_the_server_keeps_serving(vision_server, ima
     assert "HTTP 404" in error_message(post_chat(vision_server, [image_part(image_site + "/missing.png")]))
     ok = post_chat(vision_server, [image_part(data_url(image_bytes(60))), {"type": "text", "text": TEXT}])
     assert ok.status_code == 200, ok.text
+
+
+def test_n_candidates_share_the_image(vision_server, reference):
+    image = image_bytes(80)
+    reply = chat(vision_server.client(), [image_part(data_url(image)), {"type": "text", "text": TEXT}], n=2)
+    _, want = reference.greedy([image], TEXT, MAX_TOKENS)
+    assert [c.message.model_extra["completion_token_ids"] for c in reply.choices] == [want, want]
