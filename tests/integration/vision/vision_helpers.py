@@ -18,7 +18,7 @@ import openai
 
 STARTUP_TIMEOUT_S = 120
 FETCH_TIMEOUT_S = 1.0  # the server's --image-fetch-timeout; /slow.png answers after SLOW_S
-SLOW_S = 4.0
+SLOW_S = 8.0
 MAX_IMAGE_BYTES = 200_000
 IMAGE_LIMIT = 2
 
