@@ -7,7 +7,7 @@ PORT   ?= 8000
 MODEL  ?= models/tiny
 PYTEST_ARGS ?=
 
-.PHONY: help install run test unit integration lint bench bench-operator images kind-up kind-down e2e helm-lint tiny-model clean
+.PHONY: help install run test unit integration lint bench bench-model-cache bench-operator images kind-up kind-down e2e helm-lint tiny-model clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -79,6 +79,9 @@ bench-vision: install ## images/s, TTFT and tok/s with one image per request vs 
 # Batch-1 decode against the memory-bandwidth limit, in process. ROOFLINE_ARGS passes flags on; on a GPU:
 # make bench-roofline ROOFLINE_ARGS="--device cuda --dtype bfloat16 --model-preset qwen2.5-0.5b"
 ROOFLINE_ARGS ?=
+
+bench-model-cache: install ## runtime start-up: --load-format dummy vs weights from a folder on disk (not part of make test)
+	$(BIN)/python -m bench.model_cache_bench $(BENCH_ARGS)
 
 bench-roofline: install ## decode step time vs weight bytes / copy bandwidth (bench model, CPU; not part of make test)
 	$(BIN)/python -m bench.roofline $(ROOFLINE_ARGS)

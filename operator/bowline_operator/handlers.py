@@ -13,10 +13,10 @@ from typing import Any
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from . import autoscaling, kube
+from . import autoscaling, gateway, kube, model_cache
 from .diff import DEPLOYMENT_PRUNE
 from .render import API_VERSION, GROUP, KIND, PLURAL, VERSION, Owner, render_children
-from .status import compute_status, invalid_status, status_changed
+from .status import compute_status, condition, invalid_status, status_changed
 from .validation import validate_spec
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "bowline"}
@@ -32,7 +32,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     kube.load_credentials()
     settings.execution.max_workers = 16
     settings.posting.level = logging.WARNING  # Events for problems only; progress is in status
-    settings.persistence.finalizer = "serving.bowline.dev/finalizer"  # unused: no delete handlers, children are GC'd
+    settings.persistence.finalizer = "serving.bowline.dev/finalizer"  # only on services whose model cache is deleted with them
     settings.watching.server_timeout = 300
     settings.networking.error_backoffs = [1, 2, 5, 10]
 
@@ -56,11 +56,17 @@ def reconcile_object(body: kopf.Body | dict[str, Any], logger: logging.Logger | 
         return "invalid"
     assert checked.spec is not None
     owner = Owner(name=name, namespace=namespace, uid=meta["uid"])
-    actions = []
+    cache, actions = model_cache.sync(owner, checked.spec)
+    withheld = cache is not None and not cache.ready  # pods start only on a filled cache
     deployment: dict[str, Any] | None = None
     keda = checked.spec.autoscaling is not None and autoscaling.KEDA_PLURAL in kube.served_resources(autoscaling.KEDA_API_VERSION)
     children = render_children(owner, checked.spec) + autoscaling.render_scaling(owner, checked.spec, keda)
     for child in children:
+        if child["kind"] == "Deployment" and cache is not None:
+            if withheld:
+                deployment = kube.get("apps/v1", "deployments", namespace, name)
+                continue
+            child = model_cache.mount_cache(child, checked.spec)
         live, action = kube.apply(child, DEPLOYMENT_PRUNE if child["kind"] == "Deployment" else None,
                                   autoscaling.on_create(child, checked.spec))
         actions.append(f"{child['kind']} {action}")
@@ -69,9 +75,29 @@ def reconcile_object(body: kopf.Body | dict[str, Any], logger: logging.Logger | 
     for kind, api_version, plural in autoscaling.unrendered(children):  # e.g. HPA after KEDA arrived
         if kube.delete_owned(api_version, plural, namespace, name, owner.uid):
             actions.append(f"{kind} deleted")
-    new_status = compute_status(owner, checked.spec, generation, deployment, _now(), previous)
-    _write_status(namespace, name, status, {**new_status, **autoscaling.scaling_status(checked.spec, children)})
-    return ", ".join(actions)
+    routing, gateway_actions = gateway.sync(owner, checked.spec, gateway.reported(status))
+    now = _now()
+    new = compute_status(owner, checked.spec, generation, deployment, now, previous)
+
+    def make_condition(ctype: str, ok: bool, reason: str, message: str) -> dict[str, Any]:
+        return condition(ctype, ok, reason, message, generation, now, previous)
+
+    new = model_cache.apply_status(new, cache, make_condition, withheld and deployment is None)
+    new = gateway.apply_status(new, routing, gateway.pool_name(owner, checked.spec), make_condition)
+    _write_status(namespace, name, status, {**new, **autoscaling.scaling_status(checked.spec, children)})
+    _warn_on_new_problem(body, previous, new["conditions"], {"ModelCached": "CacheFailed",
+                                                             "InferencePoolReady": "InferenceExtensionMissing"})
+    return ", ".join(actions + gateway_actions)
+
+
+def _warn_on_new_problem(body: kopf.Body | dict[str, Any], previous: list[dict[str, Any]],
+                         current: list[dict[str, Any]], problems: dict[str, str]) -> None:
+    """A Warning event when a condition turns to one of `problems`' reasons (once, not every reconcile)."""
+    before = {c.get("type"): c.get("reason") for c in previous}
+    for cond in current:
+        reason = problems.get(cond["type"])
+        if reason and cond.get("reason") == reason and before.get(cond["type"]) != reason:
+            kopf.warn(dict(body), reason=reason, message=cond.get("message", ""))
 
 
 def _reconcile_handler(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
@@ -116,6 +142,39 @@ def deployment_event(body: kopf.Body, event: kopf.RawEvent, logger: logging.Logg
         reconcile_object(parent, logger)
     except ApiException as error:
         logger.error("Could not update InferenceService %s/%s from its Deployment: %s", namespace, parent_name, error)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={model_cache.CACHE_LABEL: kopf.PRESENT, **MANAGED_BY})
+def cache_job_event(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+    """A model-cache Job changed (started, succeeded, failed): re-level every service that waits on it.
+
+    The Job has no controller owner (it is shared), so its users are found by the claim they name.
+    """
+    namespace = body["metadata"]["namespace"]
+    claim = body["metadata"].get("labels", {}).get(model_cache.CACHE_LABEL)
+    try:
+        for parent in kube.list_objects(API_VERSION, KIND, namespace):
+            if parent.get("metadata", {}).get("deletionTimestamp"):
+                continue
+            if model_cache.users(claim, [parent], exclude_uid=""):
+                reconcile_object(parent, logger)
+    except ApiException as error:
+        logger.error("Could not update the InferenceServices of model cache %s/%s: %s", namespace, claim, error)
+
+
+def _deletes_cache(spec: kopf.Spec, **_: Any) -> bool:
+    cache = (spec.get("model") or {}).get("cache") or {}
+    return bool(cache.get("enabled")) and cache.get("deletePolicy") == "Delete"
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, when=_deletes_cache, backoff=2)
+def release_cache(body: kopf.Body, spec: kopf.Spec, logger: logging.Logger, **_: Any) -> None:
+    """cache.deletePolicy Delete: the claim and its Job go with the last InferenceService using them.
+
+    Only services with that policy carry kopf's finalizer; the others' deletion is never blocked.
+    """
+    meta = body["metadata"]
+    logger.info("Model cache: %s", model_cache.release(meta["namespace"], meta["uid"], dict(spec), logger.info))
 
 
 @kopf.on.probe(id="reconciling")

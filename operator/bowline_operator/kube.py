@@ -91,6 +91,11 @@ PLURALS = {
 }
 
 
+def plural_of(kind: str) -> str:
+    """The resource name of a kind: PLURALS, else the regular lower-case plural (Job -> jobs)."""
+    return PLURALS.get(kind) or kind.lower() + "s"
+
+
 def get(api_version: str, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
     """The live object, or None when it does not exist."""
     try:
@@ -113,7 +118,7 @@ def apply(desired: dict[str, Any], prune: Mapping[Path, frozenset[str]] | None =
     """
     desired = with_last_applied(desired)
     meta = desired["metadata"]
-    api_version, plural = desired["apiVersion"], PLURALS[desired["kind"]]
+    api_version, plural = desired["apiVersion"], plural_of(desired["kind"])
     path = object_path(api_version, plural, meta["namespace"], meta["name"])
 
     def once() -> tuple[dict[str, Any], str]:
@@ -147,6 +152,63 @@ def patch_status(api_version: str, plural: str, namespace: str, name: str, statu
     """Merge-patch the status subresource (lists such as conditions are replaced whole)."""
     path = object_path(api_version, plural, namespace, name) + "/status"
     return with_retries(lambda: request("PATCH", path, {"status": status}, MERGE_PATCH))
+
+
+def create_if_missing(desired: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Create `desired` unless an object of that name exists; never patch it ("created" / "exists").
+
+    For children whose spec is immutable or shared (a model cache's claim and Job), where a patch would
+    be refused or would change them under other owners.
+    """
+    meta = desired["metadata"]
+    api_version, plural = desired["apiVersion"], plural_of(desired["kind"])
+
+    def once() -> tuple[dict[str, Any], str]:
+        live = get(api_version, plural, meta["namespace"], meta["name"])
+        if live is not None:
+            return live, "exists"
+        try:
+            return request("POST", object_path(api_version, plural, meta["namespace"]), desired), "created"
+        except ApiException as error:
+            if error.status != 409:
+                raise
+            live = get(api_version, plural, meta["namespace"], meta["name"])
+            if live is None:
+                raise
+            return live, "exists"
+
+    return with_retries(once)
+
+
+def list_objects(api_version: str, kind: str, namespace: str) -> list[dict[str, Any]]:
+    """Every object of a kind in a namespace (callers filter; the emulator in tests has no selectors).
+    A real API server's list items carry no kind/apiVersion; they are filled in."""
+    path = object_path(api_version, plural_of(kind), namespace)
+    items = with_retries(lambda: request("GET", path)).get("items") or []
+    return [{**item, "apiVersion": api_version, "kind": kind} for item in items]
+
+
+def delete(api_version: str, plural: str, namespace: str, name: str) -> bool:
+    """Delete one object (its dependents in the background); False when it was already gone."""
+    path = object_path(api_version, plural, namespace, name)
+    try:
+        with_retries(lambda: request("DELETE", path, {"propagationPolicy": "Background"}))
+    except ApiException as error:
+        if error.status == 404:
+            return False
+        raise
+    return True
+
+
+def crd_installed(name: str) -> bool:
+    """Whether the CustomResourceDefinition `name` (plural.group) exists in the cluster."""
+    try:
+        with_retries(lambda: request("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}"))
+    except ApiException as error:
+        if error.status == 404:
+            return False
+        raise
+    return True
 
 
 def served_resources(group_version: str) -> frozenset[str]:

@@ -25,6 +25,14 @@ REQUIRED_RULES: list[PolicyRule] = [
     # Children: rendered, created and patched; watched so their status flows up to the parent.
     {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch", "create", "patch"]},
     {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch", "create", "patch"]},
+    # Model cache (model_cache.py): the shared claim and the Job that fills it are created once, never
+    # patched; deleted with the last service whose cache.deletePolicy is Delete. Jobs are watched so a
+    # finished fill starts the pods.
+    {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get", "create", "delete"]},
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "delete"]},
+    # Inference gateway (gateway.py): applied like the other children, listed to delete renamed ones.
+    {"apiGroups": ["inference.networking.k8s.io"], "resources": ["inferencepools"], "verbs": ["get", "list", "create", "patch", "delete"]},
+    {"apiGroups": ["inference.networking.x-k8s.io"], "resources": ["inferenceobjectives"], "verbs": ["get", "list", "create", "patch", "delete"]},
     # Scale-out children (autoscaling.py): created, patched, and deleted when the spec stops asking for
     # them (an HPA after KEDA arrived, a PDB after scaling to one replica); never listed or watched.
     {"apiGroups": ["keda.sh"], "resources": ["scaledobjects"], "verbs": ["get", "create", "patch", "delete"]},

@@ -26,12 +26,34 @@ class _Model(BaseModel):
                               alias_generator=lambda name: re.sub(r"_([a-z])", lambda m: m.group(1).upper(), name))
 
 
+# A storage quantity (100Gi, 5e9, 1500M): the CRD's pattern for cache.size, as in the claim it becomes.
+QUANTITY_PATTERN = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[kMGTPE]|[eE][0-9]+)?$"
+
+
+class ModelCacheSpec(_Model):
+    """A PersistentVolumeClaim per model, filled once by a Job and shared (see model_cache.py)."""
+
+    enabled: bool = False
+    storage_class_name: str | None = Field(default=None, max_length=253)
+    size: str | int = "100Gi"
+    access_mode: Literal["ReadWriteOnce", "ReadWriteMany"] = "ReadWriteOnce"
+    delete_policy: Literal["Retain", "Delete"] = "Retain"
+
+    @field_validator("size")
+    @classmethod
+    def _quantity(cls, value: str | int) -> str | int:
+        if not re.match(QUANTITY_PATTERN, str(value)):
+            raise ValueError("must be a storage quantity such as 20Gi or 500M")
+        return value
+
+
 class ModelSpec(_Model):
     source: str = Field(min_length=1, max_length=1024)
     served_model_name: str | None = Field(default=None, min_length=1, max_length=256)
     revision: str | None = None
     cache_size_limit: str | int | None = None
     hf_token_secret_name: str | None = None
+    cache: ModelCacheSpec = Field(default_factory=ModelCacheSpec)
 
     @field_validator("source")
     @classmethod
@@ -90,6 +112,14 @@ class AutoscalingSpec(_Model):
     scale_down_delay_seconds: int = Field(default=300, ge=0, le=3600)
 
 
+class GatewaySpec(_Model):
+    """An InferencePool + InferenceObjective for Gateway API inference routing (see gateway.py)."""
+
+    enabled: bool = False
+    pool_name: str | None = Field(default=None, min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    priority: int | None = None
+
+
 class InferenceServiceSpec(_Model):
     model: ModelSpec
     accelerator: AcceleratorSpec
@@ -98,6 +128,7 @@ class InferenceServiceSpec(_Model):
     replicas: int = Field(default=1, ge=0)
     engine: EngineSpec = Field(default_factory=EngineSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    gateway: GatewaySpec = Field(default_factory=GatewaySpec)
     autoscaling: AutoscalingSpec | None = None
 
 

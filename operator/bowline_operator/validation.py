@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from . import model_cache
 from .autoscaling import autoscaling_problems
 from .spec import MANAGED_FLAG_PATTERN, InferenceServiceSpec, parse_spec
 
@@ -70,5 +71,5 @@ def validate_spec(raw: dict[str, Any] | None) -> Validated:
         spec = parse_spec(raw or {})
     except ValidationError as error:
         return Validated(None, tuple(_field_problems(error)))
-    problems = cross_field_problems(spec)
+    problems = cross_field_problems(spec) + model_cache.problems(spec)
     return Validated(spec if not problems else None, tuple(problems))

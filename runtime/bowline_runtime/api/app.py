@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -88,6 +89,7 @@ def _describe(engine: Any, config: EngineConfig) -> str:
 
 async def _load_engine(state: ServerState, factory: EngineFactory, on_failure: Callable[[BaseException], None]) -> None:
     logger.info("loading model %s (the server answers /health with 503 until it is ready)", state.config.model)
+    started = time.perf_counter()
     try:
         engine = await _in_daemon_thread(lambda: factory(state.config))
     except asyncio.CancelledError:
@@ -99,7 +101,9 @@ async def _load_engine(state: ServerState, factory: EngineFactory, on_failure: C
         return
     state.attach(engine)
     logger.info(_describe(engine, state.config))
-    logger.info("ready: http://%s:%d/v1 (model %r)", state.config.host, state.config.port, state.model_name)
+    logger.info("ready: http://%s:%d/v1 (model %r); loading took %.1f s (%s weights from %s)", state.config.host,
+                state.config.port, state.model_name, time.perf_counter() - started, state.config.load_format,
+                state.config.model)
 
 
 def build_app(

@@ -8,7 +8,7 @@ several apps (tests) never collide in prometheus-client's global one.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -26,9 +26,11 @@ _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
 class _EngineGauges(Collector):
     """Reads the engine's gauges when Prometheus scrapes, so they are never stale."""
 
-    def __init__(self, model_name: str, stats: Callable[[], EngineStats | None]) -> None:
+    def __init__(self, model_name: str, stats: Callable[[], EngineStats | None],
+                 cache_config: Mapping[str, str] | None = None) -> None:
         self._model_name = model_name
         self._stats = stats
+        self._cache_config = dict(cache_config or {})
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         stats = self._stats()
@@ -42,12 +44,21 @@ class _EngineGauges(Collector):
             family = GaugeMetricFamily(name, doc, labels=["model_name"])
             family.add_metric([self._model_name], float(value))
             yield family
+        if stats is not None:
+            # vLLM's info gauge (value 1, settings as labels): the inference gateway's endpoint picker reads
+            # block_size and num_gpu_blocks from it for prefix-cache-aware routing. Shown once the engine has
+            # loaded, when the number of blocks is known.
+            labels = {**self._cache_config, "num_gpu_blocks": str(stats.num_total_blocks)}
+            info = GaugeMetricFamily("vllm:cache_config_info", "Information of the KV-cache config.", labels=sorted(labels))
+            info.add_metric([labels[k] for k in sorted(labels)], 1.0)
+            yield info
 
 
 class ServerMetrics:
     """All metrics of one server."""
 
-    def __init__(self, model_name: str, stats: Callable[[], EngineStats | None]) -> None:
+    def __init__(self, model_name: str, stats: Callable[[], EngineStats | None],
+                 cache_config: Mapping[str, str] | None = None) -> None:
         self.registry = CollectorRegistry()
         self.model_name = model_name
         labels = ["model_name"]
@@ -65,7 +76,7 @@ class ServerMetrics:
         self.rejected = Counter(
             "bowline:requests_rejected", "Requests refused before reaching the engine, by reason.", [*labels, "reason"], registry=reg
         )
-        reg.register(_EngineGauges(model_name, stats))
+        reg.register(_EngineGauges(model_name, stats, cache_config))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -31,7 +31,8 @@ class ServerState:
         self.token_texts: TokenTexts | None = None
         self.chat_template = load_chat_template(config.chat_template)
         self.admission = Admission(config.max_num_seqs, config.max_queue_len)
-        self.metrics = ServerMetrics(self.model_name, self.stats)
+        self.metrics = ServerMetrics(self.model_name, self.stats, cache_config={
+            "block_size": str(config.block_size), "enable_prefix_caching": str(config.enable_prefix_caching)})
 
     def attach(self, engine: EngineClient) -> None:
         """Called once the engine has loaded: from here on the server is ready."""

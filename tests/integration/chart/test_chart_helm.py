@@ -50,6 +50,7 @@ GOOD_CASES: dict[str, dict[str, Any]] = {
     "monitoring": {"monitoring": {"podMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
                                   "grafanaDashboard": {"enabled": True, "namespace": "grafana"}}},
     "monitoring-namespaced": {"watchNamespaces": ["team-a"], "monitoring": {"podMonitor": {"enabled": True}}},
+    "gateway": {"gateway": {"endpointPicker": {"name": "shared-epp", "port": 9100, "failureMode": "FailOpen"}}},
     "isvcs": {"inferenceServices": [
         {"name": "tiny", "spec": _EXAMPLE["spec"]},
         {"name": "tiny-b", "namespace": "team-b", "labels": {"example.com/app": "chat"},
@@ -73,6 +74,8 @@ BAD_CASES: dict[str, tuple[dict[str, Any], list[str]]] = {
                         ["/inferenceServices/0/spec/accelerator/type"]),
     "prometheus-without-scheme": ({"autoscaling": {"prometheus": {"serverAddress": "prometheus:9090"}}},
                                   ["/autoscaling/prometheus/serverAddress", "does not match pattern"]),
+    "bad-epp-failure-mode": ({"gateway": {"endpointPicker": {"name": "{pool}-epp", "port": 9002, "failureMode": "Retry"}}},
+                             ["/gateway/endpointPicker/failureMode", "value must be one of"]),
     "replicas-without-leader-election": ({"replicaCount": 2, "leaderElection": {"enabled": False}},
                                          ["replicaCount > 1 needs leaderElection.enabled=true"]),
 }
@@ -235,6 +238,32 @@ def test_prometheus_address_reaches_the_operator(rendered: dict[str, dict[str, A
         "http://prometheus.obs.svc:9090"
     assert parse_args(operator_container(rendered["defaults"]["docs"])["args"]).prometheus_url == \
         autoscaling.DEFAULT_PROMETHEUS_URL
+
+
+def test_rbac_grants_the_cache_and_gateway_verbs_and_no_wildcards(rendered: dict[str, dict[str, Any]]) -> None:
+    for case in ("defaults", "namespaced"):
+        docs = rendered[case]["docs"]
+        rules = [rule for role in objects(docs, "ClusterRole") + objects(docs, "Role") for rule in role["rules"]]
+        assert rules and not [r for r in rules if "*" in r["apiGroups"] + r["resources"] + r["verbs"]], case
+    granted = rule_set(one(rendered["defaults"]["docs"], "ClusterRole")["rules"])
+    for group, resource, verbs in (("", "persistentvolumeclaims", {"get", "create", "delete"}),
+                                   ("batch", "jobs", {"get", "list", "watch", "create", "delete"}),
+                                   ("inference.networking.k8s.io", "inferencepools", {"get", "list", "create", "patch", "delete"}),
+                                   ("inference.networking.x-k8s.io", "inferenceobjectives",
+                                    {"get", "list", "create", "patch", "delete"})):
+        assert {v for g, r, v in granted if (g, r) == (group, resource)} == verbs, resource
+
+
+def test_endpoint_picker_values_reach_the_operator(rendered: dict[str, dict[str, Any]]) -> None:
+    def env(case: str) -> dict[str, str]:
+        return {e["name"]: e.get("value") for e in operator_container(rendered[case]["docs"])["env"]}
+
+    assert {k: v for k, v in env("defaults").items() if k.startswith("BOWLINE_OPERATOR_EPP_")} == {
+        "BOWLINE_OPERATOR_EPP_NAME": "{pool}-epp", "BOWLINE_OPERATOR_EPP_PORT": "9002",
+        "BOWLINE_OPERATOR_EPP_FAILURE_MODE": "FailClose"}
+    assert env("gateway")["BOWLINE_OPERATOR_EPP_NAME"] == "shared-epp"
+    assert env("gateway")["BOWLINE_OPERATOR_EPP_PORT"] == "9100"
+    assert env("gateway")["BOWLINE_OPERATOR_EPP_FAILURE_MODE"] == "FailOpen"
 
 
 def test_rbac_and_service_account_can_be_brought_by_the_user(rendered: dict[str, dict[str, Any]]) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import kmock
 import yaml
 from kmock._internal import enums
+from kmock._internal.k8s import KubernetesError
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 ISVC = "serving.bowline.dev/v1alpha1/inferenceservices"
@@ -48,8 +49,27 @@ class BowlineEmulator(kmock.KubernetesEmulator):
                 key = (request.resource, request.namespace, request.name)
                 live = self.objects[key] if key in self.objects else None
                 if live is not None and not live.deleted:
+                    self._refuse_failed_tests(request, live)
                     self._stamp_update(request, live)
+        if request.resource is not None and request.action == enums.action.DELETE and request.name is not None:
+            key = (request.resource, request.namespace, request.name)
+            live = self.objects[key] if key in self.objects else None
+            if live is not None and not live.deleted and live.get("metadata", {}).get("finalizers"):
+                # Marking for deletion is a write: a new resourceVersion, as on a real API server.
+                live.patch({"metadata": {"resourceVersion": str(next(self._counter))}})
         return await super()._handle(request)
+
+    @staticmethod
+    def _refuse_failed_tests(request: Any, live: Any) -> None:
+        """A JSON patch whose `test` on resourceVersion fails is 422 Unprocessable, as on a real API
+        server (kmock answers 500, which kopf retries with the same stale test instead of re-reading)."""
+        if not isinstance(request.data, list):
+            return
+        current = live.get("metadata", {}).get("resourceVersion")
+        for op in request.data:
+            if op.get("op") == "test" and op.get("path") == "/metadata/resourceVersion" and op.get("value") != current:
+                raise KubernetesError(status=422, reason="Invalid",
+                                      message=f"the test operation failed: resourceVersion is {current}, not {op.get('value')}")
 
     def _stamp_update(self, request: Any, live: Any) -> None:
         rv = str(next(self._counter))
