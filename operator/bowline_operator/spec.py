@@ -73,6 +73,7 @@ class AcceleratorSpec(_Model):
 
 class EngineSpec(_Model):
     dtype: Literal["auto", "float16", "bfloat16", "float32"] | None = None
+    quantization: Literal["auto", "none", "awq", "w8a8", "smoothquant", "compressed-tensors", "int8"] | None = None
     max_num_seqs: int | None = Field(default=None, ge=1)
     max_num_batched_tokens: int | None = Field(default=None, ge=1)
     memory_utilization: float | None = Field(default=None, gt=0, le=1)
@@ -112,6 +113,27 @@ class AutoscalingSpec(_Model):
     scale_down_delay_seconds: int = Field(default=300, ge=0, le=3600)
 
 
+# vLLM's --max-lora-rank values; an adapter name is a model id (no spaces, no '=').
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,252}$"
+
+
+class AdapterSpec(_Model):
+    name: str = Field(pattern=ADAPTER_NAME_PATTERN)
+    source: str = Field(min_length=1, max_length=1024)
+
+    @field_validator("source")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        return ModelSpec._known_scheme(value)
+
+
+class LoRASpec(_Model):
+    max_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] | None = None
+    max_adapters: int | None = Field(default=None, ge=1)
+    max_cpu_adapters: int | None = Field(default=None, ge=1)
+
+
 class GatewaySpec(_Model):
     """An InferencePool + InferenceObjective for Gateway API inference routing (see gateway.py)."""
 
@@ -128,6 +150,8 @@ class InferenceServiceSpec(_Model):
     replicas: int = Field(default=1, ge=0)
     engine: EngineSpec = Field(default_factory=EngineSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    adapters: list[AdapterSpec] = Field(default_factory=list, max_length=64)
+    lora: LoRASpec | None = None
     gateway: GatewaySpec = Field(default_factory=GatewaySpec)
     autoscaling: AutoscalingSpec | None = None
 

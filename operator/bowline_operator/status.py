@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .autoscaling import desired_replicas
+from .lora import status_fields as lora_status
 from .render import Owner, device_summary, served_model_name, service_url
 from .spec import InferenceServiceSpec
 
@@ -100,6 +101,7 @@ def compute_status(owner: Owner, spec: InferenceServiceSpec, generation: int | N
         "currentReplicas": replicas,
         "selector": f"serving.bowline.dev/inferenceservice={owner.name}",
         "observedGeneration": generation,
+        **lora_status(spec),
         "conditions": [
             condition("Valid", True, "SpecValid", "The spec passed validation.", generation, now, previous),
             progressing,

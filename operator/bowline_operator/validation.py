@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from . import model_cache
 from .autoscaling import autoscaling_problems
+from .lora import lora_problems
 from .spec import MANAGED_FLAG_PATTERN, InferenceServiceSpec, parse_spec
 
 
@@ -65,11 +66,14 @@ def _field_problems(error: ValidationError) -> list[str]:
     return out
 
 
-def validate_spec(raw: dict[str, Any] | None) -> Validated:
-    """Check a raw spec dict against the schema and the cross-field rules; never raises."""
+def validate_spec(raw: dict[str, Any] | None, name: str | None = None) -> Validated:
+    """Check a raw spec dict against the schema and the cross-field rules; never raises.
+
+    `name`: the object's metadata.name, the served model name when model.servedModelName is unset."""
     try:
         spec = parse_spec(raw or {})
     except ValidationError as error:
         return Validated(None, tuple(_field_problems(error)))
-    problems = cross_field_problems(spec) + model_cache.problems(spec)
+    problems = (cross_field_problems(spec) + model_cache.problems(spec)
+                + lora_problems(spec, spec.model.served_model_name or name))
     return Validated(spec if not problems else None, tuple(problems))

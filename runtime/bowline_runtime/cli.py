@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--vision", action="store_true",
                       help="a llava model: a random CLIP vision tower and projector before the language model")
+    tiny.add_argument("--quantization", default=None, choices=["awq", "w8a8"],
+                      help="write the model quantized: AutoAWQ 4-bit or compressed-tensors int8 (W8A8)")
     tiny.add_argument("--config-only", action=argparse.BooleanOptionalAction, default=None,
                       help="write config, generation config and tokenizer but no weights, for --load-format dummy "
                            "(default: on for qwen2.5-0.5b, off for the small presets)")
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
             path = build_tiny_llava(args.out_dir, preset=args.preset, arch=args.arch, seed=args.seed)
         else:
             path = build_tiny_model(args.out_dir, preset=args.preset, arch=args.arch, seed=args.seed,
-                                    config_only=args.config_only)
+                                    config_only=args.config_only, quantization=args.quantization)
         weights = "no weights (serve with --load-format dummy)" if not any(path.glob("*.safetensors")) else "weights"
         print(f"wrote {args.preset} model to {path}: config, tokenizer, {weights}")
         return

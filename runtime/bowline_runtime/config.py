@@ -16,6 +16,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 ENV_PREFIX = "BOWLINE_"
 
 DType = Literal["auto", "float32", "float16", "bfloat16"]
+# vLLM's names; smoothquant and compressed-tensors are read as w8a8 (models.quantization).
+Quantization = Literal["auto", "none", "awq", "w8a8", "smoothquant", "compressed-tensors", "int8"]
 
 
 @dataclass(slots=True)
@@ -30,6 +32,7 @@ class EngineConfig:
     device: str = "auto"
     dtype: DType = "auto"
     load_format: Literal["auto", "dummy"] = "auto"
+    quantization: Quantization = "auto"
     trust_remote_code: bool = False
     tensor_parallel_size: int = 1
     max_model_len: int | None = None
@@ -56,6 +59,13 @@ class EngineConfig:
     max_image_bytes: int = 20 * 2**20
     enable_prompt_tokens_details: bool = False
     log_level: str = "info"
+    # Multi-LoRA (bowline_runtime.lora), vLLM's flags
+    enable_lora: bool = False
+    lora_modules: list[str] | None = None  # name=path or JSON items; see lora.modules
+    max_lora_rank: int = 16
+    max_loras: int = 1
+    max_cpu_loras: int | None = None  # None: --max-loras
+    allow_runtime_lora_updating: bool = False  # also VLLM_ALLOW_RUNTIME_LORA_UPDATING
 
     @property
     def model_name(self) -> str:
@@ -76,6 +86,10 @@ class EngineConfig:
         if self.image_fetch_timeout <= 0:
             raise ValueError(f"--image-fetch-timeout must be > 0, got {self.image_fetch_timeout}")
         parse_mm_limit(self.limit_mm_per_prompt)  # a bad value fails at start-up, not per request
+        from bowline_runtime.lora.modules import check_settings, parse_modules
+
+        check_settings(self.enable_lora, parse_modules(self.lora_modules), self.max_lora_rank, self.max_loras,
+                       self.max_cpu_loras, self.model_name)
 
 
 def parse_mm_limit(value: str | None) -> int | None:
@@ -119,6 +133,9 @@ _HELP = {
     "device": "auto picks npu, then cuda, then cpu",
     "dtype": "weights and activations dtype; auto takes the config's, float32 on CPU",
     "load_format": "dummy: random weights from config.json (benchmarks at real shapes)",
+    "quantization": "weights' format: auto follows config.json's quantization_config; awq (4-bit AutoAWQ), "
+    "w8a8 (alias smoothquant: compressed-tensors int8 weights and per-token int8 activations), int8 (weight-only, "
+    "quantized at load from a float checkpoint), none",
     "tensor_parallel_size": "shard the model over this many devices (processes)",
     "max_model_len": "bound on prompt + output tokens (default: the model's position limit)",
     "max_num_seqs": "most sequences in one batch",
@@ -144,7 +161,16 @@ _HELP = {
     "VLLM_IMAGE_FETCH_TIMEOUT)",
     "max_image_bytes": "largest image accepted, fetched or in a data: URL (default 20 MiB)",
     "enable_prompt_tokens_details": "report usage.prompt_tokens_details.cached_tokens (prefix-cache hits) in chat usage",
+    "enable_lora": "serve LoRA adapters over the base model (requests name one as `model`)",
+    "lora_modules": "adapters to serve: name=path or {\"name\": ..., \"path\": ..., \"base_model_name\": ...}, several",
+    "max_lora_rank": "largest adapter rank accepted (one of 1, 8, 16, 32, 64, 128, 256, 320, 512)",
+    "max_loras": "most adapters in one batch",
+    "max_cpu_loras": "most adapters kept loaded (least recently used idle ones are dropped; >= --max-loras)",
+    "allow_runtime_lora_updating": "enable /v1/load_lora_adapter and /v1/unload_lora_adapter "
+    "(also VLLM_ALLOW_RUNTIME_LORA_UPDATING)",
 }
+# Flags that take several values.
+_NARGS = {"lora_modules": "+"}
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -157,13 +183,17 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         if annotation == "bool":
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            parser.add_argument(_flag(f.name), default=None, help=help_text)
+            parser.add_argument(_flag(f.name), default=None, nargs=_NARGS.get(f.name), help=help_text)
     return parser
 
 
 def _coerce(annotation: str, raw: Any) -> Any:
     if raw is None:
         return None
+    if annotation.startswith("list"):
+        from bowline_runtime.lora.modules import split_items
+
+        return split_items(raw)
     if annotation == "bool":
         if isinstance(raw, bool):
             return raw
@@ -215,6 +245,10 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
                 raise ValueError(f"choose one of {list(choices)}")
         except ValueError as exc:
             raise ValueError(f"{source}: cannot read {raw!r} ({exc})") from None
+    if "allow_runtime_lora_updating" not in values:  # vLLM's variable works too
+        from bowline_runtime.lora.modules import runtime_updating_allowed
+
+        values["allow_runtime_lora_updating"] = runtime_updating_allowed(False, dict(environ))
     if "model" not in values:
         raise ValueError(f"--model is required (or set {env_name('model')})")
     return EngineConfig(**values)

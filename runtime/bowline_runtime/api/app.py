@@ -144,6 +144,10 @@ def build_app(
     app.include_router(serving_basic.router)
     app.include_router(serving_chat.router)
     app.include_router(serving_completions.router)
+    if config.enable_lora and config.allow_runtime_lora_updating:
+        from bowline_runtime.api import serving_lora
+
+        app.include_router(serving_lora.router)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_body_bytes)

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from bowline_runtime.engine.multimodal import ImageInput
 from bowline_runtime.engine.outputs import EngineStats, RequestOutput
 from bowline_runtime.engine.sampling_params import SamplingParams
+from bowline_runtime.lora.modules import LoRAModule
 
 
 class EngineClient(Protocol):
@@ -41,3 +42,15 @@ class EngineClient(Protocol):
     def is_alive(self) -> bool: ...
 
     async def shutdown(self) -> None: ...
+
+    def lora_modules(self) -> list[LoRAModule]:
+        """The LoRA adapters served now (empty without --enable-lora)."""
+        ...
+
+    async def load_lora(self, name: str, path: str) -> None:
+        """Serve one more adapter (RequestRejected saying why it cannot)."""
+        ...
+
+    async def unload_lora(self, name: str) -> None:
+        """Stop serving an adapter: new requests get 404 at once; returns when its last request ended."""
+        ...

@@ -126,7 +126,7 @@ def to_api_error(exc: BaseException, request_id: str | None = None) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, RequestRejected):
-        return APIError(exc.message, 400, param=exc.param)
+        return APIError(exc.message, getattr(exc, "status_code", 400), param=exc.param)
     if type(exc).__name__ == "EngineDeadError":
         return APIError("the engine has stopped; the server log has the details", 503)
     return internal_error(exc, request_id)

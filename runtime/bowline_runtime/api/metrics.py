@@ -52,6 +52,14 @@ class _EngineGauges(Collector):
             info = GaugeMetricFamily("vllm:cache_config_info", "Information of the KV-cache config.", labels=sorted(labels))
             info.add_metric([labels[k] for k in sorted(labels)], 1.0)
             yield info
+        lora = stats.lora if stats else None
+        if lora is not None:  # vLLM's: the value is the time of the reading, the adapters are labels
+            family = GaugeMetricFamily(
+                "vllm:lora_requests_info", "Running stats on LoRA requests.",
+                labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+            )
+            family.add_metric([",".join(lora.running), ",".join(lora.waiting), str(lora.max_lora)], time.time())
+            yield family
 
 
 class ServerMetrics:

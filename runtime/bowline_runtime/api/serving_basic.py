@@ -55,7 +55,12 @@ async def list_models(raw_request: Request) -> ModelList:
     state = get_state(raw_request)
     max_len = state.engine.max_model_len if state.engine is not None else (state.config.max_model_len or 0)
     card = ModelCard(id=state.model_name, created=state.created, root=state.config.model, max_model_len=max_len)
-    return ModelList(data=[card])
+    adapters = [  # each LoRA adapter is a model of its own, as vLLM lists them
+        ModelCard(id=m.name, created=state.created, root=m.path, parent=m.base_model_name or state.model_name,
+                  max_model_len=max_len)
+        for m in state.lora_modules()
+    ]
+    return ModelList(data=[card, *adapters])
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=openapi.TOKENIZER)

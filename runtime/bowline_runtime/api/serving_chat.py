@@ -95,7 +95,7 @@ class ChatCall:
                 )
             )
         return ChatCompletionResponse(
-            id=self.id, created=self.created, model=self.state.model_name, choices=choices,
+            id=self.id, created=self.created, model=self.params.lora_name or self.state.model_name, choices=choices,
             usage=self.usage(chosen, final.num_cached_tokens),
         )
 
@@ -108,7 +108,7 @@ class ChatCall:
 
     def _chunk(self, choices: list[ChatCompletionStreamChoice], usage: UsageInfo | None = None) -> str:
         return ChatCompletionChunk(
-            id=self.id, created=self.created, model=self.state.model_name, choices=choices, usage=usage
+            id=self.id, created=self.created, model=self.params.lora_name or self.state.model_name, choices=choices, usage=usage
         ).model_dump_json()
 
     async def events(self, gen: Generation, first: tuple[int, RequestOutput] | None) -> AsyncIterator[str]:
@@ -177,7 +177,7 @@ class ChatCall:
 async def create_chat_completion(body: ChatCompletionRequest, raw_request: Request) -> Response:
     state = get_state(raw_request)
     engine = state.require_engine()
-    state.check_model(body.model)
+    lora_name = state.check_model(body.model)
     limits = state.limits
     assert limits is not None
     logprobs = None
@@ -191,6 +191,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw_request: Reque
         prompt_ids = await asyncio.to_thread(chat_prompt_ids, body, engine.tokenizer, state.chat_template)
     params = build_sampling_params(body, limits, max_tokens=body.output_limit, logprobs=logprobs)
     params = prepare_params(body, params, prompt_ids, engine.tokenizer, state.config)
+    params.lora_name = lora_name
     check_stream_compatible(body, params)
     # The engine's rule, applied here so a refusal is a 400 before any header is sent.
     check_request(

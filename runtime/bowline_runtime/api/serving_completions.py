@@ -92,12 +92,12 @@ class CompletionCall:
                     )
                 )
         return CompletionResponse(
-            id=self.id, created=self.created, model=self.state.model_name, choices=choices, usage=self.usage(gen.latest, chosen_all)
+            id=self.id, created=self.created, model=self.params.lora_name or self.state.model_name, choices=choices, usage=self.usage(gen.latest, chosen_all)
         )
 
     def _chunk(self, choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
         return CompletionResponse(
-            id=self.id, created=self.created, model=self.state.model_name, choices=choices, usage=usage
+            id=self.id, created=self.created, model=self.params.lora_name or self.state.model_name, choices=choices, usage=usage
         ).model_dump_json()
 
     async def events(self, gen: Generation, first: tuple[int, RequestOutput] | None) -> AsyncIterator[str]:
@@ -163,7 +163,7 @@ class CompletionCall:
 async def create_completion(body: CompletionRequest, raw_request: Request) -> Response:
     state = get_state(raw_request)
     engine = state.require_engine()
-    state.check_model(body.model)
+    lora_name = state.check_model(body.model)
     limits = state.limits
     assert limits is not None
     if body.suffix:
@@ -176,6 +176,7 @@ async def create_completion(body: CompletionRequest, raw_request: Request) -> Re
     params = build_sampling_params(
         body, limits, max_tokens=body.max_tokens, logprobs=body.logprobs, prompt_logprobs=prompt_logprobs
     )
+    params.lora_name = lora_name
     check_stream_compatible(body, params)
     for prompt in prompts:  # the engine's rule, applied here so a refusal is a 400 before any header
         check_request(prompt.token_ids, params, limits.request_limits, param)

@@ -15,6 +15,7 @@ from bowline_runtime.api.prompts import load_chat_template
 from bowline_runtime.api.sampling import ServerLimits
 from bowline_runtime.config import EngineConfig
 from bowline_runtime.engine.outputs import EngineStats
+from bowline_runtime.lora.modules import LoRAModule
 
 
 class ServerState:
@@ -65,8 +66,18 @@ class ServerState:
             raise APIError("the engine has stopped; the server log has the details", 503)
         return self.engine
 
-    def check_model(self, requested: str | None) -> None:
-        """An absent `model` means the served one; any other name is 404, as OpenAI answers."""
+    def lora_modules(self) -> list[LoRAModule]:
+        """The LoRA adapters served now (none while loading or without --enable-lora)."""
+        if not self.config.enable_lora or self.engine is None:
+            return []
+        return self.engine.lora_modules()
+
+    def check_model(self, requested: str | None) -> str | None:
+        """An absent `model` means the served one; a LoRA adapter's name picks that adapter (returned);
+        any other name is 404, as OpenAI answers."""
+        if requested is not None and requested != self.model_name and self.config.enable_lora:
+            if any(m.name == requested for m in self.lora_modules()):
+                return requested
         if requested is not None and requested != self.model_name:
             raise APIError(
                 f"the model {requested!r} does not exist here; this server serves {self.model_name!r}",
@@ -74,6 +85,7 @@ class ServerState:
                 param="model",
                 code="model_not_found",
             )
+        return None
 
 
 def get_state(request: Request) -> ServerState:

@@ -48,6 +48,9 @@ class Device(ABC):
     def set_device(self, rank: int) -> None:  # noqa: B027 - a deliberate no-op default (one CPU device)
         """Bind this process to its rank's device."""
 
+    def release_idle_memory(self) -> None:  # noqa: B027 - a deliberate no-op default (caching allocators keep theirs)
+        """Hand memory freed during the last burst back to the system while the engine is idle."""
+
     def prepare_process(self) -> None:  # noqa: B027 - a deliberate no-op default
         """Tune this process for serving on the device, once per rank before the model loads."""
 

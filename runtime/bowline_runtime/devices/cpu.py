@@ -13,7 +13,7 @@ from bowline_runtime.config import switch_on
 from bowline_runtime.devices import host_memory
 from bowline_runtime.devices.base import Device
 from bowline_runtime.kernels import cpu as kernels
-from bowline_runtime.kernels import linear_choice
+from bowline_runtime.kernels import linear_choice, quant_cpu
 from bowline_runtime.models.fused_ops import FusedOps
 
 logger = logging.getLogger(__name__)
@@ -121,6 +121,10 @@ class CpuDevice(Device):
         """Keep freed activations mapped (see devices.host_memory): a 512-token prefill 110 -> 80 ms."""
         host_memory.keep_freed_memory()
 
+    def release_idle_memory(self) -> None:
+        """Idle: the kept activations go back to the kernel (see devices.host_memory), so RSS is bounded."""
+        host_memory.release_freed_memory()
+
     def paged_decode_kernel(self, dtype: torch.dtype) -> Callable[..., None] | None:
         """The C kernel of bowline_runtime.kernels (float32; built on first use, cached), if it builds here."""
         if dtype != torch.float32 or kernels.load() is None:
@@ -149,7 +153,9 @@ class CpuDevice(Device):
         Bowline's own product (KernelLinear, float32, where gemm.c builds), oneDNN-packed (where this
         torch build and CPU pack that dtype, see onednn_packs) or plain torch (bfloat16 on an AVX2-only
         CPU). One packed weight per Linear is kept. BOWLINE_CPU_LINEAR forces a choice;
-        BOWLINE_CPU_PACKED_LINEAR=0 keeps plain torch everywhere."""
+        BOWLINE_CPU_PACKED_LINEAR=0 keeps plain torch everywhere. Quantized layers go first to their
+        fused dequantize-and-multiply kernels (kernels.quant_cpu)."""
+        quant_cpu.swap_quantized(model)
         chooser = LinearChooser()
         for module in list(model.modules()):
             for child_name, child in list(module.named_children()):

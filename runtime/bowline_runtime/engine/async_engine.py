@@ -8,18 +8,25 @@ the loop through a thread-safe queue; outputs come back through `loop.call_soon_
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from bowline_runtime.config import EngineConfig
+from bowline_runtime.devices.host_memory import IdleRelease
+from bowline_runtime.engine.errors import RequestRejected
 from bowline_runtime.engine.multimodal import ImageInput, check_no_beam_images
 from bowline_runtime.engine.outputs import EngineStats, RequestOutput, merge_delta
 from bowline_runtime.engine.sampling_params import SamplingParams
+from bowline_runtime.lora.manager import LoRAManager
+from bowline_runtime.lora.modules import LoRAModule
+
+T = TypeVar("T")
 
 logger = logging.getLogger("bowline.engine")
 
@@ -112,6 +119,35 @@ class AsyncEngine:
     async def abort(self, request_id: str) -> None:
         self._send("abort", request_id)
 
+    # --- LoRA adapters (lora.manager), changed between steps in the engine thread --------------------
+
+    def lora_modules(self) -> list[LoRAModule]:
+        lora = self.engine.lora
+        return lora.modules() if lora is not None else []
+
+    async def load_lora(self, name: str, path: str) -> None:
+        lora = self._lora()
+        await self._in_engine_thread(lambda: lora.add(LoRAModule(name, path)))
+
+    async def unload_lora(self, name: str) -> None:
+        lora = self._lora()
+        lora_id = await self._in_engine_thread(lambda: lora.remove(name))
+        while not lora.is_gone(lora_id):  # its requests finish first; the engine drops it after the last
+            await asyncio.sleep(0.02)
+
+    def _lora(self) -> LoRAManager:
+        if self.engine.lora is None:
+            raise RequestRejected("LoRA is not enabled on this server (start it with --enable-lora)", "lora_name")
+        return self.engine.lora
+
+    async def _in_engine_thread(self, fn: Callable[[], T]) -> T:
+        """Run fn between two steps in the engine thread (adapters change on every rank in step order)."""
+        if self._dead is not None:
+            raise EngineDeadError(f"engine stopped: {self._dead!r}")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._send("call", (fn, future))
+        return await asyncio.wrap_future(future)
+
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
@@ -156,6 +192,12 @@ class AsyncEngine:
                     self._deliver(request_id, exc)
             elif kind == "abort":
                 self.engine.abort_request(payload)
+            elif kind == "call":
+                fn, future = payload
+                try:
+                    future.set_result(fn())
+                except Exception as exc:  # handed to the caller (a refused adapter is a client error)
+                    future.set_exception(exc)
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         self._deliver_many([(request_id, item)])
@@ -173,10 +215,13 @@ class AsyncEngine:
 
     def _run(self) -> None:
         failures = 0
+        idle = IdleRelease(self.engine.tp.release_idle_memory)
         try:
             while not self._stop.is_set():
                 self._drain_inbox()
-                if not self.engine.has_unfinished_requests():
+                busy = self.engine.has_unfinished_requests()
+                idle.tick(busy)
+                if not busy:
                     self._wakeup.wait(0.5)
                     self._wakeup.clear()
                     continue

@@ -55,7 +55,8 @@ async def beam_search(
         raise RequestRejected(f"beam width (best_of/n) must be at most {MAX_BEAM_WIDTH}, got {width}", "best_of")
     eos = set(engine.eos_token_ids) | set(params.stop_token_ids)
     max_tokens = params.max_tokens or (engine.max_model_len - len(prompt_ids))
-    step_params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=2 * width, ignore_eos=True)
+    step_params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=2 * width, ignore_eos=True,
+                                 lora_name=params.lora_name)
     beams = [Beam()]
     done: list[Beam] = []
     for _ in range(max_tokens):

@@ -26,6 +26,12 @@ def block_hash(prev_hash: int | None, token_ids: list[int] | tuple[int, ...], sa
     return hash((prev_hash, tuple(token_ids), *salt))
 
 
+def chain_root(seq: Sequence) -> int | None:
+    """The hash a sequence's chain starts from: the same tokens under another LoRA adapter are other
+    keys and values, so each adapter's chain has its own root (None: the base model)."""
+    return hash(("lora", seq.lora_id)) if seq.lora_id else None
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
         self.block_size = block_size
@@ -59,7 +65,7 @@ class BlockManager:
         if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return []
         hits: list[int] = []
-        prev: int | None = None
+        prev: int | None = chain_root(seq)
         max_blocks = (seq.num_tokens - 1) // self.block_size  # leave at least one token to compute
         for i in range(max_blocks):
             h = block_hash(prev, seq.token_ids[i * self.block_size : (i + 1) * self.block_size], self._salt(seq, i))
@@ -122,7 +128,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         num_full = seq.num_computed_tokens // self.block_size
-        prev: int | None = None
+        prev: int | None = chain_root(seq)
         for i in range(num_full):
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:

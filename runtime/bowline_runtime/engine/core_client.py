@@ -48,6 +48,7 @@ from bowline_runtime.engine.async_engine import EngineDeadError, EngineStepError
 from bowline_runtime.engine.multimodal import ImageInput, check_no_beam_images
 from bowline_runtime.engine.outputs import EngineStats, RequestOutput, merge_delta
 from bowline_runtime.engine.sampling_params import SamplingParams
+from bowline_runtime.lora.modules import LoRAModule, parse_modules
 
 logger = logging.getLogger("bowline.engine")
 
@@ -125,6 +126,7 @@ class EngineCoreClient:
         self._stats: EngineStats = info["stats"]
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._dead: BaseException | None = None
+        self._lora_modules: list[LoRAModule] | None = None
         self._closing = False
         self._reader = threading.Thread(target=self._read, name="bowline-core-reader", daemon=True)
         self._reader.start()
@@ -200,6 +202,33 @@ class EngineCoreClient:
     async def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
 
+    def lora_modules(self) -> list[LoRAModule]:
+        """The adapters served: --lora-modules at start, then as each load or unload reply says."""
+        if self._lora_modules is None:
+            self._lora_modules = parse_modules(self.config.lora_modules) if self.config.enable_lora else []
+        return self._lora_modules
+
+    async def load_lora(self, name: str, path: str) -> None:
+        await self._lora_call("load", name, path)
+
+    async def unload_lora(self, name: str) -> None:
+        await self._lora_call("unload", name, "")
+
+    async def _lora_call(self, op: str, name: str, path: str) -> None:
+        """The core applies it between steps and replies on the output socket, like a request's output."""
+        if self._dead is not None:
+            raise EngineDeadError(f"engine stopped: {self._dead!r}")
+        token = f"lora-{uuid.uuid4().hex}"
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[token] = (asyncio.get_running_loop(), stream)
+        try:
+            self._send(("lora", token, op, name, path))
+            item = await stream.get()
+        finally:
+            self._streams.pop(token, None)
+        if isinstance(item, BaseException):
+            raise item
+
     def stats(self) -> EngineStats:
         """The gauges sent with the latest step: no round trip per scrape."""
         return self._stats
@@ -250,6 +279,10 @@ class EngineCoreClient:
                 self._deliver([(out.request_id, out) for out in outputs])
             elif kind == "stats":
                 self._stats = message[1]
+            elif kind == "lora_done":
+                _, token, modules = message
+                self._lora_modules = modules
+                self._deliver([(token, modules)])
             elif kind == "error":
                 _, request_id, module, class_name, text, param, client = message
                 self._deliver([(request_id, rebuild_error(module, class_name, text, param, client))])

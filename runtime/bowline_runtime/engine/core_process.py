@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from bowline_runtime.config import EngineConfig
+from bowline_runtime.devices.host_memory import IdleRelease
 
 logger = logging.getLogger("bowline.engine")
 
@@ -97,9 +98,47 @@ def run_engine_core(config: EngineConfig, in_addr: str, out_addr: str, parent_pi
         ctx.term()
 
 
-def _handle(engine: Any, message: tuple, push: Any) -> bool:
+def _lora_done(engine: Any, token: str) -> bytes:
+    """The reply to a LoRA load/unload: the adapters served now, for the API side's /v1/models."""
+    return pickle.dumps(("lora_done", token, engine.lora.modules()))
+
+
+def _handle_lora(engine: Any, message: tuple, push: Any, unloading: dict[str, int]) -> None:
+    """Load or unload an adapter between steps; an unload answers once its last request has ended."""
+    _, token, op, name, path = message
+    try:
+        if engine.lora is None:
+            from bowline_runtime.engine.errors import RequestRejected
+
+            raise RequestRejected("LoRA is not enabled on this server (start it with --enable-lora)", "lora_name")
+        if op == "load":
+            from bowline_runtime.lora.modules import LoRAModule
+
+            engine.lora.add(LoRAModule(name, path))
+        else:
+            lora_id = engine.lora.remove(name)
+            if not engine.lora.is_gone(lora_id):
+                unloading[token] = lora_id
+                return
+    except Exception as exc:  # refused: the caller hears why
+        push.send(pickle.dumps(_error(token, exc)))
+        return
+    push.send(_lora_done(engine, token))
+
+
+def _finish_unloads(engine: Any, push: Any, unloading: dict[str, int]) -> None:
+    for token, lora_id in list(unloading.items()):
+        if engine.lora.is_gone(lora_id):
+            del unloading[token]
+            push.send(_lora_done(engine, token))
+
+
+def _handle(engine: Any, message: tuple, push: Any, unloading: dict[str, int] | None = None) -> bool:
     """Apply one request message; False when told to stop."""
     kind = message[0]
+    if kind == "lora":
+        _handle_lora(engine, message, push, {} if unloading is None else unloading)
+        return True
     if kind == "add":
         _, request_id, prompt_token_ids, params, arrival, *rest = message
         try:
@@ -116,6 +155,8 @@ def _handle(engine: Any, message: tuple, push: Any) -> bool:
 
 def _serve(engine: Any, pull: Any, push: Any, parent_pid: int) -> None:
     failures = 0
+    unloading: dict[str, int] = {}  # LoRA unloads waiting for their adapter's last request, by reply token
+    idle = IdleRelease(engine.tp.release_idle_memory)
     while True:
         if os.getppid() != parent_pid:
             logger.warning("the API process is gone; the engine core exits")
@@ -123,10 +164,14 @@ def _serve(engine: Any, pull: Any, push: Any, parent_pid: int) -> None:
         timeout = 0 if engine.has_unfinished_requests() else IDLE_POLL_MS
         handled = False
         while pull.poll(timeout):
-            if not _handle(engine, pickle.loads(pull.recv()), push):
+            if not _handle(engine, pickle.loads(pull.recv()), push, unloading):
                 return
             timeout, handled = 0, True
-        if not engine.has_unfinished_requests():
+        if unloading:  # an abort may have ended an unloading adapter's last request
+            _finish_unloads(engine, push, unloading)
+        busy = engine.has_unfinished_requests()
+        idle.tick(busy)
+        if not busy:
             if handled:  # an abort freed blocks with no step to carry the new gauges: send them alone
                 push.send(pickle.dumps(("stats", engine.stats())))
             continue
@@ -142,5 +187,7 @@ def _serve(engine: Any, pull: Any, push: Any, parent_pid: int) -> None:
                 push.send(pickle.dumps(_error(request_id, EngineStepErrorLike(f"generation failed: {exc!r}"))))
             continue
         failures = 0
+        if unloading:
+            _finish_unloads(engine, push, unloading)
         # The gauges ride on every step's message, so /metrics reads a cached copy and never waits.
         push.send(pickle.dumps(("outputs", outputs, engine.stats(), time.time())))

@@ -28,6 +28,7 @@ from bowline_runtime.engine.sampling_params import SamplingParams
 from bowline_runtime.engine.scheduler import Scheduler
 from bowline_runtime.engine.sequence import Sequence
 from bowline_runtime.engine.worker import TensorParallelGroup
+from bowline_runtime.lora.manager import LoRANotFound, build_lora_manager, lora_gauges
 from bowline_runtime.models import loader, vision
 
 logger = logging.getLogger("bowline.engine")
@@ -54,6 +55,7 @@ class _Request:
     seqs: list[Sequence]
     arrival_time: float
     reported: bool = False  # its first output is out: prompt ids and prompt logprobs went with it
+    lora_id: int = 0  # the LoRA adapter serving it (0: the base model)
 
 
 class LLMEngine:
@@ -79,6 +81,8 @@ class LLMEngine:
             self.device.type, config.tensor_parallel_size, time.perf_counter() - t0,
         )
         self.block_size = config.block_size
+        # Adapters (and their batch slots) take device memory: placed before the KV cache is sized from what is left.
+        self.lora = build_lora_manager(config, hf_config, self.tp.set_lora)
         num_blocks = self._num_kv_blocks()
         self.tp.allocate_kv_cache(num_blocks * self.block_size)
         logger.info(
@@ -101,7 +105,10 @@ class LLMEngine:
                 f"without chunked prefill a whole prompt must fit one step: --max-num-batched-tokens ({max_batched}) "
                 f"must be at least --max-model-len ({self.max_model_len})"
             )
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_batched, config.enable_chunked_prefill)
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, max_batched, config.enable_chunked_prefill,
+            max_loras=config.max_loras if config.enable_lora else 0,
+        )
         torch.manual_seed(config.seed)  # the draws of requests that bring no seed of their own
         self.sampler = Sampler(min(self.vocab_size, len(self.tokenizer)), self.eos_token_ids)
         self.requests: dict[str, _Request] = {}
@@ -173,6 +180,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = prepared.params
         arrival = arrival_time or time.time()
+        lora_id = self._acquire_lora(params.lora_name)
         seqs = []
         for index in range(params.num_candidates):
             seq = Sequence(
@@ -183,6 +191,7 @@ class LLMEngine:
                 num_prompt_tokens=len(prepared.prompt_token_ids),
                 params=params,
                 arrival_time=arrival,
+                lora_id=lora_id,
             )
             if params.seed is not None:
                 seq.generator = torch.Generator().manual_seed(params.seed + 7919 * index)
@@ -199,12 +208,24 @@ class LLMEngine:
                 seq.prompt_logprobs = [None]
             seqs.append(seq)
             self.scheduler.add(seq)
-        self.requests[request_id] = _Request(request_id, list(prepared.prompt_token_ids), params, seqs, arrival)
+        self.requests[request_id] = _Request(request_id, list(prepared.prompt_token_ids), params, seqs, arrival, lora_id=lora_id)
+
+    def _acquire_lora(self, name: str | None) -> int:
+        if name is None:
+            return 0
+        if self.lora is None:
+            raise LoRANotFound(f"The model {name!r} does not exist (LoRA is not enabled).", "model")
+        return self.lora.acquire(name)
+
+    def _release(self, request: _Request) -> None:
+        if request.lora_id and self.lora is not None:
+            self.lora.release(request.lora_id)
 
     def abort_request(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)
         if request is None:
             return
+        self._release(request)
         for seq in request.seqs:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
@@ -214,12 +235,15 @@ class LLMEngine:
         return bool(self.requests)
 
     def stats(self) -> EngineStats:
-        return EngineStats(
+        stats = EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
             num_free_blocks=self.block_manager.num_free_blocks,
             num_total_blocks=self.block_manager.num_blocks,
         )
+        if self.lora is not None:
+            stats.lora = lora_gauges(self.lora, self.scheduler)
+        return stats
 
     # --- the step -------------------------------------------------------------------------------------
 
@@ -253,6 +277,7 @@ class LLMEngine:
             outputs.append(self._delta(request, finished))
             if finished:
                 del self.requests[request.request_id]
+                self._release(request)
         return outputs
 
     def _record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, plan: StepPlan, i: int) -> None:

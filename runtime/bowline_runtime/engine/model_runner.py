@@ -7,7 +7,7 @@ broadcast to every tensor-parallel rank, each of which calls `ModelRunner.execut
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -56,6 +56,8 @@ class StepInput:
     prefills: list[PrefillInput]
     keep: torch.Tensor  # [K] packed positions whose logits are needed
     images: ImageBatch | None = None  # images whose placeholder rows are in this step (engine.multimodal)
+    # (first row, end row, adapter id) of each sequence served by a LoRA adapter (none: base model only)
+    lora_segments: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -117,6 +119,7 @@ def prepare_step(batch: ScheduledBatch, block_size: int, group_decodes: bool = T
     decode_tables: list[list[int]] = []
     decode_lens: list[int] = []
     decode_ids: list[int] = []
+    lora_segments: list[tuple[int, int, int]] = []
 
     cursor = 0
     for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens, strict=True)):
@@ -146,6 +149,8 @@ def prepare_step(batch: ScheduledBatch, block_size: int, group_decodes: bool = T
             keep.append(cursor + n - 1)
         else:
             sample_rows.append(-1)
+        if seq.lora_id:
+            lora_segments.append((cursor, cursor + n, seq.lora_id))
         cursor += n
 
     decode_groups: list[DecodeGroupInput] = []
@@ -164,6 +169,7 @@ def prepare_step(batch: ScheduledBatch, block_size: int, group_decodes: bool = T
         prefills=prefills,
         keep=torch.tensor(keep, dtype=torch.long),
         images=plan_images(batch.seqs, batch.num_tokens),
+        lora_segments=lora_segments,
     )
     return StepPlan(step, sample_rows, prompt_rows)
 
@@ -194,6 +200,25 @@ class ModelRunner:
         self.head_dim = head_dim(config)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._staged: dict[int, _StagedContext] = {}  # by decode-group index
+        # LoRA adapters on this rank, by id (lora.delta.pack_adapter); the shard this rank holds.
+        self.lora_store: dict[int, dict] = {}
+        self.lora_slots = None  # lora.delta.SlotStacks, made with the first adapter
+        self.tp_rank, self.tp_size = 0, 1
+
+    def set_lora(self, lora_id: int, adapter, layout) -> None:
+        """Install this rank's share of an adapter (lora.adapter.LoRAAdapter), or drop it (None);
+        `layout` is the lora.delta.LoRALayout."""
+        from bowline_runtime.lora.delta import SlotStacks, pack_adapter
+
+        if self.lora_slots is None:
+            self.lora_slots = SlotStacks(layout, self.tp_rank, self.tp_size, self.dtype, self.device)
+        self.lora_slots.release(lora_id)
+        if adapter is None:
+            self.lora_store.pop(lora_id, None)
+        else:
+            self.lora_store[lora_id] = pack_adapter(
+                adapter, layout.shapes, self.tp_rank, self.tp_size, self.dtype, self.device
+            )
 
     def kv_bytes_per_token(self, num_kv_heads_local: int) -> int:
         return 2 * self.num_layers * num_kv_heads_local * self.head_dim * torch.finfo(self.dtype).bits // 8
@@ -263,8 +288,15 @@ class ModelRunner:
             if self.vision is None:
                 raise ValueError("image inputs reached a text-only model")
             embeds = self.vision.embed(step.input_ids.to(dev), step.images)
+        lora = None
+        if step.lora_segments:
+            from bowline_runtime.lora.delta import LoRABatch
+
+            lora = LoRABatch(self.lora_store, step.lora_segments, dev, self.tp_size, self.lora_slots,
+                             len(step.input_ids))
         if self.decoder is not None:
-            logits = self.decoder(step.input_ids.to(dev), step.positions.to(dev), keep.to(dev), meta, inputs_embeds=embeds)
+            logits = self.decoder(step.input_ids.to(dev), step.positions.to(dev), keep.to(dev), meta, lora=lora,
+                                  inputs_embeds=embeds)
             return logits if self.is_driver else None
         tokens = {"input_ids": step.input_ids.to(dev).unsqueeze(0)} if embeds is None else {"inputs_embeds": embeds.unsqueeze(0)}
         out = self.model(

@@ -158,6 +158,15 @@ class OutputAccumulator:
 
 
 @dataclass(slots=True)
+class LoRAGauges:
+    """vLLM's `vllm:lora_requests_info` labels: the adapters of running and waiting requests."""
+
+    running: tuple[str, ...]
+    waiting: tuple[str, ...]
+    max_lora: int
+
+
+@dataclass(slots=True)
 class EngineStats:
     """Engine-wide gauges for /metrics and tests."""
 
@@ -165,6 +174,7 @@ class EngineStats:
     num_waiting: int
     num_free_blocks: int
     num_total_blocks: int
+    lora: LoRAGauges | None = None  # None: LoRA not enabled
 
     @property
     def kv_cache_usage(self) -> float:

@@ -71,6 +71,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     guided: GuidedDecodingParams | None = None
     reasoning_max_tokens: int | None = None
+    lora_name: str | None = None  # the LoRA adapter the request named as `model`; None: the base model
 
     def __post_init__(self) -> None:
         if self.top_k == -1:

@@ -30,7 +30,8 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(
-        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, chunked_prefill: bool = True
+        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, chunked_prefill: bool = True,
+        max_loras: int = 0,
     ) -> None:
         self.block_manager = block_manager
         self.chunked_prefill = chunked_prefill
@@ -39,6 +40,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.max_loras = max_loras  # most LoRA adapters among running sequences (--max-loras); 0: no bound
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -82,8 +84,13 @@ class Scheduler:
                 budget -= n
 
         # 3. Admit waiting sequences while sequences, tokens and blocks allow.
+        adapters = {s.lora_id for s in self.running if s.lora_id}
+        passed: list[Sequence] = []  # their adapter would exceed --max-loras: they keep their place in line
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if self.max_loras and seq.lora_id and seq.lora_id not in adapters and len(adapters) >= self.max_loras:
+                passed.append(self.waiting.popleft())
+                continue
             if not self.chunked_prefill and seq.num_tokens > budget:
                 break  # it waits for a step with room for the whole prompt
             if not self.block_manager.can_allocate(seq):
@@ -95,6 +102,9 @@ class Scheduler:
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             prefills.append((seq, n))
             budget -= n
+            if seq.lora_id:
+                adapters.add(seq.lora_id)
+        self.waiting.extendleft(reversed(passed))
 
         # Decodes sorted by context length: the runner batches attention over runs of similar lengths.
         decodes.sort(key=lambda s: s.num_tokens)

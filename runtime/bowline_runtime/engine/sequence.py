@@ -46,6 +46,7 @@ class Sequence:
     # How many output tokens / logprobs the engine has already sent: each step sends only the rest.
     num_sent_tokens: int = 0
     num_sent_logprobs: int = 0
+    lora_id: int = 0  # the LoRA adapter serving it (lora.manager); 0: the base model
 
     @property
     def num_tokens(self) -> int:

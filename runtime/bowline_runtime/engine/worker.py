@@ -12,6 +12,8 @@ import datetime
 import logging
 import signal
 import socket
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,6 +32,9 @@ logger = logging.getLogger("bowline.worker")
 
 _TIMEOUT = datetime.timedelta(minutes=30)
 
+# Sent to the worker ranks in place of a step when the engine has gone idle (see devices.host_memory).
+RELEASE_IDLE_MEMORY = "release-idle-memory"
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -43,13 +48,23 @@ def _threads_per_rank(device: Device, world_size: int) -> None:
         torch.set_num_threads(max(1, usable_cores() // world_size))
 
 
+@dataclass(slots=True)
+class LoRAUpdate:
+    """Sent to every rank between steps: install an adapter's weights (each rank takes its shard) or drop them."""
+
+    lora_id: int
+    adapter: Any  # lora.adapter.LoRAAdapter, or None to drop
+    layout: Any  # lora.delta.LoRALayout
+
+
 def build_runner(config: EngineConfig, device: Device, dtype: torch.dtype, rank: int, world_size: int) -> ModelRunner:
     device.prepare_process()
     hf_config = loader.load_config(config.model, config.trust_remote_code)
     text_config = hf_config.get_text_config()  # itself for a text model; a vision-language model's LM part
     check_divisible(text_config, world_size)
     model = loader.load_model(
-        config.model, hf_config, dtype, config.load_format, config.trust_remote_code, seed=config.seed
+        config.model, hf_config, dtype, config.load_format, config.trust_remote_code, seed=config.seed,
+        quantization=config.quantization,
     )
     shard_model(model, rank, world_size)
     torch_device = device.torch_device(rank)
@@ -58,13 +73,20 @@ def build_runner(config: EngineConfig, device: Device, dtype: torch.dtype, rank:
     lm = vision.language_model(model)  # the model itself, or a vision-language model's LM part
     use_packed = switch_on(packed_decoder.PACKED_DECODER_ENV) and packed_decoder.supports(lm)
     decoder = PackedDecoder(lm, device.fused_ops(dtype)) if use_packed else None
+    if config.enable_lora and decoder is None:
+        raise ValueError(
+            f"--enable-lora needs a Llama-family model ({', '.join(sorted(packed_decoder.SUPPORTED_MODEL_TYPES))}) "
+            f"served by the packed decoder ({packed_decoder.PACKED_DECODER_ENV} on)"
+        )
     device.optimize_model(model)
-    return ModelRunner(
+    runner = ModelRunner(
         model, torch_device, dtype, is_driver=rank == 0, block_size=config.block_size, decoder=decoder,
         stage_decode_context=device.stages_decode_context, decode_kernel=device.paged_decode_kernel(dtype),
         prefill_kernel=device.paged_prefill_kernel(dtype, head_dim(text_config)),
         cache_writer=device.paged_cache_writer(dtype), vision=vision.VisionEncoder.of(model),
     )
+    runner.tp_rank, runner.tp_size = rank, world_size
+    return runner
 
 
 def _worker_main(config: EngineConfig, rank: int, world_size: int, port: int, dtype: torch.dtype) -> None:
@@ -81,6 +103,9 @@ def _worker_main(config: EngineConfig, rank: int, world_size: int, port: int, dt
     runner = build_runner(config, device, dtype, rank, world_size)
     box: list = [None]
     dist.broadcast_object_list(box, src=0)
+    while isinstance(box[0], LoRAUpdate):  # --lora-modules adapters come before the KV cache is sized
+        runner.set_lora(box[0].lora_id, box[0].adapter, box[0].layout)
+        dist.broadcast_object_list(box, src=0)
     num_slots, kv_heads = box[0]
     runner.allocate_kv_cache(num_slots, kv_heads)
     while True:
@@ -88,6 +113,12 @@ def _worker_main(config: EngineConfig, rank: int, world_size: int, port: int, dt
         step = box[0]
         if step is None:
             break
+        if isinstance(step, LoRAUpdate):
+            runner.set_lora(step.lora_id, step.adapter, step.layout)
+            continue
+        if step == RELEASE_IDLE_MEMORY:
+            device.release_idle_memory()
+            continue
         runner.execute(step)
     dist.destroy_process_group()
 
@@ -137,6 +168,18 @@ class TensorParallelGroup:
         if self.world_size > 1:
             dist.broadcast_object_list([(num_slots, self.num_kv_heads_local)], src=0)
         self.runner.allocate_kv_cache(num_slots, self.num_kv_heads_local)
+
+    def set_lora(self, lora_id: int, adapter: Any, layout: Any) -> None:
+        """Install (or drop, adapter None) a LoRA adapter on every rank, between steps."""
+        if self.world_size > 1:
+            dist.broadcast_object_list([LoRAUpdate(lora_id, adapter, layout)], src=0)
+        self.runner.set_lora(lora_id, adapter, layout)
+
+    def release_idle_memory(self) -> None:
+        """The engine is idle: every rank hands back the memory its last burst freed."""
+        if self.world_size > 1:
+            dist.broadcast_object_list([RELEASE_IDLE_MEMORY], src=0)
+        self.device.release_idle_memory()
 
     def execute(self, step: StepInput) -> torch.Tensor:
         if self.world_size > 1:

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 KERNELS_ENV = "BOWLINE_CPU_KERNELS"
 CACHE_ENV = "BOWLINE_KERNEL_CACHE"
 _SOURCES = tuple(
-    Path(__file__).with_name(name) for name in ("paged_decode.c", "paged_prefill.c", "fused.c", "gemm.c")
+    Path(__file__).with_name(name) for name in ("paged_decode.c", "paged_prefill.c", "fused.c", "gemm.c", "quant_gemm.c")
 )
 # -ffast-math lets the softmax's expf and the dot products vectorise; -fopenmp shares the libgomp torch loaded.
 _FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC")
@@ -123,6 +123,17 @@ def load() -> ctypes.CDLL | None:
     fn = lib.bowline_write_kv_f32
     fn.restype = None
     fn.argtypes = [_p, _i64, _p, _i64, _p, _p, _p, _i64, _i64, _i64, _i64, _int]
+    lib.bowline_quant_panel_width.restype = _i64
+    lib.bowline_quant_panel_width.argtypes = []
+    fn = lib.bowline_q8_gemm_f32  # quantized Linear layers (quant_gemm.c, see kernels.quant_cpu)
+    fn.restype = None
+    fn.argtypes = [_p, _i64, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _int]
+    fn = lib.bowline_q4_gemm_f32
+    fn.restype = None
+    fn.argtypes = [_p, _i64, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _int]
+    fn = lib.bowline_quantize_rows_f32
+    fn.restype = None
+    fn.argtypes = [_p, _i64, _p, _i64, _i64]
     if hasattr(lib, "bowline_gemm_f32"):  # compiled only for AVX-512 targets (see gemm.c)
         lib.bowline_gemm_panel_width.restype = _i64
         lib.bowline_gemm_panel_width.argtypes = []

@@ -170,4 +170,16 @@ void bowline_gemm_f32(const float *x, int64_t xs, const float *wp, const float *
         }
     }
 }
+
+/* m rows of x against one packed panel (k rows of NR floats, ncols of them real), on the calling thread:
+ * for kernels that make float panels on the fly (quant_gemm.c dequantizes a panel, then calls this). */
+void bowline_gemm_one_panel_f32(const float *x, int64_t xs, const float *panel, int64_t k, const float *bias,
+                                float *out, int64_t os, int64_t ncols, int64_t m)
+{
+    const int64_t blocks = (m + MR - 1) / MR, even = (m + blocks - 1) / blocks;
+    for (int64_t r = 0; r < m; r += even) {
+        const int64_t mr = m - r < even ? m - r : even;
+        block(x + r * xs, xs, panel, k, bias, out + r * os, os, ncols, mr);
+    }
+}
 #endif

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bowline_runtime.models import attention
+from bowline_runtime.models import attention, quant_loader
+from bowline_runtime.models import quantization as quantization_formats
 
 logger = logging.getLogger("bowline.models")
 
@@ -43,15 +44,28 @@ def load_config(model_path: str, trust_remote_code: bool):
 
 
 def load_model(
-    model_path: str, hf_config, dtype: torch.dtype, load_format: str, trust_remote_code: bool, seed: int = 0
+    model_path: str, hf_config, dtype: torch.dtype, load_format: str, trust_remote_code: bool, seed: int = 0,
+    quantization: str = "auto",
 ) -> nn.Module:
     """Build the model with `attn_implementation="bowline"`; `dummy` draws random weights from the config.
 
-    A vision-language model (models.vision) loads as a whole; paged attention serves its language model."""
+    `quantization` (models.quantization.resolve): `auto` follows config.json's quantization_config; an
+    AWQ or compressed-tensors checkpoint is read by models.quant_loader, `int8` quantizes the float
+    model's decoder layers once loaded. A vision-language model (models.vision) loads as a whole;
+    paged attention serves its language model."""
     from bowline_runtime.models import vision
 
     attention.register()
     auto_class, attn_implementation = vision.model_class_and_attention(hf_config, attention.ATTN_IMPLEMENTATION)
+    quant = quantization_formats.resolve(quantization, hf_config)
+    if quant is not None and quant.method != "int8":
+        if load_format == "dummy":
+            raise ValueError(f"--load-format dummy cannot draw {quant.method} weights; use --quantization int8 "
+                             "or a checkpoint")
+        model = quant_loader.load_quantized(model_path, hf_config, dtype, quant, trust_remote_code,
+                                            attention.ATTN_IMPLEMENTATION)
+        logger.info("quantization %s: %s", quant.method, _describe(quant))
+        return model.eval().requires_grad_(False)
     if load_format == "dummy":
         with torch.device("cpu"):
             model = auto_class.from_config(
@@ -66,8 +80,17 @@ def load_model(
         )
     else:
         raise ValueError(f"--load-format {load_format!r}: choose auto or dummy")
+    if quant is not None:
+        layers = quant_loader.quantize_model_int8(model)
+        logger.info("quantization int8: %d decoder Linear layers quantized at load (weight-only, per channel)", layers)
     model.eval().requires_grad_(False)
     return model
+
+
+def _describe(quant) -> str:
+    if quant.method == "awq":
+        return f"4-bit AWQ, group size {quant.group_size}"
+    return "int8 weights per channel, " + ("int8 activations per token" if quant.act_quant else "float activations")
 
 
 def _init_dummy(model: nn.Module, seed: int) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bowline_runtime.lora.delta import LoRABatch
 from bowline_runtime.models.attention import AttentionMetadata, head_dim, paged_attention
 from bowline_runtime.models.fused_ops import FusedOps
 
@@ -74,26 +75,39 @@ def _concat_linears(parts: list[nn.Linear]) -> nn.Linear:
     return fused
 
 
+def _concat(parts: list) -> nn.Module | None:
+    """The parts joined by output columns: nn.Linear, or quantized layers of one kind (their `concat`)."""
+    if all(type(p) is nn.Linear for p in parts):
+        return _concat_linears(parts)
+    kind = type(parts[0])
+    if hasattr(kind, "concat") and all(type(p) is kind for p in parts):
+        return kind.concat(parts)
+    return None
+
+
 def fuse_projections(model: nn.Module) -> None:
     """Replace each layer's q/k/v by one `qkv_proj` and gate/up by one `gate_up_proj`, in place.
 
     Every product has a fixed cost per call (oneDNN's is ~15 us on the CPU, whatever its size), and
     at decode sizes that cost is most of a small product's time: on the bench model at 16 rows, one
     q/k/v product takes 50 us against 71 us for three. The outputs are split again as views, so no
-    copy is added. Only plain nn.Linear layers are fused (before a device swaps in its own kernels);
-    layers fused already, or of another kind, are left as they are. transformers' own forward no
+    copy is added. Only plain nn.Linear layers, or quantized layers of one kind (models.quant_linear),
+    are fused (before a device swaps in its own kernels); layers fused already, or of another kind,
+    are left as they are. transformers' own forward no
     longer runs on a fused model: only this decoder does.
     """
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         parts = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
-        if all(type(p) is nn.Linear for p in parts):
-            attn.qkv_proj = _concat_linears(parts)
+        fused = _concat(parts) if all(p is not None for p in parts) else None
+        if fused is not None:
+            attn.qkv_proj = fused
             attn.qkv_sizes = tuple(p.out_features for p in parts)
             del attn.q_proj, attn.k_proj, attn.v_proj
         parts = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj")]
-        if all(type(p) is nn.Linear for p in parts) and parts[0].out_features == parts[1].out_features:
-            mlp.gate_up_proj = _concat_linears(parts)
+        fused = _concat(parts) if all(p is not None for p in parts) else None
+        if fused is not None and parts[0].out_features == parts[1].out_features:
+            mlp.gate_up_proj = fused
             del mlp.gate_proj, mlp.up_proj
 
 
@@ -137,9 +151,11 @@ class PackedDecoder:
 
     def __call__(
         self, input_ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, meta: AttentionMetadata,
+        lora: LoRABatch | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`inputs_embeds` [T, hidden] replaces the token embeddings (image features merged in)."""
+        """`lora`: the step's adapter rows (lora.delta); each base product then gets their updates added.
+        `inputs_embeds` [T, hidden] replaces the token embeddings (image features merged in)."""
         ops, d = self.ops, self.head_dim
         hidden = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # [T, hidden]
         num_tokens = hidden.shape[0]
@@ -147,12 +163,12 @@ class PackedDecoder:
         cos, sin = cos[0], sin[0]
         residual = hidden  # the stream; each add_rms_norm adds a block's output to it in place
         out = None  # the previous block's output, not yet added to the stream
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             attn, mlp, in_norm, post_norm, q_norm, k_norm = (
                 layer.attn, layer.mlp, layer.input_norm, layer.post_norm, layer.q_norm, layer.k_norm
             )
             x = ops.rms_norm(hidden, *in_norm) if out is None else ops.add_rms_norm(out, residual, *in_norm)
-            q, k, v = _qkv(attn, x)
+            q, k, v = _qkv(attn, x, lora, index)
             q, k, v = q.view(num_tokens, -1, d), k.view(num_tokens, -1, d), v.view(num_tokens, -1, d)
             if q_norm is not None:
                 q = ops.rms_norm(q.reshape(-1, d), q_norm.weight, _eps(q_norm)).view(num_tokens, -1, d)
@@ -163,20 +179,43 @@ class PackedDecoder:
                 attn, q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
                 v.transpose(0, 1).unsqueeze(0), None, scaling=attn.scaling, attn_meta=meta,
             )
-            x = ops.add_rms_norm(attn.o_proj(attended.view(num_tokens, -1)), residual, *post_norm)
-            out = mlp.down_proj(ops.silu_mul(*_gate_up(mlp, x)))
+            attended = attended.view(num_tokens, -1)
+            o = attn.o_proj(attended)
+            if lora is not None:
+                lora.add(index, "o", attended, [o])
+            x = ops.add_rms_norm(o, residual, *post_norm)
+            act = ops.silu_mul(*_gate_up(mlp, x, lora, index))
+            out = mlp.down_proj(act)
+            if lora is not None:
+                lora.add(index, "down", act, [out])
         final = ops.rms_norm(hidden, *self.final_norm) if out is None else ops.add_rms_norm(out, residual, *self.final_norm)
         return self.model.lm_head(final[keep])
 
 
-def _qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _qkv(
+    attn: nn.Module, x: torch.Tensor, lora: LoRABatch | None = None, layer: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Queries, keys and values of x [T, hidden]: column views of one product where fused."""
     if hasattr(attn, "qkv_proj"):
-        return attn.qkv_proj(x).split(attn.qkv_sizes, dim=-1)
-    return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        qkv = attn.qkv_proj(x)
+        if lora is not None:
+            lora.add(layer, "qkv", x, [qkv])
+        return qkv.split(attn.qkv_sizes, dim=-1)
+    q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    if lora is not None:
+        lora.add(layer, "qkv", x, [q, k, v])
+    return q, k, v
 
 
-def _gate_up(mlp: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _gate_up(
+    mlp: nn.Module, x: torch.Tensor, lora: LoRABatch | None = None, layer: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     if hasattr(mlp, "gate_up_proj"):
-        return mlp.gate_up_proj(x).chunk(2, dim=-1)
-    return mlp.gate_proj(x), mlp.up_proj(x)
+        gate_up = mlp.gate_up_proj(x)
+        if lora is not None:
+            lora.add(layer, "gate_up", x, [gate_up])
+        return gate_up.chunk(2, dim=-1)
+    gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    if lora is not None:
+        lora.add(layer, "gate_up", x, [gate, up])
+    return gate, up

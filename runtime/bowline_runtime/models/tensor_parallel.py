@@ -3,7 +3,9 @@
 transformers declares, per architecture, which projections split by output columns ("colwise": q/k/v,
 gate/up) and which by input rows ("rowwise": o_proj, down_proj). We shard those weights in place;
 a rowwise layer's partial products are summed across ranks with one all-reduce. Attention heads
-follow automatically: transformers reshapes projections with `-1` heads.
+follow automatically: transformers reshapes projections with `-1` heads. Quantized layers
+(models.quant_linear) shard on the same plan with their own `shard_columns`/`shard_rows`, which
+refuse a size that would cut an AWQ group or a packed int32 word.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bowline_runtime.models.quant_linear import QuantLinear
+
 
 class RowParallelLinear(nn.Module):
     """y = all_reduce(x_local @ W_local^T) + b: the bias is added once, after the sum.
@@ -21,8 +25,12 @@ class RowParallelLinear(nn.Module):
     The local product is a plain nn.Linear (`inner`), so device layers can swap in faster kernels.
     """
 
-    def __init__(self, linear: nn.Linear, rank: int, world_size: int) -> None:
+    def __init__(self, linear: nn.Module, rank: int, world_size: int, name: str = "") -> None:
         super().__init__()
+        if isinstance(linear, QuantLinear):  # quantized: the layer cuts its own rows (whole groups only)
+            self.inner = linear.shard_rows(rank, world_size, name)
+            self.bias = None if linear.bias is None else nn.Parameter(linear.bias.data.clone(), False)
+            return
         in_features = linear.in_features
         if in_features % world_size:
             raise ValueError(f"{in_features} input features do not split over tensor-parallel size {world_size}")
@@ -79,8 +87,9 @@ def shard_model(model: nn.Module, rank: int, world_size: int) -> None:
     if not plan:
         raise ValueError(f"{type(model).__name__} declares no tensor-parallel plan; use --tensor-parallel-size 1")
     rules = [(_pattern(k), v) for k, v in plan.items()]
+    prefix = "model." if getattr(model, "model", None) is base else ""
     for name, module in list(base.named_modules()):
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, (nn.Linear, QuantLinear)):
             continue
         style = next((style for pattern, style in rules if pattern.match(name)), None)
         if style is None:
@@ -88,8 +97,11 @@ def shard_model(model: nn.Module, rank: int, world_size: int) -> None:
         parent_name, _, child = name.rpartition(".")
         parent = base.get_submodule(parent_name)
         if style.startswith("colwise") or style == "local_colwise":
-            setattr(parent, child, _colwise(module, rank, world_size))
+            if isinstance(module, QuantLinear):
+                setattr(parent, child, module.shard_columns(rank, world_size, prefix + name))
+            else:
+                setattr(parent, child, _colwise(module, rank, world_size))
         elif style.startswith("rowwise") or style == "local_rowwise":
-            setattr(parent, child, RowParallelLinear(module, rank, world_size))
+            setattr(parent, child, RowParallelLinear(module, rank, world_size, prefix + name))
         else:
             raise ValueError(f"unsupported tensor-parallel style {style!r} for {name}")

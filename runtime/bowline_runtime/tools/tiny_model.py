@@ -204,12 +204,16 @@ def build_config(preset: Preset, arch: str, vocab_size: int, eos_ids: list[int],
 
 
 def build_tiny_model(
-    out_dir: str | Path, preset: str = "tiny", arch: str | None = None, seed: int = 0, config_only: bool | None = None
+    out_dir: str | Path, preset: str = "tiny", arch: str | None = None, seed: int = 0, config_only: bool | None = None,
+    quantization: str | None = None, group_size: int | None = None,
 ) -> Path:
     """Write a Hugging Face model folder to `out_dir` and return its path.
 
     `arch` None takes the preset's architecture; `config_only` None takes the preset's choice (True
     for real-size presets): then no weights are written, only config, generation config and tokenizer.
+    `quantization` "awq" or "w8a8" writes the same random model quantized, in the AutoAWQ or the
+    compressed-tensors int8 layout (tools.quantized_checkpoint); `group_size` is AWQ's (default: 128
+    where every layer's input splits into 2 x 128, else 32).
     """
     import torch
     from transformers import GenerationConfig
@@ -233,6 +237,10 @@ def build_tiny_model(
         config.save_pretrained(out)
     else:
         _save_random_weights(config, out, seed)
+        if quantization:
+            from bowline_runtime.tools.quantized_checkpoint import quantize_checkpoint
+
+            quantize_checkpoint(out, quantization, group_size)
     GenerationConfig(bos_token_id=pad_id, eos_token_id=eos_ids, pad_token_id=pad_id).save_pretrained(out)
 
     tokenizer.save_pretrained(out)
