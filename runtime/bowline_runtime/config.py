@@ -66,6 +66,15 @@ class EngineConfig:
     max_loras: int = 1
     max_cpu_loras: int | None = None  # None: --max-loras
     allow_runtime_lora_updating: bool = False  # also VLLM_ALLOW_RUNTIME_LORA_UPDATING
+    # The reference documents' remaining launch flags (docs/seed-flags.md says what each does here).
+    api_server: Literal["openai", "vllm", "both"] = "both"
+    tokenizer_mode: Literal["auto", "slow"] = "auto"
+    num_scheduler_steps: int = 1
+    multi_step_stream_outputs: bool = True
+    engine_iteration_timeout_s: float | None = None  # also read from VLLM_ENGINE_ITERATION_TIMEOUT_S
+    enforce_eager: bool = False
+    disable_async_output_proc: bool = False
+    distributed_executor_backend: Literal["mp", "ray"] | None = None
 
     @property
     def model_name(self) -> str:
@@ -90,6 +99,10 @@ class EngineConfig:
 
         check_settings(self.enable_lora, parse_modules(self.lora_modules), self.max_lora_rank, self.max_loras,
                        self.max_cpu_loras, self.model_name)
+        if self.num_scheduler_steps < 1:
+            raise ValueError(f"--num-scheduler-steps must be >= 1, got {self.num_scheduler_steps}")
+        if self.engine_iteration_timeout_s is not None and self.engine_iteration_timeout_s <= 0:
+            raise ValueError(f"the engine iteration timeout must be > 0 seconds, got {self.engine_iteration_timeout_s}")
 
 
 def parse_mm_limit(value: str | None) -> int | None:
@@ -168,9 +181,29 @@ _HELP = {
     "max_cpu_loras": "most adapters kept loaded (least recently used idle ones are dropped; >= --max-loras)",
     "allow_runtime_lora_updating": "enable /v1/load_lora_adapter and /v1/unload_lora_adapter "
     "(also VLLM_ALLOW_RUNTIME_LORA_UPDATING)",
+    "api_server": "which routes to serve: openai (/v1/...), vllm (vLLM's native POST /generate) or both",
+    "tokenizer_mode": "slow: the Python tokenizer where the model ships one (vLLM's --tokenizer-mode slow)",
+    "num_scheduler_steps": "multi-step scheduling: decode steps per scheduling decision (no admission in between)",
+    "multi_step_stream_outputs": "stream each token of a multi-step run (false: send the steps' tokens at once)",
+    "engine_iteration_timeout_s": "seconds one engine step may run before its requests fail and the engine is "
+    "marked unhealthy (also VLLM_ENGINE_ITERATION_TIMEOUT_S; default: no limit)",
+    "enforce_eager": "accepted: Bowline always runs eagerly (it captures no graphs)",
+    "disable_async_output_proc": "accepted: Bowline's output processing is already synchronous with the step",
+    "distributed_executor_backend": "mp (tensor-parallel ranks as processes, what Bowline does); ray is accepted "
+    "and runs mp",
 }
 # Flags that take several values.
 _NARGS = {"lora_modules": "+"}
+
+# Flags vLLM spells `--flag true|false` as well as bare `--flag` (vLLM's StoreBoolean): the Ascend
+# document writes `--multi-step-stream-outputs false`.
+_VALUE_BOOLS = {"multi_step_stream_outputs"}
+
+# vLLM's own environment variables that name a setting here, read when the BOWLINE_ one is unset.
+VLLM_ENV_ALIASES = {
+    "engine_iteration_timeout_s": "VLLM_ENGINE_ITERATION_TIMEOUT_S",
+    "image_fetch_timeout": "VLLM_IMAGE_FETCH_TIMEOUT",
+}
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -180,7 +213,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         env = env_name(f.name)
         help_text = f"{_HELP.get(f.name, f.name.replace('_', ' '))} [env {env}]"
         annotation = str(f.type)
-        if annotation == "bool":
+        if f.name in _VALUE_BOOLS:
+            parser.add_argument(_flag(f.name), nargs="?", const="true", default=None, help=help_text)
+            parser.add_argument("--no-" + _flag(f.name)[2:], dest=f.name, action="store_const", const="false")
+        elif annotation == "bool":
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             parser.add_argument(_flag(f.name), default=None, nargs=_NARGS.get(f.name), help=help_text)
@@ -216,13 +252,11 @@ def _coerce(annotation: str, raw: Any) -> Any:
     return raw
 
 
-# Fields vLLM reads from an environment variable of its own, honoured after BOWLINE_*.
-_VLLM_ENV = {"image_fetch_timeout": "VLLM_IMAGE_FETCH_TIMEOUT"}
-
-
 def _choices(name: str) -> tuple[Any, ...]:
     """The allowed values of a Literal-typed field (--dtype, --load-format); () for the rest."""
     hint = get_type_hints(EngineConfig)[name]
+    if get_origin(hint) is not Literal:  # Literal[...] | None: the Literal's values
+        hint = next((a for a in get_args(hint) if get_origin(a) is Literal), hint)
     return get_args(hint) if get_origin(hint) is Literal else ()
 
 
@@ -234,8 +268,8 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
         raw, source = getattr(args, f.name, None), _flag(f.name)
         if raw is None:
             raw, source = environ.get(env_name(f.name)), env_name(f.name)
-        if raw is None and f.name in _VLLM_ENV:  # the name vLLM's deployments already set
-            raw, source = environ.get(_VLLM_ENV[f.name]), _VLLM_ENV[f.name]
+        if raw is None and f.name in VLLM_ENV_ALIASES:
+            raw, source = environ.get(VLLM_ENV_ALIASES[f.name]), VLLM_ENV_ALIASES[f.name]
         if raw is None:
             continue
         try:

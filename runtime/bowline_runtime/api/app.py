@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from bowline_runtime import __version__
-from bowline_runtime.api import serving_basic, serving_chat, serving_completions
+from bowline_runtime.api import serving_basic, serving_chat, serving_completions, serving_generate
 from bowline_runtime.api.auth import APIKeyMiddleware
 from bowline_runtime.api.body_limit import BodyLimitMiddleware
 from bowline_runtime.api.errors import CatchAllMiddleware, install_error_handlers
@@ -142,8 +142,11 @@ def build_app(
 
     app.add_exception_handler(ClientDisconnected, _client_gone)
     app.include_router(serving_basic.router)
-    app.include_router(serving_chat.router)
-    app.include_router(serving_completions.router)
+    if config.api_server in ("openai", "both"):
+        app.include_router(serving_chat.router)
+        app.include_router(serving_completions.router)
+    if config.api_server in ("vllm", "both"):
+        app.include_router(serving_generate.router)
     if config.enable_lora and config.allow_runtime_lora_updating:
         from bowline_runtime.api import serving_lora
 

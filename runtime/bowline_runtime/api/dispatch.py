@@ -30,14 +30,21 @@ class Call(Protocol):
 
 
 async def run_call(
-    state: ServerState, raw_request: Request, call: Call, prompts: list[list[int]], *, stream: bool,
+    state: ServerState,
+    raw_request: Request,
+    call: Call,
+    prompts: list[list[int]],
+    *,
+    stream: bool,
+    stream_response: type[SSEResponse] = SSEResponse,
     images: list[Any] | None = None,
 ) -> Response:
     """Admit (429 when full), start the engine work and wait for its first output — engine refusals
     become 400s here, before any header is sent — then stream, or wait for the end.
 
     A client that disconnects at any point cancels the engine work (see race_disconnect and
-    SSEResponse); the admission ticket is released on every path.
+    SSEResponse); the admission ticket is released on every path. `stream_response` frames the
+    stream (SSE for the OpenAI routes, one JSON object per line for vLLM's /generate).
     """
     try:
         ticket = state.admission.enter()
@@ -54,7 +61,7 @@ async def run_call(
         gen.start()
         first = await race_disconnect(raw_request, gen.next())
         if stream:
-            return SSEResponse(call.events(gen, first), cleanup)
+            return stream_response(call.events(gen, first), cleanup)
         await race_disconnect(raw_request, gen.run_to_end())
     except (APIError, ClientDisconnected, asyncio.CancelledError):
         await cleanup()

@@ -127,6 +127,8 @@ def to_api_error(exc: BaseException, request_id: str | None = None) -> APIError:
         return exc
     if isinstance(exc, RequestRejected):
         return APIError(exc.message, getattr(exc, "status_code", 400), param=exc.param)
+    if type(exc).__name__ == "EngineIterationTimeout":  # VLLM_ENGINE_ITERATION_TIMEOUT_S: say so
+        return APIError(str(exc), 503, code="engine_iteration_timeout")
     if type(exc).__name__ == "EngineDeadError":
         return APIError("the engine has stopped; the server log has the details", 503)
     return internal_error(exc, request_id)

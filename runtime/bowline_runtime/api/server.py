@@ -8,6 +8,7 @@ engine down and exits 0. A model that fails to load exits 1, so the pod restarts
 from __future__ import annotations
 
 import logging
+import os
 
 import uvicorn
 
@@ -40,6 +41,9 @@ def run_server(config: EngineConfig) -> int:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
+    from bowline_runtime.launch_notes import log_launch_notes
+
+    log_launch_notes(config, os.environ)
     exit_code = 0
     server: _Server | None = None
 

@@ -23,16 +23,15 @@ from bowline_runtime.engine.errors import RequestRejected
 from bowline_runtime.engine.multimodal import ImageInput, check_no_beam_images
 from bowline_runtime.engine.outputs import EngineStats, RequestOutput, merge_delta
 from bowline_runtime.engine.sampling_params import SamplingParams
+from bowline_runtime.engine.step_watchdog import EngineDeadError, EngineIterationTimeout, StepWatchdog
 from bowline_runtime.lora.manager import LoRAManager
 from bowline_runtime.lora.modules import LoRAModule
+
+__all__ = ["AsyncEngine", "EngineDeadError", "EngineIterationTimeout", "EngineStepError", "deliver_by_loop"]
 
 T = TypeVar("T")
 
 logger = logging.getLogger("bowline.engine")
-
-
-class EngineDeadError(RuntimeError):
-    """The step loop crashed; every pending request fails with this."""
 
 
 class EngineStepError(RuntimeError):
@@ -63,6 +62,9 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = threading.Event()
         self._dead: BaseException | None = None
+        self._watchdog: StepWatchdog | None = None
+        if config.engine_iteration_timeout_s is not None:
+            self._watchdog = StepWatchdog(config.engine_iteration_timeout_s, self._step_timed_out)
         self._thread = threading.Thread(target=self._run, name="bowline-engine", daemon=True)
         self._thread.start()
 
@@ -159,6 +161,8 @@ class AsyncEngine:
         return bool(self._streams) or self.engine.has_unfinished_requests()
 
     async def shutdown(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.stop()
         self._stop.set()
         self._wakeup.set()
         await asyncio.to_thread(self._thread.join, 10)
@@ -226,6 +230,8 @@ class AsyncEngine:
                     self._wakeup.clear()
                     continue
                 try:
+                    if self._watchdog is not None:
+                        self._watchdog.begin()
                     outputs = self.engine.step()
                 except Exception as exc:
                     failures += 1
@@ -234,12 +240,23 @@ class AsyncEngine:
                         raise
                     self._fail_in_flight(exc)
                     continue
+                finally:
+                    if self._watchdog is not None:
+                        self._watchdog.end()
+                if self._dead is not None:  # the watchdog gave up on this step while it ran
+                    return
                 failures = 0
                 self._deliver_many([(output.request_id, output) for output in outputs])
         except BaseException as exc:  # noqa: BLE001 - anything here kills serving; tell every waiter
             logger.exception("engine step loop crashed")
             self._dead = exc
             self._deliver_many([(rid, EngineDeadError(f"engine stopped: {exc!r}")) for rid in list(self._streams)])
+
+    def _step_timed_out(self, exc: EngineIterationTimeout) -> None:
+        """From the watchdog's thread while the step still runs: fail every waiter, report dead."""
+        logger.error("%s; failing the %d requests in flight", exc, len(self._streams))
+        self._dead = exc
+        self._deliver_many([(rid, exc) for rid in list(self._streams)])
 
 
 def deliver_by_loop(

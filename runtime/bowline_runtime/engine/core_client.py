@@ -48,6 +48,7 @@ from bowline_runtime.engine.async_engine import EngineDeadError, EngineStepError
 from bowline_runtime.engine.multimodal import ImageInput, check_no_beam_images
 from bowline_runtime.engine.outputs import EngineStats, RequestOutput, merge_delta
 from bowline_runtime.engine.sampling_params import SamplingParams
+from bowline_runtime.engine.step_watchdog import EngineIterationTimeout
 from bowline_runtime.lora.modules import LoRAModule, parse_modules
 
 logger = logging.getLogger("bowline.engine")
@@ -81,6 +82,8 @@ def rebuild_error(module: str, class_name: str, message: str, param: Any, client
             except AttributeError:
                 pass
         return error
+    if class_name == "EngineIterationTimeout":
+        return EngineIterationTimeout(message)
     if class_name == "EngineDeadError":
         return EngineDeadError(message)
     return EngineStepError(message)
@@ -99,7 +102,7 @@ class EngineCoreClient:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         torch.set_num_threads(1)
         self.config = config
-        self.tokenizer = loader.load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
+        self.tokenizer = loader.load_tokenizer(config.tokenizer or config.model, config.trust_remote_code, config.tokenizer_mode)
         self._dir = tempfile.mkdtemp(prefix="bowline-core-")
         in_addr, out_addr = f"ipc://{self._dir}/in", f"ipc://{self._dir}/out"
         self._ctx = zmq.Context(1)

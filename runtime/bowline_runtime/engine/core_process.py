@@ -17,6 +17,7 @@ from typing import Any
 
 from bowline_runtime.config import EngineConfig
 from bowline_runtime.devices.host_memory import IdleRelease
+from bowline_runtime.engine.step_watchdog import StepWatchdog
 
 logger = logging.getLogger("bowline.engine")
 
@@ -89,8 +90,11 @@ def run_engine_core(config: EngineConfig, in_addr: str, out_addr: str, parent_pi
         "stats": engine.stats(),
         "pid": os.getpid(),
     })))
+    watchdog = None
+    if config.engine_iteration_timeout_s is not None:
+        watchdog = StepWatchdog(config.engine_iteration_timeout_s, lambda exc: _give_up(engine, out_addr, exc))
     try:
-        _serve(engine, pull, push, parent_pid)
+        _serve(engine, pull, push, parent_pid, watchdog)
     finally:
         engine.shutdown()
         push.close(linger=500)
@@ -153,7 +157,30 @@ def _handle(engine: Any, message: tuple, push: Any, unloading: dict[str, int] | 
     return True
 
 
-def _serve(engine: Any, pull: Any, push: Any, parent_pid: int) -> None:
+def _give_up(engine: Any, out_addr: str, exc: BaseException) -> None:
+    """The iteration timeout fired (watchdog thread, the step still running): tell each request in
+    flight why, on a socket of this thread's own, then exit; the client sees the process die and
+    marks the engine dead."""
+    import zmq
+
+    logger.error("%s; failing the requests in flight and exiting", exc)
+    ctx = zmq.Context(1)
+    push = ctx.socket(zmq.PUSH)
+    push.connect(out_addr)
+    for _ in range(3):  # the engine thread may change the dict meanwhile
+        try:
+            request_ids = list(engine.requests)
+            break
+        except RuntimeError:
+            request_ids = []
+    for request_id in request_ids:
+        push.send(pickle.dumps(_error(request_id, exc)))
+    push.close(linger=2000)
+    ctx.term()
+    os._exit(1)
+
+
+def _serve(engine: Any, pull: Any, push: Any, parent_pid: int, watchdog: StepWatchdog | None = None) -> None:
     failures = 0
     unloading: dict[str, int] = {}  # LoRA unloads waiting for their adapter's last request, by reply token
     idle = IdleRelease(engine.tp.release_idle_memory)
@@ -176,6 +203,8 @@ def _serve(engine: Any, pull: Any, push: Any, parent_pid: int) -> None:
                 push.send(pickle.dumps(("stats", engine.stats())))
             continue
         try:
+            if watchdog is not None:
+                watchdog.begin()
             outputs = engine.step()
         except Exception as exc:
             failures += 1
@@ -186,6 +215,9 @@ def _serve(engine: Any, pull: Any, push: Any, parent_pid: int) -> None:
                 engine.abort_request(request_id)
                 push.send(pickle.dumps(_error(request_id, EngineStepErrorLike(f"generation failed: {exc!r}"))))
             continue
+        finally:
+            if watchdog is not None:
+                watchdog.end()
         failures = 0
         if unloading:
             _finish_unloads(engine, push, unloading)

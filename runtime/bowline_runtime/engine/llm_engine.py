@@ -20,6 +20,7 @@ from bowline_runtime.engine.block_manager import BlockManager
 from bowline_runtime.engine.detokenizer import IncrementalDetokenizer
 from bowline_runtime.engine.errors import RequestRejected
 from bowline_runtime.engine.model_runner import ModelRunner, StepPlan, prepare_step
+from bowline_runtime.engine.multi_step import MultiStepWindow
 from bowline_runtime.engine.multimodal import ImageInput, check_images
 from bowline_runtime.engine.outputs import CompletionOutput, EngineStats, RequestOutput, TokenLogprob
 from bowline_runtime.engine.request_checks import RequestLimits, check_request
@@ -68,7 +69,7 @@ class LLMEngine:
         self.image_token_id = vision.image_token_id(hf_config)  # None: text-only
         self.max_model_len = self._resolve_max_model_len(text_config)
         self.dtype = loader.resolve_dtype(config.dtype, hf_config, self.device)
-        self.tokenizer = loader.load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
+        self.tokenizer = loader.load_tokenizer(config.tokenizer or config.model, config.trust_remote_code, config.tokenizer_mode)
         self.eos_token_ids = loader.eos_token_ids(config.model, hf_config, self.tokenizer)
         self.vocab_size = text_config.vocab_size
         self.request_limits = RequestLimits(self.vocab_size, self.max_model_len, config.max_logprobs)
@@ -113,6 +114,7 @@ class LLMEngine:
         self.sampler = Sampler(min(self.vocab_size, len(self.tokenizer)), self.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
+        self.multi_step = MultiStepWindow(config.num_scheduler_steps, config.multi_step_stream_outputs)
 
     # --- start-up checks ---------------------------------------------------------------------------
 
@@ -223,6 +225,7 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)
+        self.multi_step.drop(request_id)
         if request is None:
             return
         self._release(request)
@@ -248,9 +251,14 @@ class LLMEngine:
     # --- the step -------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
+        admit = self.multi_step.admits
+        batch = self.scheduler.schedule(admit=admit)
+        if batch.is_empty and not admit:  # the window's sequences all finished: schedule anew
+            self.multi_step.end()
+            admit, batch = True, self.scheduler.schedule()
         if batch.is_empty:
-            return []
+            return self.multi_step.flush()
+        self.multi_step.advance(admit)
         plan = prepare_step(batch, self.block_size, group_decodes=self.runner.decode_kernel is None)
         logits = self.tp.execute(plan.step)
         now = time.time()
@@ -278,7 +286,7 @@ class LLMEngine:
             if finished:
                 del self.requests[request.request_id]
                 self._release(request)
-        return outputs
+        return self.multi_step.deliver(outputs)
 
     def _record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, plan: StepPlan, i: int) -> None:
         first_row, first_pos, count = plan.prompt_rows[i]

@@ -48,7 +48,8 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, admit: bool = True) -> ScheduledBatch:
+        """`admit=False` runs only what is already running (the inner steps of a multi-step window)."""
         budget = self.max_num_batched_tokens
         decodes: list[Sequence] = []
         prefills: list[tuple[Sequence, int]] = []
@@ -86,7 +87,7 @@ class Scheduler:
         # 3. Admit waiting sequences while sequences, tokens and blocks allow.
         adapters = {s.lora_id for s in self.running if s.lora_id}
         passed: list[Sequence] = []  # their adapter would exceed --max-loras: they keep their place in line
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while admit and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if self.max_loras and seq.lora_id and seq.lora_id not in adapters and len(adapters) >= self.max_loras:
                 passed.append(self.waiting.popleft())

@@ -114,10 +114,19 @@ def max_position_limit(hf_config) -> int | None:
     return None
 
 
-def load_tokenizer(path: str, trust_remote_code: bool):
+def load_tokenizer(path: str, trust_remote_code: bool, mode: str = "auto"):
+    """`mode` "slow" asks for the Python tokenizer (vLLM's --tokenizer-mode slow, which LLaMA-based
+    Chinese-Alpaca-2 models need); a model that ships only a fast tokenizer keeps it, with a log line."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if mode != "slow":
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, use_fast=False)
+    if getattr(tokenizer, "is_fast", False):
+        logger.info("--tokenizer-mode slow: %s ships no slow (Python) tokenizer; using its fast one", path)
+    else:
+        logger.info("--tokenizer-mode slow: using the slow tokenizer %s", type(tokenizer).__name__)
+    return tokenizer
 
 
 def eos_token_ids(model_path: str, hf_config, tokenizer) -> set[int]:

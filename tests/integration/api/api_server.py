@@ -25,13 +25,13 @@ def free_port() -> int:
 class ServerProcess:
     """A runtime server on a free port; `stop()` sends SIGTERM and returns the exit code."""
 
-    def __init__(self, model_dir: Path, *args: str, log_dir: Path) -> None:
+    def __init__(self, model_dir: Path, *args: str, log_dir: Path, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"server-{self.port}.log"
         cmd = [sys.executable, "-m", "bowline_runtime", "serve", "--model", str(model_dir), "--served-model-name", MODEL,
                "--device", "cpu", "--host", "127.0.0.1", "--port", str(self.port), *args]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
