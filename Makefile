@@ -75,6 +75,13 @@ SPEC_ARGS ?=
 bench-spec-decode: install ## speculative decoding against none, in process, on the bench model
 	$(BIN)/python -m bench.spec_decode_bench $(SPEC_ARGS)
 
+# Chat with one image per request against the same requests without (llava around the bench preset;
+# VISION_BENCH_ARGS="--preset tiny --requests 8" for a smoke run).
+VISION_BENCH_ARGS ?=
+
+bench-vision: install ## images/s, TTFT and tok/s with one image per request vs without (c=8, 64 tokens; not part of make test)
+	$(BIN)/python bench/vision_bench.py $(VISION_BENCH_ARGS)
+
 # Batch-1 decode against the memory-bandwidth limit, in process. ROOFLINE_ARGS passes flags on; on a GPU:
 # make bench-roofline ROOFLINE_ARGS="--device cuda --dtype bfloat16 --model-preset qwen2.5-0.5b"
 ROOFLINE_ARGS ?=
@@ -109,7 +116,7 @@ MULTI_STEP_ARGS ?=
 bench-multi-step: install ## tok/s with --num-scheduler-steps 1, 4, 8 in one process (not part of make test)
 	$(BIN)/python -m bench.multi_step_bench $(MULTI_STEP_ARGS)
 
-.PHONY: bench-full bench-roofline bench-quant bench-vllm-env bench-lora bench-multi-step
+.PHONY: bench-full bench-roofline bench-quant bench-vllm-env bench-lora bench-multi-step bench-vision
 
 # Images are tagged as the operator's defaults expect: $(REGISTRY)/bowline-NAME:$(IMAGE_TAG).
 REGISTRY     ?= ghcr.io/bowline-dev

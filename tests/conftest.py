@@ -23,3 +23,11 @@ def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from bowline_runtime.tools.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", preset="tiny", arch="qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny llava (random CLIP tower + projector before the tiny Llama, processor, image chat template)."""
+    from bowline_runtime.tools.tiny_llava import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-llava")

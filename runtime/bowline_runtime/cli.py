@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     tiny.add_argument("--arch", default=None, choices=["llama", "qwen2"],
                       help="architecture (default: the preset's; llama for tiny and bench, qwen2 for qwen2.5-0.5b)")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--vision", action="store_true",
+                      help="a llava model: a random CLIP vision tower and projector before the language model")
     tiny.add_argument("--quantization", default=None, choices=["awq", "w8a8"],
                       help="write the model quantized: AutoAWQ 4-bit or compressed-tensors int8 (W8A8)")
     tiny.add_argument("--config-only", action=argparse.BooleanOptionalAction, default=None,
@@ -51,8 +53,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "make-tiny-model":
         from bowline_runtime.tools.tiny_model import build_tiny_model
 
-        path = build_tiny_model(args.out_dir, preset=args.preset, arch=args.arch, seed=args.seed,
-                                config_only=args.config_only, quantization=args.quantization)
+        if args.vision:
+            from bowline_runtime.tools.tiny_llava import build_tiny_llava
+
+            path = build_tiny_llava(args.out_dir, preset=args.preset, arch=args.arch, seed=args.seed)
+        else:
+            path = build_tiny_model(args.out_dir, preset=args.preset, arch=args.arch, seed=args.seed,
+                                    config_only=args.config_only, quantization=args.quantization)
         weights = "no weights (serve with --load-format dummy)" if not any(path.glob("*.safetensors")) else "weights"
         print(f"wrote {args.preset} model to {path}: config, tokenizer, {weights}")
         return

@@ -7,6 +7,7 @@ either args or env. The flag names are vLLM's and FastDeploy's, so reference com
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -67,6 +68,10 @@ class EngineConfig:
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
     guided_decoding_any_whitespace: bool = False
+    limit_mm_per_prompt: str | None = None  # vLLM's JSON, e.g. {"image": 2}
+    image_fetch_timeout: float = 5.0  # seconds; VLLM_IMAGE_FETCH_TIMEOUT seeds it too
+    max_image_bytes: int = 20 * 2**20
+    enable_prompt_tokens_details: bool = False
     log_level: str = "info"
     # Multi-LoRA (bowline_runtime.lora), vLLM's flags
     enable_lora: bool = False
@@ -112,6 +117,9 @@ class EngineConfig:
             raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"--max-model-len must be >= 1, got {self.max_model_len}")
+        if self.image_fetch_timeout <= 0:
+            raise ValueError(f"--image-fetch-timeout must be > 0, got {self.image_fetch_timeout}")
+        parse_mm_limit(self.limit_mm_per_prompt)  # a bad value fails at start-up, not per request
         from bowline_runtime.lora.modules import check_settings, parse_modules
 
         check_settings(self.enable_lora, parse_modules(self.lora_modules), self.max_lora_rank, self.max_loras,
@@ -125,6 +133,25 @@ class EngineConfig:
         speculative = speculative_config_from(self)  # bad speculative settings fail at start-up, with the flag's name
         if speculative is not None and self.num_scheduler_steps > 1:
             raise ValueError("--num-scheduler-steps > 1 cannot be combined with speculative decoding")
+
+
+def parse_mm_limit(value: str | None) -> int | None:
+    """`--limit-mm-per-prompt`: vLLM's JSON `{"image": N}` (or its older `image=N`); None: no limit."""
+    if value is None or not str(value).strip():
+        return None
+    text = str(value).strip()
+    try:
+        limits = json.loads(text) if text.startswith("{") else {
+            k.strip(): int(v) for k, v in (item.split("=", 1) for item in text.split(","))
+        }
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f'--limit-mm-per-prompt {value!r}: expected JSON such as {{"image": 2}} ({exc})') from None
+    if not isinstance(limits, dict) or not all(isinstance(v, int) and v >= 0 for v in limits.values()):
+        raise ValueError(f'--limit-mm-per-prompt {value!r}: expected counts such as {{"image": 2}}')
+    unknown = set(limits) - {"image"}
+    if unknown:
+        raise ValueError(f"--limit-mm-per-prompt {value!r}: only images are served (not {sorted(unknown)})")
+    return limits.get("image")
 
 
 def _flag(name: str) -> str:
@@ -188,6 +215,11 @@ _HELP = {
     "tool_call_parser": "parser for tool calls in generated text (e.g. hermes)",
     "reasoning_parser": "parser splitting reasoning from content (e.g. qwen3, deepseek_r1)",
     "guided_decoding_any_whitespace": "let guided JSON contain free whitespace (default: compact JSON)",
+    "limit_mm_per_prompt": 'most images per request, as JSON: {"image": N} (default: no limit)',
+    "image_fetch_timeout": "seconds to fetch a request's http(s) image URLs (default 5; also read from "
+    "VLLM_IMAGE_FETCH_TIMEOUT)",
+    "max_image_bytes": "largest image accepted, fetched or in a data: URL (default 20 MiB)",
+    "enable_prompt_tokens_details": "report usage.prompt_tokens_details.cached_tokens (prefix-cache hits) in chat usage",
     "enable_lora": "serve LoRA adapters over the base model (requests name one as `model`)",
     "lora_modules": "adapters to serve: name=path or {\"name\": ..., \"path\": ..., \"base_model_name\": ...}, several",
     "max_lora_rank": "largest adapter rank accepted (one of 1, 8, 16, 32, 64, 128, 256, 320, 512)",
@@ -214,7 +246,10 @@ _NARGS = {"lora_modules": "+"}
 _VALUE_BOOLS = {"multi_step_stream_outputs"}
 
 # vLLM's own environment variables that name a setting here, read when the BOWLINE_ one is unset.
-VLLM_ENV_ALIASES = {"engine_iteration_timeout_s": "VLLM_ENGINE_ITERATION_TIMEOUT_S"}
+VLLM_ENV_ALIASES = {
+    "engine_iteration_timeout_s": "VLLM_ENGINE_ITERATION_TIMEOUT_S",
+    "image_fetch_timeout": "VLLM_IMAGE_FETCH_TIMEOUT",
+}
 
 
 # A LeaderWorkerSet sets these in every pod of a group; flags and BOWLINE_* variables still win.

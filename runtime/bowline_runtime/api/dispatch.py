@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -37,6 +37,7 @@ async def run_call(
     *,
     stream: bool,
     stream_response: type[SSEResponse] = SSEResponse,
+    images: list[Any] | None = None,
 ) -> Response:
     """Admit (429 when full), start the engine work and wait for its first output — engine refusals
     become 400s here, before any header is sent — then stream, or wait for the end.
@@ -50,7 +51,7 @@ async def run_call(
     except Exception:
         state.metrics.reject("queue_full")
         raise
-    gen = Generation(state.engine, prompts, call.params, call.id, state.metrics)
+    gen = Generation(state.engine, prompts, call.params, call.id, state.metrics, images=images)
 
     async def cleanup() -> None:
         await gen.aclose()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
+from bowline_runtime.engine.multimodal import ImageInput
 from bowline_runtime.engine.outputs import EngineStats, RequestOutput
 from bowline_runtime.engine.sampling_params import SamplingParams
 from bowline_runtime.lora.modules import LoRAModule
@@ -19,6 +20,7 @@ class EngineClient(Protocol):
     tokenizer: Any  # a Hugging Face tokenizer (transformers has no common static type for them)
     max_model_len: int  # prompt + output tokens
     vocab_size: int  # valid token ids are 0..vocab_size-1 (the model's embedding rows)
+    image_token_id: int | None  # a vision-language model's image placeholder token; None: text-only
 
     def generate(
         self,
@@ -26,8 +28,10 @@ class EngineClient(Protocol):
         params: SamplingParams,
         request_id: str | None = None,
         arrival_time: float | None = None,
+        images: list[ImageInput] | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Per-step deltas (engine/outputs.py) until the request finishes; RequestRejected before the first."""
+        """Per-step deltas (engine/outputs.py) until the request finishes; RequestRejected before the first.
+        `images`: the prompt's images (engine/multimodal.py), for a vision-language model."""
         ...
 
     async def abort(self, request_id: str) -> None: ...

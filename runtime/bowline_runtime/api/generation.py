@@ -89,9 +89,11 @@ class Generation:
         request_id: str,
         metrics: ServerMetrics,
         arrival_time: float | None = None,
+        images: list[Any] | None = None,
     ) -> None:
         self.engine = engine
         self.prompts = prompts
+        self.images = images  # engine.multimodal.ImageInput per image of a (single) chat prompt
         self.params = params
         self.request_id = request_id
         self.arrival_time = arrival_time or time.time()
@@ -108,8 +110,10 @@ class Generation:
 
     async def _pump(self, i: int) -> None:
         try:
+            extra = {"images": self.images} if self.images else {}  # text requests call generate as before
             async for delta in self.engine.generate(
-                self.prompts[i], self.params, request_id=self._engine_request_id(i), arrival_time=self.arrival_time
+                self.prompts[i], self.params, request_id=self._engine_request_id(i), arrival_time=self.arrival_time,
+                **extra,
             ):
                 self._meters[i].observe_tokens(sum(len(o.new_token_ids) for o in delta.outputs))
                 self._queue.put_nowait((i, delta))

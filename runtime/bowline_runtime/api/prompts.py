@@ -55,8 +55,10 @@ def render_chat(
     template_kwargs: dict[str, Any] | None = None,
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
+    message_list: list[dict[str, Any]] | None = None,
 ) -> str:
-    """The prompt text the model sees for a conversation."""
+    """The prompt text the model sees for a conversation. `message_list`: the messages already as
+    the template's dicts (image prompts give content as parts, see api/vision_prompts.py)."""
     template = request_template or server_template
     if template is None and not getattr(tokenizer, "chat_template", None):
         raise bad_request(
@@ -70,7 +72,7 @@ def render_chat(
         kwargs.pop(reserved, None)
     try:
         text = tokenizer.apply_chat_template(
-            message_dicts(messages),
+            message_list if message_list is not None else message_dicts(messages),
             tools=[t.model_dump(exclude_none=True) for t in tools] if tools else None,
             chat_template=template,
             add_generation_prompt=add_generation_prompt,

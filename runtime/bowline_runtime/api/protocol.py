@@ -139,10 +139,17 @@ class SamplingFields(OpenAIModel):
 # ---------------------------------------------------------------------------------------------------
 
 
+class ImageURL(OpenAIModel):
+    model_config = ConfigDict(extra="allow")
+    url: str = Field(..., description="a data: URL (base64 PNG/JPEG/WebP) or an http(s):// URL")
+    detail: str | None = None
+
+
 class ContentPart(OpenAIModel):
     model_config = ConfigDict(extra="allow")
     type: str
     text: str | None = None
+    image_url: ImageURL | None = None
 
 
 class ChatMessage(OpenAIModel):
@@ -155,13 +162,17 @@ class ChatMessage(OpenAIModel):
     reasoning_content: str | None = None
 
     @model_validator(mode="after")
-    def _text_only(self) -> ChatMessage:
+    def _known_parts(self) -> ChatMessage:
         if isinstance(self.content, list):
             for part in self.content:
+                if part.type == "image_url":
+                    if part.image_url is None:
+                        raise ValueError('a content part of type "image_url" needs an "image_url": {"url": ...}')
+                    continue
                 if part.type != "text":
                     raise ValueError(
-                        f"content part type {part.type!r} is not supported: this server serves text-only "
-                        'models; send {"type": "text", "text": ...} parts'
+                        f"content part type {part.type!r} is not supported: send "
+                        '{"type": "text", "text": ...} or {"type": "image_url", "image_url": {"url": ...}} parts'
                     )
                 if part.text is None:
                     raise ValueError('a content part of type "text" needs a "text" field')
@@ -170,8 +181,14 @@ class ChatMessage(OpenAIModel):
     def text(self) -> str | None:
         """The content as one string: text parts joined by newlines, as vLLM does."""
         if isinstance(self.content, list):
-            return "\n".join(part.text or "" for part in self.content)
+            return "\n".join(part.text or "" for part in self.content if part.type == "text")
         return self.content
+
+    def image_urls(self) -> list[str]:
+        """The URLs of the message's image parts, in order."""
+        if not isinstance(self.content, list):
+            return []
+        return [part.image_url.url for part in self.content if part.type == "image_url" and part.image_url]
 
 
 class FunctionDefinition(OpenAIModel):
@@ -268,10 +285,16 @@ class DeltaToolCall(ResponseModel):
     function: DeltaFunctionCall | None = None
 
 
+class PromptTokensDetails(ResponseModel):
+    cached_tokens: int = 0  # prompt tokens whose KV blocks came from the prefix cache
+
+
 class UsageInfo(ResponseModel):
+    _omit_if_none = frozenset({"prompt_tokens_details"})
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None  # with --enable-prompt-tokens-details (vLLM)
 
     @classmethod
     def of(cls, prompt_tokens: int, completion_tokens: int) -> UsageInfo:

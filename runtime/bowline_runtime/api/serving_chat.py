@@ -24,12 +24,14 @@ from bowline_runtime.api.protocol import (
     ChatMessage,
     ChatResponseMessage,
     DeltaMessage,
+    PromptTokensDetails,
     UsageInfo,
     random_id,
     stream_usage,
 )
 from bowline_runtime.api.sampling import build_sampling_params, check_logprobs, check_stream_compatible
 from bowline_runtime.api.state import ServerState, get_state
+from bowline_runtime.api.vision_prompts import image_chat_inputs, request_image_urls
 from bowline_runtime.engine.outputs import RequestOutput
 from bowline_runtime.engine.request_checks import check_request
 from bowline_runtime.engine.sampling_params import SamplingParams
@@ -93,12 +95,16 @@ class ChatCall:
                 )
             )
         return ChatCompletionResponse(
-            id=self.id, created=self.created, model=self.params.lora_name or self.state.model_name, choices=choices, usage=self.usage(chosen)
+            id=self.id, created=self.created, model=self.params.lora_name or self.state.model_name, choices=choices,
+            usage=self.usage(chosen, final.num_cached_tokens),
         )
 
-    def usage(self, outputs) -> UsageInfo:
+    def usage(self, outputs, cached_tokens: int = 0) -> UsageInfo:
         completion = sum(len(o.token_ids) for o in outputs)
-        return UsageInfo.of(len(self.prompt_ids), completion)
+        usage = UsageInfo.of(len(self.prompt_ids), completion)
+        if self.state.config.enable_prompt_tokens_details:
+            usage.prompt_tokens_details = PromptTokensDetails(cached_tokens=cached_tokens)
+        return usage
 
     def _chunk(self, choices: list[ChatCompletionStreamChoice], usage: UsageInfo | None = None) -> str:
         return ChatCompletionChunk(
@@ -122,7 +128,9 @@ class ChatCall:
         sent_lps = [0] * n
         done = [False] * n
         outputs = []
+        cached = 0
         async for _, snap in gen.starting_with(first):
+            cached = snap.num_cached_tokens
             if self.params.use_beam_search and not snap.finished:
                 continue  # beams are re-ranked until the end: only the final ones are a stable answer
             outputs = select_best(snap.outputs, self.params) if snap.finished else snap.outputs
@@ -156,9 +164,9 @@ class ChatCall:
                     arrival_time=time.time() - since,
                 )
                 done[i] = finished
-                yield self._chunk([choice], self.usage(outputs) if continuous else None)
+                yield self._chunk([choice], self.usage(outputs, cached) if continuous else None)
         if include_usage:
-            yield self._chunk([], self.usage(outputs))
+            yield self._chunk([], self.usage(outputs, cached))
 
 
 @router.post(
@@ -176,8 +184,11 @@ async def create_chat_completion(body: ChatCompletionRequest, raw_request: Reque
     if body.logprobs:
         logprobs = body.top_logprobs or 0
         check_logprobs(logprobs, limits, "top_logprobs" if body.top_logprobs else "logprobs")
-    # Rendering and tokenising a long conversation takes seconds: off the event loop.
-    prompt_ids = await asyncio.to_thread(chat_prompt_ids, body, engine.tokenizer, state.chat_template)
+    images = None
+    if request_image_urls(body):  # fetched, decoded and expanded by the model's processor (api/vision_prompts.py)
+        prompt_ids, images = await image_chat_inputs(state, body, engine.tokenizer)
+    else:  # rendering and tokenising a long conversation takes seconds: off the event loop
+        prompt_ids = await asyncio.to_thread(chat_prompt_ids, body, engine.tokenizer, state.chat_template)
     params = build_sampling_params(body, limits, max_tokens=body.output_limit, logprobs=logprobs)
     params = prepare_params(body, params, prompt_ids, engine.tokenizer, state.config)
     params.lora_name = lora_name
@@ -191,4 +202,4 @@ async def create_chat_completion(body: ChatCompletionRequest, raw_request: Reque
         "top_logprobs" if body.top_logprobs else "logprobs",
     )
     call = ChatCall(state, body, prompt_ids, params)
-    return await run_call(state, raw_request, call, [prompt_ids], stream=body.stream)
+    return await run_call(state, raw_request, call, [prompt_ids], stream=body.stream, images=images)

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from bowline_runtime.config import EngineConfig
 from bowline_runtime.devices.host_memory import IdleRelease
 from bowline_runtime.engine.errors import RequestRejected
+from bowline_runtime.engine.multimodal import ImageInput, check_no_beam_images
 from bowline_runtime.engine.outputs import EngineStats, RequestOutput, merge_delta
 from bowline_runtime.engine.sampling_params import SamplingParams
 from bowline_runtime.engine.step_watchdog import EngineDeadError, EngineIterationTimeout, StepWatchdog
@@ -55,6 +56,7 @@ class AsyncEngine:
         self.device = self.engine.device
         self.dtype = self.engine.dtype
         self.eos_token_ids = self.engine.eos_token_ids
+        self.image_token_id = self.engine.image_token_id  # None: a text-only model
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -74,16 +76,19 @@ class AsyncEngine:
         params: SamplingParams,
         request_id: str | None = None,
         arrival_time: float | None = None,
+        images: list[ImageInput] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield each step's delta (see engine.outputs) until the request finishes.
 
         Raises ValueError before the first yield when the request cannot be served (prompt over
         max_model_len, ...). Closing or cancelling the iterator aborts the request and frees its blocks.
+        `images`: the prompt's images (engine.multimodal), for a vision-language model.
         """
         if self._dead is not None:
             raise EngineDeadError(f"engine stopped: {self._dead!r}")
         request_id = request_id or uuid.uuid4().hex
-        prepared = self.engine.check_request(prompt_token_ids, params)
+        check_no_beam_images(params, images)
+        prepared = self.engine.check_request(prompt_token_ids, params, images)
         if params.use_beam_search:
             async for out in self._beam_search(prompt_token_ids, params, request_id, arrival_time):
                 yield out

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from bowline_runtime.engine.multimodal import image_salt
 from bowline_runtime.engine.sequence import Sequence
 
 
@@ -20,8 +21,9 @@ class Block:
     hash: int | None = None
 
 
-def block_hash(prev_hash: int | None, token_ids: list[int] | tuple[int, ...]) -> int:
-    return hash((prev_hash, tuple(token_ids)))
+def block_hash(prev_hash: int | None, token_ids: list[int] | tuple[int, ...], salt: tuple[int, ...] = ()) -> int:
+    """`salt`: the hashes of the images whose placeholder tokens the block holds (engine.multimodal)."""
+    return hash((prev_hash, tuple(token_ids), *salt))
 
 
 def chain_root(seq: Sequence) -> int | None:
@@ -66,13 +68,16 @@ class BlockManager:
         prev: int | None = chain_root(seq)
         max_blocks = (seq.num_tokens - 1) // self.block_size  # leave at least one token to compute
         for i in range(max_blocks):
-            h = block_hash(prev, seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
+            h = block_hash(prev, seq.token_ids[i * self.block_size : (i + 1) * self.block_size], self._salt(seq, i))
             block_id = self.cached.get(h)
             if block_id is None:
                 break
             hits.append(block_id)
             prev = h
         return hits
+
+    def _salt(self, seq: Sequence, i: int) -> tuple[int, ...]:
+        return image_salt(seq.images, i * self.block_size, (i + 1) * self.block_size) if seq.images else ()
 
     def can_allocate(self, seq: Sequence) -> bool:
         hits = self._prefix_hits(seq)
@@ -138,6 +143,6 @@ class BlockManager:
         for i in range(num_full):
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:
-                block.hash = block_hash(prev, seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
+                block.hash = block_hash(prev, seq.token_ids[i * self.block_size : (i + 1) * self.block_size], self._salt(seq, i))
                 self.cached.setdefault(block.hash, block.block_id)
             prev = block.hash

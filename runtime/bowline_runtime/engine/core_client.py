@@ -45,6 +45,7 @@ from typing import Any
 
 from bowline_runtime.config import EngineConfig
 from bowline_runtime.engine.async_engine import EngineDeadError, EngineStepError, deliver_by_loop
+from bowline_runtime.engine.multimodal import ImageInput, check_no_beam_images
 from bowline_runtime.engine.outputs import EngineStats, RequestOutput, merge_delta
 from bowline_runtime.engine.sampling_params import SamplingParams
 from bowline_runtime.engine.step_watchdog import EngineIterationTimeout
@@ -124,6 +125,7 @@ class EngineCoreClient:
         self.device = SimpleNamespace(type=info["device_type"], name=info["device_name"])
         self.dtype = info["dtype"]
         self.eos_token_ids: set[int] = info["eos_token_ids"]
+        self.image_token_id: int | None = info.get("image_token_id")  # None: a text-only model
         self._stats: EngineStats = info["stats"]
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._dead: BaseException | None = None
@@ -160,11 +162,13 @@ class EngineCoreClient:
         params: SamplingParams,
         request_id: str | None = None,
         arrival_time: float | None = None,
+        images: list[ImageInput] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the core's per-step deltas until the request finishes; errors raise before the first yield."""
         if self._dead is not None:
             raise EngineDeadError(f"engine stopped: {self._dead!r}")
         request_id = request_id or uuid.uuid4().hex
+        check_no_beam_images(params, images)
         if params.use_beam_search:
             from bowline_runtime.engine.beam_search import beam_search
 
@@ -174,7 +178,7 @@ class EngineCoreClient:
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (loop, stream)
-        self._send(("add", request_id, list(prompt_token_ids), params, arrival_time or time.time()))
+        self._send(("add", request_id, list(prompt_token_ids), params, arrival_time or time.time(), images))
         finished = False
         try:
             while True:

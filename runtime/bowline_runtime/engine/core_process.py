@@ -87,6 +87,7 @@ def run_engine_core(config: EngineConfig, in_addr: str, out_addr: str, parent_pi
         "device_name": getattr(engine.device, "name", engine.device.type),
         "dtype": engine.dtype,
         "eos_token_ids": set(engine.eos_token_ids),
+        "image_token_id": engine.image_token_id,
         "stats": engine.stats(),
         "pid": os.getpid(),
     })))
@@ -144,9 +145,9 @@ def _handle(engine: Any, message: tuple, push: Any, unloading: dict[str, int] | 
         _handle_lora(engine, message, push, {} if unloading is None else unloading)
         return True
     if kind == "add":
-        _, request_id, prompt_token_ids, params, arrival = message
+        _, request_id, prompt_token_ids, params, arrival, *rest = message
         try:
-            prepared = engine.check_request(prompt_token_ids, params)
+            prepared = engine.check_request(prompt_token_ids, params, rest[0] if rest else None)
             engine.add_request(request_id, prepared, arrival)
         except Exception as exc:  # refused: only that request hears of it
             push.send(pickle.dumps(_error(request_id, exc)))

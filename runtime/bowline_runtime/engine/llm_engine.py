@@ -21,6 +21,7 @@ from bowline_runtime.engine.detokenizer import IncrementalDetokenizer
 from bowline_runtime.engine.errors import RequestRejected
 from bowline_runtime.engine.model_runner import ModelRunner, StepPlan, prepare_step
 from bowline_runtime.engine.multi_step import MultiStepWindow
+from bowline_runtime.engine.multimodal import ImageInput, check_images
 from bowline_runtime.engine.outputs import CompletionOutput, EngineStats, RequestOutput, TokenLogprob
 from bowline_runtime.engine.request_checks import RequestLimits, check_request
 from bowline_runtime.engine.sampler import Sampler, token_logprobs
@@ -30,7 +31,7 @@ from bowline_runtime.engine.sequence import Sequence
 from bowline_runtime.engine.spec_decode import speculative_config_from
 from bowline_runtime.engine.worker import TensorParallelGroup
 from bowline_runtime.lora.manager import LoRANotFound, build_lora_manager, lora_gauges
-from bowline_runtime.models import loader
+from bowline_runtime.models import loader, vision
 
 logger = logging.getLogger("bowline.engine")
 
@@ -45,6 +46,7 @@ class PreparedRequest:
     params: SamplingParams
     bad_word_ids: list[list[int]]
     constraint_factory: Any = None
+    images: tuple[ImageInput, ...] = ()  # placeholder runs and pixels (engine.multimodal)
 
 
 @dataclass(slots=True)
@@ -64,11 +66,13 @@ class LLMEngine:
         self.device = get_device(config.device)
         hf_config = loader.load_config(config.model, config.trust_remote_code)
         self.hf_config = hf_config
-        self.max_model_len = self._resolve_max_model_len(hf_config)
+        text_config = hf_config.get_text_config()  # a vision-language model's language part, else itself
+        self.image_token_id = vision.image_token_id(hf_config)  # None: text-only
+        self.max_model_len = self._resolve_max_model_len(text_config)
         self.dtype = loader.resolve_dtype(config.dtype, hf_config, self.device)
         self.tokenizer = loader.load_tokenizer(config.tokenizer or config.model, config.trust_remote_code, config.tokenizer_mode)
         self.eos_token_ids = loader.eos_token_ids(config.model, hf_config, self.tokenizer)
-        self.vocab_size = hf_config.vocab_size
+        self.vocab_size = text_config.vocab_size
         self.request_limits = RequestLimits(self.vocab_size, self.max_model_len, config.max_logprobs)
         self.tp = TensorParallelGroup(config, self.device, self.dtype, hf_config)
         t0 = time.perf_counter()
@@ -165,17 +169,22 @@ class LLMEngine:
 
     # --- requests -----------------------------------------------------------------------------------
 
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> PreparedRequest:
+    def check_request(
+        self, prompt_token_ids: list[int], params: SamplingParams, images: list[ImageInput] | None = None
+    ) -> PreparedRequest:
         """Refuse what cannot be served (RequestRejected, the same rule the API applies before any
         header is sent); precompute the rest."""
         check_request(prompt_token_ids, params, self.request_limits)
+        check_images(images or (), prompt_token_ids, self.image_token_id, "messages")
         bad_word_ids = [list(ids) for ids in params.bad_words_token_ids if ids]
         for word in params.bad_words:
             for variant in {word, " " + word.lstrip()}:
                 ids = self.tokenizer.encode(variant, add_special_tokens=False)
                 if ids and ids not in bad_word_ids:
                     bad_word_ids.append(ids)
-        return PreparedRequest(list(prompt_token_ids), params, bad_word_ids, self._compile_constraint(params))
+        return PreparedRequest(
+            list(prompt_token_ids), params, bad_word_ids, self._compile_constraint(params), tuple(images or ())
+        )
 
     def _compile_constraint(self, params: SamplingParams):
         if params.guided is None and params.reasoning_max_tokens is None:
@@ -209,6 +218,7 @@ class LLMEngine:
             if prepared.constraint_factory is not None:
                 seq.constraint = prepared.constraint_factory()
             seq.bad_word_ids = prepared.bad_word_ids
+            seq.images = prepared.images
             seq.detokenizer = IncrementalDetokenizer(
                 self.tokenizer, params.stop, params.include_stop_str_in_output, params.skip_special_tokens
             )

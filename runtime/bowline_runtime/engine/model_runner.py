@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from bowline_runtime.engine.multimodal import ImageBatch, plan_images
 from bowline_runtime.engine.scheduler import ScheduledBatch
 from bowline_runtime.models.attention import AttentionMetadata, DecodeGroup, PrefillSpan, head_dim
 from bowline_runtime.models.packed_decoder import PackedDecoder
+from bowline_runtime.models.vision import VisionEncoder
 
 # Tokens of room a staged decode context gets beyond its current length: it is gathered afresh
 # from the paged cache only every this many steps (or when its group changes).
@@ -53,6 +55,7 @@ class StepInput:
     decode_groups: list[DecodeGroupInput]
     prefills: list[PrefillInput]
     keep: torch.Tensor  # [K] packed positions whose logits are needed
+    images: ImageBatch | None = None  # images whose placeholder rows are in this step (engine.multimodal)
     # (first row, end row, adapter id) of each sequence served by a LoRA adapter (none: base model only)
     lora_segments: list[tuple[int, int, int]] = field(default_factory=list)
 
@@ -165,6 +168,7 @@ def prepare_step(batch: ScheduledBatch, block_size: int, group_decodes: bool = T
         decode_groups=decode_groups,
         prefills=prefills,
         keep=torch.tensor(keep, dtype=torch.long),
+        images=plan_images(batch.seqs, batch.num_tokens),
         lora_segments=lora_segments,
     )
     return StepPlan(step, sample_rows, prompt_rows)
@@ -177,9 +181,10 @@ class ModelRunner:
         self, model: nn.Module, device: torch.device, dtype: torch.dtype, is_driver: bool, block_size: int,
         stage_decode_context: bool = True, decode_kernel: Callable[..., None] | None = None,
         prefill_kernel: Callable[..., None] | None = None, decoder: PackedDecoder | None = None,
-        cache_writer: Callable[..., None] | None = None,
+        cache_writer: Callable[..., None] | None = None, vision: VisionEncoder | None = None,
     ) -> None:
         self.model = model
+        self.vision = vision  # a vision-language model's image encoder (models.vision), or None
         self.decoder = decoder  # the lean forward (models.packed_decoder), or None: transformers' forward
         self.block_size = block_size
         # A kernel reading the paged cache directly needs neither staged copies nor padding masks.
@@ -190,7 +195,7 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.is_driver = is_driver
-        config = model.config
+        config = model.config.get_text_config()
         self.num_layers = config.num_hidden_layers
         self.head_dim = head_dim(config)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -278,6 +283,11 @@ class ModelRunner:
             cache_writer=self.cache_writer,
         )
         keep = step.keep if self.is_driver else step.keep[:0]
+        embeds = None
+        if step.images is not None:
+            if self.vision is None:
+                raise ValueError("image inputs reached a text-only model")
+            embeds = self.vision.embed(step.input_ids.to(dev), step.images)
         lora = None
         if step.lora_segments:
             from bowline_runtime.lora.delta import LoRABatch
@@ -285,10 +295,12 @@ class ModelRunner:
             lora = LoRABatch(self.lora_store, step.lora_segments, dev, self.tp_size, self.lora_slots,
                              len(step.input_ids))
         if self.decoder is not None:
-            logits = self.decoder(step.input_ids.to(dev), step.positions.to(dev), keep.to(dev), meta, lora=lora)
+            logits = self.decoder(step.input_ids.to(dev), step.positions.to(dev), keep.to(dev), meta, lora=lora,
+                                  inputs_embeds=embeds)
             return logits if self.is_driver else None
+        tokens = {"input_ids": step.input_ids.to(dev).unsqueeze(0)} if embeds is None else {"inputs_embeds": embeds.unsqueeze(0)}
         out = self.model(
-            input_ids=step.input_ids.to(dev).unsqueeze(0),
+            **tokens,
             position_ids=step.positions.to(dev).unsqueeze(0),
             use_cache=False,
             logits_to_keep=keep.to(dev),

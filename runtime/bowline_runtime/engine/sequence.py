@@ -35,6 +35,7 @@ class Sequence:
     generator: torch.Generator | None = None  # per-request seeded sampling
     constraint: Any = None  # LogitsConstraint
     bad_word_ids: list[list[int]] = field(default_factory=list)
+    images: tuple[Any, ...] = ()  # engine.multimodal.ImageInput per image in the prompt
     detokenizer: Any = None  # IncrementalDetokenizer
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None

@@ -29,7 +29,7 @@ from bowline_runtime.devices.threads import usable_cores
 from bowline_runtime.engine import distributed
 from bowline_runtime.engine.distributed import Endpoint, Layout
 from bowline_runtime.engine.model_runner import ModelRunner, StepInput
-from bowline_runtime.models import loader, packed_decoder
+from bowline_runtime.models import loader, packed_decoder, vision
 from bowline_runtime.models.attention import head_dim
 from bowline_runtime.models.packed_decoder import PackedDecoder
 from bowline_runtime.models.pipeline_parallel import split_model
@@ -101,7 +101,8 @@ def build_runner(
 ) -> ModelRunner:
     device.prepare_process()
     hf_config = loader.load_config(config.model, config.trust_remote_code)
-    check_divisible(hf_config, layout.tensor_parallel_size)
+    text_config = hf_config.get_text_config()  # itself for a text model; a vision-language model's LM part
+    check_divisible(text_config, layout.tensor_parallel_size)
     model = loader.load_model(
         config.model, hf_config, dtype, config.load_format, config.trust_remote_code, seed=config.seed,
         quantization=config.quantization,
@@ -114,8 +115,9 @@ def build_runner(
     model.to(torch_device)
     # Before the device packs its Linear layers: the decoder fuses q/k/v and gate/up into one product each.
     # Its forward has no stage boundaries: pipeline stages run transformers' own forward.
-    use_packed = pp == 1 and switch_on(packed_decoder.PACKED_DECODER_ENV) and packed_decoder.supports(model)
-    decoder = PackedDecoder(model, device.fused_ops(dtype)) if use_packed else None
+    lm = vision.language_model(model)  # the model itself, or a vision-language model's LM part
+    use_packed = pp == 1 and switch_on(packed_decoder.PACKED_DECODER_ENV) and packed_decoder.supports(lm)
+    decoder = PackedDecoder(lm, device.fused_ops(dtype)) if use_packed else None
     if config.enable_lora and pp > 1:
         raise ValueError("--enable-lora does not work with --pipeline-parallel-size above 1 yet")
     if config.enable_lora and decoder is None:
@@ -128,8 +130,8 @@ def build_runner(
         model, torch_device, dtype, is_driver=rank == _logits_rank(layout), block_size=config.block_size,
         decoder=decoder, stage_decode_context=device.stages_decode_context,
         decode_kernel=device.paged_decode_kernel(dtype),
-        prefill_kernel=device.paged_prefill_kernel(dtype, head_dim(hf_config)),
-        cache_writer=device.paged_cache_writer(dtype),
+        prefill_kernel=device.paged_prefill_kernel(dtype, head_dim(text_config)),
+        cache_writer=device.paged_cache_writer(dtype), vision=vision.VisionEncoder.of(model),
     )
     runner.tp_rank, runner.tp_size = layout.tp_rank(rank), layout.tensor_parallel_size
     return runner
@@ -224,6 +226,7 @@ class TensorParallelGroup:
         self.failure: str | None = None  # set when a rank is gone: the engine is dead, /health 503
         self.exit_on_failure = False  # in the engine-core process: exiting is how the server learns it
         tp = self.layout.tensor_parallel_size
+        hf_config = hf_config.get_text_config()
         check_divisible(hf_config, tp)
         kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
         self.num_kv_heads_local = kv_heads // tp

@@ -51,10 +51,12 @@ def load_model(
 
     `quantization` (models.quantization.resolve): `auto` follows config.json's quantization_config; an
     AWQ or compressed-tensors checkpoint is read by models.quant_loader, `int8` quantizes the float
-    model's decoder layers once loaded."""
-    from transformers import AutoModelForCausalLM
+    model's decoder layers once loaded. A vision-language model (models.vision) loads as a whole;
+    paged attention serves its language model."""
+    from bowline_runtime.models import vision
 
     attention.register()
+    auto_class, attn_implementation = vision.model_class_and_attention(hf_config, attention.ATTN_IMPLEMENTATION)
     quant = quantization_formats.resolve(quantization, hf_config)
     if quant is not None and quant.method != "int8":
         if load_format == "dummy":
@@ -66,14 +68,14 @@ def load_model(
         return model.eval().requires_grad_(False)
     if load_format == "dummy":
         with torch.device("cpu"):
-            model = AutoModelForCausalLM.from_config(
-                hf_config, dtype=dtype, attn_implementation=attention.ATTN_IMPLEMENTATION,
+            model = auto_class.from_config(
+                hf_config, dtype=dtype, attn_implementation=attn_implementation,
                 trust_remote_code=trust_remote_code,
             )
         _init_dummy(model, seed=seed)
     elif load_format == "auto":
-        model = AutoModelForCausalLM.from_pretrained(
-            model_path, config=hf_config, dtype=dtype, attn_implementation=attention.ATTN_IMPLEMENTATION,
+        model = auto_class.from_pretrained(
+            model_path, config=hf_config, dtype=dtype, attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code,
         )
     else:

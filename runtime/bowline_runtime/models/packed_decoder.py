@@ -152,10 +152,12 @@ class PackedDecoder:
     def __call__(
         self, input_ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, meta: AttentionMetadata,
         lora: LoRABatch | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`lora`: the step's adapter rows (lora.delta); each base product then gets their updates added."""
+        """`lora`: the step's adapter rows (lora.delta); each base product then gets their updates added.
+        `inputs_embeds` [T, hidden] replaces the token embeddings (image features merged in)."""
         ops, d = self.ops, self.head_dim
-        hidden = self.embed(input_ids)  # [T, hidden]
+        hidden = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # [T, hidden]
         num_tokens = hidden.shape[0]
         cos, sin = self.rotary_emb(hidden, positions.unsqueeze(0))  # [1, T, rot_dim] each
         cos, sin = cos[0], sin[0]

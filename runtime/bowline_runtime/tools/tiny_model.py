@@ -150,8 +150,9 @@ def generate_corpus(num_words: int, seed: int) -> list[str]:
     return lines
 
 
-def train_tokenizer(preset: Preset, seed: int):
-    """Train a byte-level BPE tokenizer: every byte is in the alphabet, so no text is ever unknown."""
+def train_tokenizer(preset: Preset, seed: int, extra_special_tokens: tuple[str, ...] = ()):
+    """Train a byte-level BPE tokenizer: every byte is in the alphabet, so no text is ever unknown.
+    `extra_special_tokens` (a vision model's `<image>`) get ids inside the vocabulary, after the others."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -160,7 +161,7 @@ def train_tokenizer(preset: Preset, seed: int):
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=preset.tokenizer_vocab,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS + list(extra_special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -258,13 +259,17 @@ def _save_random_weights(config, out: Path, seed: int) -> None:
     model.save_pretrained(out, safe_serialization=True)
 
 
-def _embed_chat_template(out: Path) -> None:
-    """Keep the chat template inside tokenizer_config.json, where every loader looks for it."""
+def _embed_chat_template(out: Path, template: str = CHAT_TEMPLATE, keep_file: bool = False) -> None:
+    """Keep the chat template inside tokenizer_config.json, where every loader looks for it
+    (`keep_file`: also in chat_template.jinja, where a processor reads it)."""
     config_path = out / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
-    config["chat_template"] = CHAT_TEMPLATE
+    config["chat_template"] = template
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    (out / "chat_template.jinja").unlink(missing_ok=True)
+    if keep_file:
+        (out / "chat_template.jinja").write_text(template)
+    else:
+        (out / "chat_template.jinja").unlink(missing_ok=True)
 
 
 def build_draft_model(target_dir: str | Path, out_dir: str | Path, num_layers: int | None = 1) -> Path:

@@ -67,7 +67,10 @@ def test_unknown_fields_are_ignored(client):
 def test_suffix_and_images_are_refused_clearly(client):
     assert "suffix" in error_of(client.post("/v1/completions", json={"prompt": "a", "suffix": "b"}), 400)["message"]
     msg = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
-    assert "image_url" in error_of(client.post("/v1/chat/completions", json={"messages": msg}), 400)["message"]
+    message = error_of(client.post("/v1/chat/completions", json={"messages": msg}), 400)["message"]
+    assert "text-only" in message and "image_url" in message  # refused before any fetch or decode
+    audio = [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]
+    assert "input_audio" in error_of(client.post("/v1/chat/completions", json={"messages": audio}), 400)["message"]
 
 
 def test_prompt_over_the_context_names_both_numbers(client):

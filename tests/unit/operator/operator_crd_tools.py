@@ -12,7 +12,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 CRD_PATH = REPO_ROOT / "crds" / "serving.bowline.dev_inferenceservices.yaml"
-EXAMPLES = ("cpu-tiny", "nvidia-gpu", "ascend-npu", "autoscaling", "model-cache", "inference-gateway")
+EXAMPLES = ("cpu-tiny", "nvidia-gpu", "ascend-npu", "autoscaling", "model-cache", "inference-gateway", "llava-gpu")
 
 
 def load_crd() -> dict[str, Any]:

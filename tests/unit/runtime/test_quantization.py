@@ -66,8 +66,12 @@ def _avx2_library(tmp_path: Path) -> ctypes.CDLL | None:
         return None
     sources = [str(Path(kernels.__file__).with_name(name)) for name in ("quant_gemm.c", "gemm.c")]
     target = tmp_path / "quant_avx2.so"
-    subprocess.run([compiler, "-O3", "-mavx2", "-mfma", "-mno-avx512f", "-ffast-math", "-fopenmp", "-fPIC", "-shared",
-                    *sources, "-o", str(target)], check=True, capture_output=True)
+    objects = []
+    for source in sources:  # compiled with -ffast-math, linked without (as kernels.cpu builds): no process-wide FTZ
+        objects.append(str(tmp_path / (Path(source).stem + ".o")))
+        subprocess.run([compiler, "-O3", "-mavx2", "-mfma", "-mno-avx512f", "-ffast-math", "-fopenmp", "-fPIC",
+                        "-c", source, "-o", objects[-1]], check=True, capture_output=True)
+    subprocess.run([compiler, "-shared", "-fopenmp", *objects, "-o", str(target), "-lm"], check=True, capture_output=True)
     lib = ctypes.CDLL(str(target))
     native = kernels.load()
     for name in ("bowline_q8_gemm_f32", "bowline_q4_gemm_f32", "bowline_quantize_rows_f32"):
