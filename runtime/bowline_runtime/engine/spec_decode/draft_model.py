@@ -61,7 +61,7 @@ class DraftModelProposer:
             )
         # The draft's weights follow its own config.json (a quantized target may have a plain draft).
         draft_config = dataclasses.replace(engine_config, model=model_path, tokenizer=None, tensor_parallel_size=1,
-                                           quantization="auto", enable_lora=False)
+                                           quantization="auto", enable_lora=False, lora_modules=None)
         runner = build_runner(draft_config, device, dtype, Layout(), 0)  # one unsharded copy beside rank 0
         kv_heads = getattr(draft_hf, "num_key_value_heads", None) or draft_hf.num_attention_heads
         proposer = cls(runner, vocab_size, engine_config.block_size, kv_heads)
