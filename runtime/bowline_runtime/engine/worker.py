@@ -277,7 +277,7 @@ class TensorParallelGroup:
             distributed.init_group(self.device.dist_backend, store, 0, self.world_size, _TIMEOUT)
             tp_group = _own_group(layout, 0)
         self.runner = build_runner(self.config, self.device, self.dtype, self.layout, 0, tp_group)
-        self._vocab = self.runner.model.config.vocab_size
+        self._vocab = self.runner.model.config.get_text_config().vocab_size
         return self.runner
 
     def allocate_kv_cache(self, num_slots: int) -> None:
