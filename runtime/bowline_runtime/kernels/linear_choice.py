@@ -62,7 +62,8 @@ def measure(fn: Callable[[torch.Tensor], torch.Tensor], in_features: int, dtype:
         for rows in ROW_WEIGHTS:
             x = torch.randn(rows, in_features).to(dtype)
             fn(x)
-            samples, start = [], time.perf_counter()
+            samples: list[float] = []
+            start = time.perf_counter()
             while len(samples) < _REPEATS and time.perf_counter() - start < _TIME_BOX_S:
                 t0 = time.perf_counter()
                 fn(x)
