@@ -11,6 +11,8 @@ them, with the TP all-reduces kept inside a node.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -61,7 +63,8 @@ def split_model(model: nn.Module, stage: int, pp_size: int, tp_size: int, rank: 
 
     Global rank = stage * tp_size + tp_rank, so the peer in the previous/next stage is rank -/+ tp_size.
     """
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    top: Any = model  # a transformers model: typed by what nn.Module knows, which has no get_decoder
+    base = top.get_decoder() if hasattr(top, "get_decoder") else top.model
     layers: nn.ModuleList = base.layers
     mine = stage_layers(len(layers), pp_size, stage)
     if pp_size == 1:
