@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -300,14 +301,18 @@ class LLMEngine:
                 self._append_token(seq, token_id, lp, now)
                 if seq.request_id in self.requests:
                     touched[seq.request_id] = self.requests[seq.request_id]
+        return self.multi_step.deliver(self._outputs_for(touched.values()))
+
+    def _outputs_for(self, touched: Iterable[_Request]) -> list[RequestOutput]:
+        """Each request a step touched gets its delta; one whose sequences have all finished is released."""
         outputs = []
-        for request in touched.values():
+        for request in touched:
             finished = all(s.is_finished for s in request.seqs)
             outputs.append(self._delta(request, finished))
             if finished:
                 del self.requests[request.request_id]
                 self._release(request)
-        return self.multi_step.deliver(outputs)
+        return outputs
 
     def _record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, plan: StepPlan, i: int) -> None:
         first_row, first_pos, count = plan.prompt_rows[i]

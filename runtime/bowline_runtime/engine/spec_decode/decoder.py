@@ -179,11 +179,4 @@ class SpeculativeDecoder:
         for seq in moved:
             if seq.request_id in engine.requests:
                 touched[seq.request_id] = engine.requests[seq.request_id]
-        outputs = []
-        for request in touched.values():
-            finished = all(s.is_finished for s in request.seqs)
-            outputs.append(engine._delta(request, finished))
-            if finished:
-                del engine.requests[request.request_id]
-                engine._release(request)
-        return outputs
+        return engine._outputs_for(touched.values())
