@@ -85,7 +85,7 @@ class LLMEngine:
         )
         self.block_size = config.block_size
         # Adapters (and their batch slots) take device memory: placed before the KV cache is sized from what is left.
-        self.lora = build_lora_manager(config, hf_config, self.tp.set_lora)
+        self.lora = build_lora_manager(config, hf_config, self.tp.set_lora, self._running_adapters)
         self.speculator = self._load_speculator(hf_config)
         num_blocks = self._num_kv_blocks()
         self.tp.allocate_kv_cache(num_blocks * self.block_size)
@@ -117,6 +117,8 @@ class LLMEngine:
         )
         if self.speculator is not None:
             self.scheduler.num_lookahead_slots = self.speculator.k
+        if self.lora is not None:
+            self.scheduler.load_lora = self.lora.load_for_batch
         torch.manual_seed(config.seed)  # the draws of requests that bring no seed of their own
         self.sampler = Sampler(min(self.vocab_size, len(self.tokenizer)), self.eos_token_ids)
         self.requests: dict[str, _Request] = {}
@@ -270,7 +272,22 @@ class LLMEngine:
 
     # --- the step -------------------------------------------------------------------------------------
 
+    def _running_adapters(self) -> set[int]:
+        """The adapters of running sequences (the LoRA manager never drops them)."""
+        scheduler = getattr(self, "scheduler", None)  # None while the manager loads --lora-modules
+        return {s.lora_id for s in scheduler.running if s.lora_id} if scheduler is not None else set()
+
     def step(self) -> list[RequestOutput]:
+        if self.scheduler.failed:  # their adapter could not be read again: they end, reported as aborted
+            failed = {s.request_id: self.requests[s.request_id] for s in self.scheduler.failed
+                      if s.request_id in self.requests}
+            self.scheduler.failed.clear()
+            for request in failed.values():
+                for seq in request.seqs:
+                    if not seq.is_finished:
+                        seq.finish_reason = "abort"
+                        self.scheduler.finish(seq)
+            return self._outputs_for(failed.values())
         if self.speculator is not None:  # speculation schedules every step itself (no multi-step window)
             return self.speculator.step(self)
         admit = self.multi_step.admits

@@ -14,6 +14,7 @@ from torch import nn
 
 from bowline_runtime.engine.multimodal import ImageBatch, plan_images
 from bowline_runtime.engine.scheduler import ScheduledBatch
+from bowline_runtime.lora.delta import PackedAdapter
 from bowline_runtime.models.attention import AttentionMetadata, DecodeGroup, PrefillSpan, head_dim
 from bowline_runtime.models.packed_decoder import PackedDecoder
 from bowline_runtime.models.vision import VisionEncoder
@@ -201,18 +202,21 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._staged: dict[int, _StagedContext] = {}  # by decode-group index
         # LoRA adapters on this rank, by id (lora.delta.pack_adapter); the shard this rank holds.
-        self.lora_store: dict[int, dict] = {}
+        self.lora_store: dict[int, PackedAdapter] = {}
         self.lora_slots = None  # lora.delta.SlotStacks, made with the first adapter
         self.tp_rank, self.tp_size = 0, 1
 
     def set_lora(self, lora_id: int, adapter, layout) -> None:
         """Install this rank's share of an adapter (lora.adapter.LoRAAdapter), or drop it (None);
         `layout` is the lora.delta.LoRALayout."""
+        from bowline_runtime.lora import kernel
         from bowline_runtime.lora.delta import SlotStacks, pack_adapter
 
-        if self.lora_slots is None:
+        # The stacked slots serve devices without the C kernel; on the CPU it reads each adapter in place.
+        if self.lora_slots is None and not kernel.usable(self.device, self.dtype):
             self.lora_slots = SlotStacks(layout, self.tp_rank, self.tp_size, self.dtype, self.device)
-        self.lora_slots.release(lora_id)
+        if self.lora_slots is not None:
+            self.lora_slots.release(lora_id)
         if adapter is None:
             self.lora_store.pop(lora_id, None)
         else:

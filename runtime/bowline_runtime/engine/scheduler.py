@@ -9,6 +9,7 @@ requests wait for memory, they never fail for lack of it.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from bowline_runtime.engine.block_manager import BlockManager
@@ -44,6 +45,11 @@ class Scheduler:
         # Slots each decode reserves beyond its next token: speculative decoding writes the KV of
         # k draft tokens in the same step (engine.spec_decode); 0 otherwise.
         self.num_lookahead_slots = 0
+        # load_lora(lora_id, running adapters) makes an adapter's weights loaded before its first
+        # sequence runs (lora.manager.LoRAManager.load_for_batch); False: it cannot be, and its
+        # sequences end (in `failed`, for the engine to report) instead of waiting for ever.
+        self.load_lora: Callable[[int, set[int]], bool] | None = None
+        self.failed: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -105,6 +111,12 @@ class Scheduler:
             if not self.block_manager.can_allocate(seq):
                 break
             self.waiting.popleft()
+            if seq.lora_id and seq.lora_id not in adapters and self.load_lora is not None \
+                    and not self.load_lora(seq.lora_id, adapters):
+                seq.finish_reason = "abort"
+                seq.status = SeqStatus.FINISHED
+                self.failed.append(seq)
+                continue
             self.block_manager.allocate(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)

@@ -33,7 +33,9 @@ logger = logging.getLogger(__name__)
 KERNELS_ENV = "BOWLINE_CPU_KERNELS"
 CACHE_ENV = "BOWLINE_KERNEL_CACHE"
 _SOURCES = tuple(
-    Path(__file__).with_name(name) for name in ("paged_decode.c", "paged_prefill.c", "fused.c", "gemm.c", "quant_gemm.c")
+    Path(__file__).with_name(name) for name in (
+        "paged_decode.c", "paged_prefill.c", "fused.c", "gemm.c", "quant_gemm.c", "lora.c"
+    )
 )
 # -ffast-math lets the softmax's expf and the dot products vectorise; -fopenmp shares the libgomp torch loaded.
 _FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC")
@@ -134,6 +136,11 @@ def load() -> ctypes.CDLL | None:
     fn = lib.bowline_quantize_rows_f32
     fn.restype = None
     fn.argtypes = [_p, _i64, _p, _i64, _i64]
+    lib.bowline_lora_table_width.restype = _i64
+    lib.bowline_lora_table_width.argtypes = []
+    fn = lib.bowline_lora_f32  # LoRA updates (lora.c, see lora.delta)
+    fn.restype = None
+    fn.argtypes = [_p, _i64, _p, _i64, _i64, _i64, _p, _p, _p, _p, _i64, _int, _int]
     if hasattr(lib, "bowline_gemm_f32"):  # compiled only for AVX-512 targets (see gemm.c)
         lib.bowline_gemm_panel_width.restype = _i64
         lib.bowline_gemm_panel_width.argtypes = []

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from bowline_runtime.lora import kernel
 from bowline_runtime.lora.adapter import LoRAAdapter, ModelShapes
 
 # The decoder's products, and which adapter modules feed each (in the order of its output columns).
@@ -41,6 +42,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "gate_up": ("gate_proj", "up_proj"),
     "down": ("down_proj",),
 }
+GROUP_INDEX = {group: i for i, group in enumerate(GROUPS)}  # a product's entry in lora.kernel's tables
 ROW_PARALLEL = frozenset({"o", "down"})
 # Steps with at most this many rows and two or more adapters take the stacked slots.
 STACKED_MAX_ROWS = 128
@@ -62,12 +64,29 @@ class GroupWeights:
     a_t: torch.Tensor  # [in_local, R]: the group's A matrices side by side, transposed
     b_t: torch.Tensor  # [R, out_local]: block-diagonal B, transposed (zeros for modules not adapted)
     sizes: tuple[int, ...]  # each module's local output columns (to split when not fused)
+    # Per module adapted: (first column in out, columns, first row in b_t, rank): b_t's non-zero blocks.
+    blocks: tuple[tuple[int, int, int, int], ...] = ()
+
+
+@dataclass(slots=True)
+class PackedAdapter:
+    """One adapter on this rank: its products' weights and, on the CPU kernel's path, their descriptor table."""
+
+    groups: dict[tuple[int, str], GroupWeights]
+    table: torch.Tensor | None = None  # lora.kernel.build_table (raw pointers into `groups`)
+
+    @property
+    def max_width(self) -> int:
+        """The largest R (sum of ranks) over its products: the columns of the kernel's shrink scratch."""
+        return max((w.a_t.shape[1] for w in self.groups.values()), default=0)
 
 
 def pack_adapter(
-    adapter: LoRAAdapter, shapes: ModelShapes, rank: int, world_size: int, dtype: torch.dtype, device: torch.device
-) -> dict[tuple[int, str], GroupWeights]:
-    """This rank's share of `adapter`, per (layer, product)."""
+    adapter: LoRAAdapter, shapes: ModelShapes, rank: int, world_size: int, dtype: torch.dtype, device: torch.device,
+    kernel_table: bool | None = None,
+) -> PackedAdapter:
+    """This rank's share of `adapter`, per (layer, product); with the CPU kernel's table where it
+    will be used (`kernel_table` None: wherever lora.kernel.usable says so)."""
     packed: dict[tuple[int, str], GroupWeights] = {}
     for layer in range(shapes.num_layers):
         for group, parts in GROUPS.items():
@@ -79,6 +98,7 @@ def pack_adapter(
             total_r = sum(w[0].shape[0] for w in present if w is not None)
             b = torch.zeros(sum(sizes), total_r)
             a_parts: list[torch.Tensor] = []
+            blocks: list[tuple[int, int, int, int]] = []
             row = col = 0
             for size, w in zip(sizes, present, strict=True):
                 if w is not None:
@@ -91,14 +111,19 @@ def pack_adapter(
                         b_part = b_part[rank * size : (rank + 1) * size]
                     a_parts.append(a)
                     b[row : row + size, col : col + r] = b_part
+                    blocks.append((row, size, col, r))
                     col += r
                 row += size
             packed[(layer, group)] = GroupWeights(
                 torch.cat(a_parts).t().contiguous().to(device=device, dtype=dtype),
                 b.t().contiguous().to(device=device, dtype=dtype),
                 sizes,
+                tuple(blocks),
             )
-    return packed
+    result = PackedAdapter(packed)
+    if kernel.usable(device, dtype) if kernel_table is None else kernel_table:
+        result.table = kernel.build_table(packed, shapes.num_layers, tuple(GROUPS))
+    return result
 
 
 class SlotStacks:
@@ -120,7 +145,7 @@ class SlotStacks:
                 self.b[(layer, group)] = torch.zeros(cols, out_local, dtype=dtype, device=device)
         self.slot_of: dict[int, int] = {}  # lora id -> slot, in least recently used order
 
-    def place(self, wanted: list[int], store: dict[int, dict[tuple[int, str], GroupWeights]]) -> dict[int, int] | None:
+    def place(self, wanted: list[int], store: dict[int, PackedAdapter]) -> dict[int, int] | None:
         """Slots for the step's adapters, copying in those not already placed; None if they do not fit."""
         if len(wanted) > self.num_slots:
             return None
@@ -133,7 +158,7 @@ class SlotStacks:
             if free is None:
                 victim = next(i for i in self.slot_of if i not in wanted)
                 free = self.slot_of.pop(victim)
-            self._copy(free, store[lora_id])
+            self._copy(free, store[lora_id].groups)
             self.slot_of[lora_id] = free
         return {lora_id: self.slot_of[lora_id] for lora_id in wanted}
 
@@ -163,24 +188,38 @@ class _Rows:
 
 
 class LoRABatch:
-    """The step's adapters and their rows; the decoder calls `add` after each base product."""
+    """The step's adapters and their rows; the decoder calls `add` after each base product.
+
+    Three ways, chosen once per step: the C kernel (CPU, float32, every adapter of the step having
+    its table: one call per product whatever the number of adapters), the stacked slots (two or more
+    adapters over at most STACKED_MAX_ROWS rows, other devices), else the per-adapter loop.
+    """
 
     def __init__(
-        self, store: dict[int, dict[tuple[int, str], GroupWeights]], segments: list[tuple[int, int, int]],
+        self, store: dict[int, PackedAdapter], segments: list[tuple[int, int, int]],
         device: torch.device, world_size: int, slots: SlotStacks | None = None, num_rows: int = 0,
     ) -> None:
         by_id: dict[int, list[tuple[int, int]]] = {}
         for start, end, lora_id in segments:
             by_id.setdefault(lora_id, []).append((start, end))
+        missing = [i for i in by_id if i not in store]
+        if missing:
+            raise RuntimeError(f"LoRA adapter id {missing[0]} is scheduled but not loaded on this rank")
         self.world_size = world_size
-        self.rows: list[_Rows] = []
+        self._by_id = by_id
+        self._store = store
+        self._device = device
+        self._rows: list[_Rows] | None = None
         self.stacks: SlotStacks | None = None
+        self.kernel: kernel.KernelStep | None = None
         self.masks: dict[int, torch.Tensor] = {}  # columns per slot -> [rows, slots x columns] 0/1
+        tables = [(t, store[i].max_width, spans) for i, spans in by_id.items() if (t := store[i].table) is not None]
+        lib = kernel.library() if device.type == "cpu" and len(tables) == len(by_id) else None
+        if lib is not None:
+            self.kernel = kernel.KernelStep(lib, tables, world_size)
+            return
         placed = None
         if slots is not None and len(by_id) > 1 and num_rows <= STACKED_MAX_ROWS:
-            missing = [i for i in by_id if i not in store]
-            if missing:
-                raise RuntimeError(f"LoRA adapter id {missing[0]} is scheduled but not loaded on this rank")
             placed = slots.place(list(by_id), store)
         if placed is not None:
             assert slots is not None
@@ -194,19 +233,26 @@ class LoRABatch:
                 cols = torch.arange(slots.num_slots * w, device=device) // w
                 self.masks[w] = (cols.unsqueeze(0) == row_slot.unsqueeze(1)).to(dtype)
             self.stacks = slots
-            return
-        for lora_id, spans in by_id.items():
-            weights = store.get(lora_id)
-            if weights is None:
-                raise RuntimeError(f"LoRA adapter id {lora_id} is scheduled but not loaded on this rank")
-            if len(spans) == 1:
-                self.rows.append(_Rows(weights, spans[0][0], spans[0][1], None))
-            else:
-                index = torch.cat([torch.arange(s, e) for s, e in spans]).to(device)
-                self.rows.append(_Rows(weights, 0, 0, index))
+
+    @property
+    def rows(self) -> list[_Rows]:
+        """Each adapter's rows for the per-adapter loop (made on first use)."""
+        if self._rows is None:
+            self._rows = []
+            for lora_id, spans in self._by_id.items():
+                weights = self._store[lora_id].groups
+                if len(spans) == 1:
+                    self._rows.append(_Rows(weights, spans[0][0], spans[0][1], None))
+                else:
+                    index = torch.cat([torch.arange(s, e) for s, e in spans]).to(self._device)
+                    self._rows.append(_Rows(weights, 0, 0, index))
+        return self._rows
 
     def add(self, layer: int, group: str, x: torch.Tensor, outs: list[torch.Tensor]) -> None:
         """outs[i] += each row's update, in place: one tensor for a fused product, else one per module."""
+        if self.kernel is not None and kernel.fits(x, outs):
+            self.kernel.add(layer * len(GROUPS) + GROUP_INDEX[group], x, outs[0], group in ROW_PARALLEL)
+            return
         if self.stacks is not None:
             self._add_stacked(layer, group, x, outs)
             return

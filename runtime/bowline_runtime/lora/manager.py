@@ -2,17 +2,22 @@
 
 Every adapter name maps to an id that is never reused (a name unloaded and loaded again gets a new
 one), so prefix-cache chains and the ranks' weight stores can never mix two adapters' weights.
-At most `max_cpu_loras` adapters stay loaded; loading one more drops the least recently used
-adapter that no request is using (it stays registered and is read again from its path when a
-request names it). When every loaded adapter has requests, the new one is loaded beyond the bound
-rather than refused (requests wait for the batch's --max-loras slots, never fail for memory), and
-the set shrinks back to the bound as adapters go idle. An adapter removed while requests still use it keeps its weights until the
-last of them ends.
+
+`--max-cpu-loras` is a hard bound, as in vLLM (its CPU cache of adapters): at most that many
+adapters' weights are held at any time. Adapters are loaded when a batch needs them: the scheduler
+calls `load_for_batch` before admitting the first sequence of an adapter that is not running yet,
+and room is made by dropping the least recently used adapter that no running sequence uses.
+Running adapters are at most --max-loras <= --max-cpu-loras (the scheduler's bound), so there is
+always such an adapter to drop: requests of adapters beyond the bound wait in line, never fail for
+memory, and the loaded set never grows past it. A request names an adapter (acquire) without
+loading it; an adapter removed while requests still use it keeps its entry until the last of them
+ends.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +27,8 @@ from bowline_runtime.engine.outputs import LoRAGauges
 from bowline_runtime.lora.adapter import LoRAAdapter, LoRAError, ModelShapes, load_adapter
 from bowline_runtime.lora.delta import LoRALayout
 from bowline_runtime.lora.modules import LoRAModule, check_name
+
+logger = logging.getLogger(__name__)
 
 # install(lora_id, adapter) puts an adapter's weights on every rank; install(lora_id, None) drops them.
 Installer = Callable[[int, "LoRAAdapter | None"], None]
@@ -42,20 +49,23 @@ class _Entry:
 class LoRAManager:
     def __init__(
         self, shapes: ModelShapes, max_rank: int, max_loras: int, max_cpu_loras: int | None, install: Installer,
-        base_model_name: str,
+        base_model_name: str, running: Callable[[], set[int]] = set,
     ) -> None:
+        """`running()`: the adapter ids of the sequences running now (they must stay loaded)."""
         self.shapes = shapes
         self.max_rank = max_rank
         self.max_loras = max_loras
         self.capacity = max(max_cpu_loras or max_loras, max_loras)
         self.base_model_name = base_model_name
         self._install = install
+        self._running = running
         self._ids = itertools.count(1)
         self.entries: dict[str, _Entry] = {}
         self.names: dict[int, str] = {}  # id -> name, also for removed adapters still in use
+        self._paths: dict[int, LoRAModule] = {}  # id -> module, to read it again (removed ones too)
         self.loaded: OrderedDict[int, None] = OrderedDict()  # least recently used first
-        self.in_use: Counter[int] = Counter()
-        self._removed: set[int] = set()  # unregistered, weights kept until their last request ends
+        self.in_use: Counter[int] = Counter()  # requests accepted (waiting or running) per adapter
+        self._removed: set[int] = set()  # unregistered, kept until their last request ends
 
     # --- registry ------------------------------------------------------------------------------
 
@@ -67,7 +77,8 @@ class LoRAManager:
         return entry.lora_id if entry is not None else None
 
     def add(self, module: LoRAModule, adapter: LoRAAdapter | None = None) -> int:
-        """Register and load an adapter (read from its path unless given); LoRAError if it cannot serve."""
+        """Register an adapter (read from its path unless given, so a bad one is refused now: LoRAError)
+        and keep it loaded if that fits the bound without dropping a running adapter."""
         check_name(module.name)
         if module.name == self.base_model_name:
             raise LoRAError(f"the adapter name {module.name!r} is the served model's own name", "lora_name")
@@ -75,11 +86,11 @@ class LoRAManager:
             raise LoRAError(f"The lora adapter '{module.name}' has already been loaded.", "lora_name")
         adapter = adapter or load_adapter(module.path, self.shapes, self.max_rank)
         lora_id = next(self._ids)
-        self._make_room()
-        self._install(lora_id, adapter)
-        self.loaded[lora_id] = None
         self.entries[module.name] = _Entry(module, lora_id)
         self.names[lora_id] = module.name
+        self._paths[lora_id] = module
+        if self._make_room(self._running()):
+            self._load(lora_id, adapter)
         return lora_id
 
     def remove(self, name: str) -> int:
@@ -99,19 +110,12 @@ class LoRAManager:
     # --- use by requests ------------------------------------------------------------------------
 
     def acquire(self, name: str) -> int:
-        """The id serving `name` for one more request, loading it again if it was dropped."""
+        """The id serving `name` for one more request (its weights are loaded when it is scheduled)."""
         entry = self.entries.get(name)
         if entry is None:
             raise LoRANotFound(f"The lora adapter '{name}' cannot be found.", "model")
-        lora_id = entry.lora_id
-        if lora_id not in self.loaded:
-            adapter = load_adapter(entry.module.path, self.shapes, self.max_rank)
-            self._make_room()
-            self._install(lora_id, adapter)
-            self.loaded[lora_id] = None
-        self.loaded.move_to_end(lora_id)
-        self.in_use[lora_id] += 1
-        return lora_id
+        self.in_use[entry.lora_id] += 1
+        return entry.lora_id
 
     def release(self, lora_id: int) -> None:
         self.in_use[lora_id] -= 1
@@ -119,19 +123,36 @@ class LoRAManager:
             del self.in_use[lora_id]
             if lora_id in self._removed:
                 self._drop(lora_id)
-            elif len(self.loaded) > self.capacity:  # loaded beyond the bound while all were busy
-                self._trim(self.capacity)
 
-    def _make_room(self) -> None:
-        """Drop least recently used idle adapters until one more fits (if none is idle, it is loaded anyway)."""
-        self._trim(self.capacity - 1)
+    def load_for_batch(self, lora_id: int, running: set[int]) -> bool:
+        """Make `lora_id` loaded before its first sequence joins the running ones (`running`: the
+        adapters running already, never dropped); False if it cannot be read again (logged)."""
+        if lora_id in self.loaded:
+            self.loaded.move_to_end(lora_id)
+            return True
+        module = self._paths.get(lora_id)
+        if module is None or not self._make_room(running):
+            return False
+        try:
+            adapter = load_adapter(module.path, self.shapes, self.max_rank)
+        except LoRAError as exc:
+            logger.error("LoRA adapter %r cannot be read again from %s: %s", module.name, module.path, exc.message)
+            return False
+        self._load(lora_id, adapter)
+        return True
 
-    def _trim(self, size: int) -> None:
-        while len(self.loaded) > size:
-            idle = next((i for i in self.loaded if not self.in_use[i]), None)
+    def _make_room(self, running: set[int]) -> bool:
+        """Drop least recently used adapters outside `running` until one more fits; False if none can go."""
+        while len(self.loaded) >= self.capacity:
+            idle = next((i for i in self.loaded if i not in running), None)
             if idle is None:
-                return
+                return False
             self._evict(idle)
+        return True
+
+    def _load(self, lora_id: int, adapter: LoRAAdapter) -> None:
+        self._install(lora_id, adapter)
+        self.loaded[lora_id] = None
 
     def _evict(self, lora_id: int) -> None:
         del self.loaded[lora_id]
@@ -142,6 +163,7 @@ class LoRAManager:
             self._evict(lora_id)
         self._removed.discard(lora_id)
         self.names.pop(lora_id, None)
+        self._paths.pop(lora_id, None)
         self.in_use.pop(lora_id, None)
 
     # --- gauges ------------------------------------------------------------------------------
@@ -158,10 +180,12 @@ def lora_gauges(manager: LoRAManager, scheduler) -> LoRAGauges:
 
 
 def build_lora_manager(
-    config, hf_config, install: Callable[[int, LoRAAdapter | None, LoRALayout], None]
+    config, hf_config, install: Callable[[int, LoRAAdapter | None, LoRALayout], None],
+    running: Callable[[], set[int]] = set,
 ) -> LoRAManager | None:
-    """The engine's manager with --lora-modules loaded (the first --max-cpu-loras of them stay loaded;
-    the rest are checked, then read again when first used); None without --enable-lora."""
+    """The engine's manager with --lora-modules registered (each is read and checked; the last
+    --max-cpu-loras of them stay loaded, the others are read again when first scheduled); None
+    without --enable-lora."""
     if not config.enable_lora:
         return None
     from bowline_runtime.lora.modules import parse_modules
@@ -170,7 +194,7 @@ def build_lora_manager(
     layout = LoRALayout(shapes, config.max_loras, config.max_lora_rank)
     manager = LoRAManager(
         shapes, config.max_lora_rank, config.max_loras, config.max_cpu_loras,
-        lambda lora_id, adapter: install(lora_id, adapter, layout), config.model_name,
+        lambda lora_id, adapter: install(lora_id, adapter, layout), config.model_name, running,
     )
     for module in parse_modules(config.lora_modules):
         try:
