@@ -224,7 +224,7 @@ _HELP = {
     "lora_modules": "adapters to serve: name=path or {\"name\": ..., \"path\": ..., \"base_model_name\": ...}, several",
     "max_lora_rank": "largest adapter rank accepted (one of 1, 8, 16, 32, 64, 128, 256, 320, 512)",
     "max_loras": "most adapters in one batch",
-    "max_cpu_loras": "most adapters kept loaded (least recently used idle ones are dropped; >= --max-loras)",
+    "max_cpu_loras": "most adapters held loaded, a hard bound (the least recently used not running is dropped; >= --max-loras)",
     "allow_runtime_lora_updating": "enable /v1/load_lora_adapter and /v1/unload_lora_adapter "
     "(also VLLM_ALLOW_RUNTIME_LORA_UPDATING)",
     "api_server": "which routes to serve: openai (/v1/...), vllm (vLLM's native POST /generate) or both",

@@ -21,6 +21,11 @@ whatever the number of adapters: h = x A, h *= each row's slot mask, out += h B 
 done as dense products; base rows have an all-zero mask). Steps with long prefills keep the loop,
 whose cost is each row's own rank only.
 
+On the CPU in float32 neither is used: lora.kernel hands every adapter of the step to one C call
+per product (kernels/lora.c), which reads each adapter's A and the non-zero blocks of its B once
+and skips base rows; at decode sizes that is a third of the stacked slots' time (it reads neither
+other slots nor the block-diagonal zeros), and at prefill sizes it beats the loop's products too.
+
 The update is a separate add after whatever Linear implementation the device or a quantized
 format chose for the base projection, so it composes with any of them.
 """
