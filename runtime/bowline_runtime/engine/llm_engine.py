@@ -147,7 +147,7 @@ class LLMEngine:
         from bowline_runtime.engine.spec_decode.decoder import SpeculativeDecoder
 
         vocab = min(self.vocab_size, len(self.tokenizer))
-        return SpeculativeDecoder(spec, self.config, self.device, self.dtype, hf_config, vocab)
+        return SpeculativeDecoder(spec, self.config, self.device, self.dtype, hf_config, vocab, self.tp)
 
     def _num_kv_blocks(self) -> int:
         per_token = self.runner.kv_bytes_per_token(self.tp.num_kv_heads_local)
