@@ -73,7 +73,7 @@ def measure(fn: Callable[[torch.Tensor], torch.Tensor], in_features: int, dtype:
 
 
 def cache_key(cpu_signature: str, dtype: torch.dtype, out_features: int, in_features: int, bias: bool) -> str:
-    """One entry per CPU (model and flags), torch version, dtype and shape."""
+    """One entry per CPU (model and flags) and kernel build, torch version, dtype and shape."""
     cpu = hashlib.sha256(cpu_signature.encode()).hexdigest()[:12]
     return f"{cpu}|torch {torch.__version__}|{dtype}|{out_features}x{in_features}|bias={bias}"
 
