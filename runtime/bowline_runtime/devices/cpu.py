@@ -75,7 +75,8 @@ class KernelLinear(torch.nn.Module):
     """nn.Linear through Bowline's own float32 product (kernels/gemm.c), its weight packed once.
 
     At decode sizes it takes 0.8x oneDNN's time (no fixed per-call cost to speak of), at prefill
-    sizes the same (see gemm.c); used where that kernel builds (an AVX-512 CPU and a C compiler).
+    sizes the same (see gemm.c); used where that kernel builds (an AVX-512 or AVX2 + FMA CPU and a C
+    compiler) and measured fastest for the shape (kernels.linear_choice).
     """
 
     def __init__(self, linear: torch.nn.Linear) -> None:
@@ -203,7 +204,7 @@ class LinearChooser:
         if len(available) == 1:
             return available[0]
         n, k, dtype = linear.out_features, linear.in_features, linear.weight.dtype
-        key = linear_choice.cache_key(kernels.cpu_signature(), dtype, n, k, linear.bias is not None)
+        key = linear_choice.cache_key(kernels.speed_signature(), dtype, n, k, linear.bias is not None)
         if key in self._seen:
             return self._seen[key]
         entry = self._disk.get(key)

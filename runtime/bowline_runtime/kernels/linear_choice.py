@@ -1,10 +1,15 @@
 """Which implementation serves each Linear shape on this CPU: chosen by a short measurement, not assumed.
 
 Why measure: on an AVX2-only EPYC Zen 3 (1 thread, µs per call, torch F.linear / oneDNN-packed /
-gemm.c) 3072x512 at 1 row is 225 / 268 / 177 but at 16 rows 1340 / 1051 / 2212, and the head
-16000x512 at 1 row 3359 / 3333 / 2726 but at 8 rows 9290 / 4857 / 5993: no one implementation wins
-every shape and row count, and the order differs again on AVX-512 machines. `choose` is the pure
-decision (timings in, name out); `measure` and the JSON cache are the thin edge around it.
+gemm.c as it was then) 3072x512 at 1 row was 225 / 268 / 177 but at 16 rows 1340 / 1051 / 2212, and
+the head 16000x512 at 1 row 3359 / 3333 / 2726 but at 8 rows 9290 / 4857 / 5993: no one implementation
+won every shape and row count, and the order differs again on AVX-512 machines and between versions of
+each. gemm.c's AVX2 path has since been rebuilt (3 rows x 4 vectors, see gemm.c); an AVX2-only build
+on an EPYC Zen 4 with oneDNN held to AVX2 (the proxy for Zen 3, same run, medians) now reads 3072x512
+at 1 row 677 / 567 / 224 and at 16 rows 1847 / 1384 / 993, the head at 8 rows 7278 / 4586 / 2571 and
+at 16 rows 9252 / 5411 / 4567. `choose` is the pure decision (timings in, name out); `measure` and the
+JSON cache (keyed by CPU and kernel build, so a changed gemm.c is measured again) are the thin edge
+around it.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ import torch
 LINEAR_ENV = "BOWLINE_CPU_LINEAR"
 CHOICES = ("kernel", "onednn", "torch")
 # A step's products have 1-16 rows while decoding; each row count's call time weighs the same. Weighting
-# 1 row 4x (as first tried) picked gemm.c for the small shapes on an AVX2 EPYC, where it is 1.7x faster
-# than oneDNN at 1 row but 1.5x slower at 16: same run, bench model, 128 -> 128, that cost 10 % of
+# 1 row 4x (as first tried) picked gemm.c for the small shapes on an AVX2 EPYC, where it was then 1.7x
+# faster than oneDNN at 1 row but 1.5x slower at 16: same run, bench model, 128 -> 128, that cost 10 % of
 # output tok/s at c=16 (355 vs 395 with oneDNN forced) for 3 % at c=1 (73.2 vs 71.1).
 ROW_WEIGHTS: Mapping[int, float] = {1: 1.0, 8: 1.0, 16: 1.0}
 _REPEATS = 7
@@ -126,7 +131,7 @@ CACHE_VERSION = 2  # 2: entries measured under load are no longer written; older
 
 
 def cache_key(cpu_signature: str, dtype: torch.dtype, out_features: int, in_features: int, bias: bool) -> str:
-    """One entry per cache format, CPU (model and flags), torch version, dtype and shape."""
+    """One entry per cache format, CPU (model and flags) and kernel build, torch version, dtype and shape."""
     cpu = hashlib.sha256(cpu_signature.encode()).hexdigest()[:12]
     return f"v{CACHE_VERSION}|{cpu}|torch {torch.__version__}|{dtype}|{out_features}x{in_features}|bias={bias}"
 
