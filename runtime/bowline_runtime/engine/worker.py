@@ -3,7 +3,8 @@
 Each rank is a process holding one shard of the weights and of the KV cache: a tensor-parallel
 shard of the layers of one pipeline stage (engine.distributed has the layout). Every step the driver
 broadcasts the StepInput (a few small tensors) over torch.distributed, then all ranks run the same
-forward; the sharded layers' all-reduces keep a stage in step, and point-to-point sends carry the
+forward (or, for a draft model sharded over the same ranks, a DraftStep: the draft's forward); the
+sharded layers' all-reduces keep a stage in step, and point-to-point sends carry the
 hidden states from stage to stage and the last stage's logits back to the driver. The backend comes
 from the device layer (gloo on CPU, nccl on CUDA, hccl on NPU). Ranks may live in other processes
 started on other nodes (`--nnodes`, `--node-rank`): those run `run_worker_node` instead of a server.
