@@ -17,7 +17,8 @@ from bench import cpu_info
 TARGET_CONCURRENCY = 16
 TARGET_RATIO = 4.0
 
-SYSTEM_ORDER = ["hf-seq", "hf-batch", "vllm", "bowline"]
+SYSTEM_ORDER = ["hf-seq", "hf-batch", "vllm", "bowline", "bowline-core"]
+BOWLINE_SYSTEMS = ["bowline", "bowline-core"]
 
 
 def _ms(v: float | None) -> str:
@@ -68,11 +69,14 @@ def _ratio(a: dict | None, b: dict | None) -> float | None:
 
 
 def ratios(points: list[dict]) -> list[dict]:
-    """Bowline's output tokens/s over each baseline's, per workload and concurrency (None where missing)."""
+    """Bowline's output tokens/s over each baseline's, per workload and concurrency (None where missing);
+    one row per Bowline system (the engine in a thread of the server, `bowline`, or in its own process)."""
     out = []
-    for p in sorted((p for p in points if p["system"] == "bowline"), key=_sort_key):
+    for p in sorted((p for p in points if p["system"] in BOWLINE_SYSTEMS),
+                    key=lambda p: (_sort_key(p), BOWLINE_SYSTEMS.index(p["system"]))):
         w, c = p["workload"], p["concurrency"]
         out.append({
+            "system": p["system"],
             "workload": w,
             "concurrency": c,
             "bowline_tok_s": p["output_tokens_per_s"],
@@ -87,9 +91,9 @@ def ratios_table(rows: list[dict]) -> str:
     def x(v: float | None) -> str:
         return "–" if v is None else f"{v:.2f}x"
 
-    lines = ["| workload | conc | bowline tok/s | / hf-seq | / hf-batch | / vllm |", "|---|---|---|---|---|---|"]
+    lines = ["| system | workload | conc | bowline tok/s | / hf-seq | / hf-batch | / vllm |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['workload']} | {r['concurrency']} | {r['bowline_tok_s']:.1f} | {x(r['vs_hf_seq'])} "
+        lines.append(f"| {r['system']} | {r['workload']} | {r['concurrency']} | {r['bowline_tok_s']:.1f} | {x(r['vs_hf_seq'])} "
                      f"| {x(r['vs_hf_batch'])} | {x(r['vs_vllm'])} |")
     return "\n".join(lines)
 
@@ -97,7 +101,8 @@ def ratios_table(rows: list[dict]) -> str:
 def target_verdict(rows: list[dict]) -> str | None:
     """The 4x-over-generate() check on the short workload, or None when the run did not measure it."""
     for r in rows:
-        if r["workload"] == "short" and r["concurrency"] == TARGET_CONCURRENCY and r["vs_hf_seq"] is not None:
+        if (r["system"] == "bowline" and r["workload"] == "short" and r["concurrency"] == TARGET_CONCURRENCY
+                and r["vs_hf_seq"] is not None):
             ok = r["vs_hf_seq"] >= TARGET_RATIO
             return (f"Target (short, c={TARGET_CONCURRENCY}, >= {TARGET_RATIO:.0f}x sequential generate()): "
                     f"{r['vs_hf_seq']:.2f}x -> {'MET' if ok else 'NOT MET'}")
@@ -143,7 +148,7 @@ def write_plot(path: Path, points: list[dict]) -> bool:
     except ImportError:
         return False
     fig, (ax_tps, ax_ttft) = plt.subplots(1, 2, figsize=(11, 4.2))
-    colors = {"bowline": "tab:blue", "vllm": "tab:orange", "hf-batch": "tab:green", "hf-seq": "tab:gray"}
+    colors = {"bowline": "tab:blue", "bowline-core": "tab:purple", "vllm": "tab:orange", "hf-batch": "tab:green", "hf-seq": "tab:gray"}
     styles = {"short": "-", "mixed": "--"}
     concs = sorted({p["concurrency"] for p in points})
     for system in SYSTEM_ORDER:

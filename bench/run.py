@@ -33,15 +33,16 @@ from bowline_runtime.tools.tiny_model import PRESETS
 
 from bench import cpu_info, hf_baseline, loadgen, report, servers
 
-ALL_SYSTEMS = ["hf-seq", "hf-batch", "vllm", "bowline"]
-SERVER_SYSTEMS = {"bowline", "vllm"}
+ALL_SYSTEMS = ["hf-seq", "hf-batch", "vllm", "bowline", "bowline-core"]
+SERVER_SYSTEMS = {"bowline", "bowline-core", "vllm"}
 RESULTS = Path("bench/results")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--systems", help="comma list of bowline, vllm, hf-seq, hf-batch (hf = both hf ones)")
+    p.add_argument("--systems", help="comma list of bowline, bowline-core (the engine core in its own process), "
+                                     "vllm, hf-seq, hf-batch (hf = both hf ones)")
     p.add_argument("--workloads", help="comma list of short, mixed")
     p.add_argument("--concurrency", help="comma list of concurrency levels")
     p.add_argument("--requests", type=int, help="requests per point (default 32)")
@@ -226,8 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in [s for s in systems if s in SERVER_SYSTEMS]:
             port = servers.free_port()
-            if name == "bowline":
-                spec = servers.bowline_spec(model_dir, port, kv_bytes, args.max_num_seqs, args.device, args.dtype)
+            if name in ("bowline", "bowline-core"):
+                spec = servers.bowline_spec(model_dir, port, kv_bytes, args.max_num_seqs, args.device, args.dtype,
+                                            engine_process=name == "bowline-core")
             else:
                 spec = servers.vllm_spec(model_dir, port, kv_bytes, args.max_num_seqs, dtype=args.dtype)
             _log(f"starting {name} ...")

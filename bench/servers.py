@@ -41,13 +41,18 @@ def free_port() -> int:
 
 
 def bowline_spec(model_dir: str, port: int, kv_bytes: int, max_num_seqs: int, device: str = "cpu",
-                 dtype: str = "float32") -> ServerSpec:
-    """Bowline on `device` in `dtype` with the model folder's shapes and random weights (`--load-format dummy`)."""
+                 dtype: str = "float32", engine_process: bool = False) -> ServerSpec:
+    """Bowline on `device` in `dtype` with the model folder's shapes and random weights (`--load-format dummy`).
+
+    `engine_process`: the engine core in its own process (BOWLINE_ENGINE_PROCESS=1), system "bowline-core".
+    """
     argv = [sys.executable, "-m", "bowline_runtime", "serve", "--model", model_dir, "--served-model-name", SERVED_NAME,
             "--host", "127.0.0.1", "--port", str(port), "--device", device, "--dtype", dtype,
             "--load-format", "dummy", "--kv-cache-memory", str(kv_bytes), "--max-num-seqs", str(max_num_seqs),
             "--log-level", "warning"]
-    return ServerSpec("bowline", argv, {}, start_timeout_s=300)
+    if engine_process:
+        return ServerSpec("bowline-core", argv, {"BOWLINE_ENGINE_PROCESS": "1"}, start_timeout_s=300)
+    return ServerSpec("bowline", argv, {"BOWLINE_ENGINE_PROCESS": "0"}, start_timeout_s=300)
 
 
 def vllm_python(venv: Path = VLLM_VENV) -> Path:

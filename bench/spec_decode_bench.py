@@ -2,6 +2,7 @@
 
     python -m bench.spec_decode_bench                 # bench preset, c=1 and c=8, k=4
     python -m bench.spec_decode_bench --quick         # smoke run: tiny preset, 2 requests, 16 tokens
+    python -m bench.spec_decode_bench --tensor-parallel-size 2   # adds the drafts sharded over both ranks
 
 Rows: no speculation, n-gram prompt lookup on a repetitive workload (prompts whose continuation repeats
 their text), a copy-of-target draft (accepts everything, but its k - 1 proposal forwards cost as much as
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("-k", "--num-speculative-tokens", type=int, default=4)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="every row at this size; above 1 adds the drafts sharded over the same ranks")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny preset, 2 requests, 16 tokens")
     args = p.parse_args(argv)
     if args.quick:
@@ -117,20 +120,28 @@ def main(argv: list[str] | None = None) -> None:
         ("2-layer draft", "short", {"speculative_model": str(two), "num_speculative_tokens": k}),
         ("oracle draft (free, always right)", "short", {"speculative_model": "[ngram]", "num_speculative_tokens": k}),
     ]
+    tp = args.tensor_parallel_size
+    if tp > 1:  # the drafts again, sharded over the target's ranks instead of whole beside rank 0
+        sharded = {"speculative_draft_tensor_parallel_size": tp}
+        rows[5:5] = [(f"copy-of-target draft, sharded x{tp}", "short", {**rows[3][2], **sharded}),
+                     (f"2-layer draft, sharded x{tp}", "short", {**rows[4][2], **sharded})]
     levels = [int(c) for c in args.concurrency.split(",")]
     baseline: dict[tuple[str, int], float] = {}
-    print(f"| method | workload | c | output tok/s | x no speculation | acceptance |  (k={k}, {args.preset})")
+    print(f"| method | workload | c | output tok/s | x no speculation | acceptance |  (k={k}, {args.preset}, tp={tp})")
     print("|---|---|---|---|---|---|")
     for name, kind, kw in rows:
-        engine = LLMEngine(EngineConfig(model=str(target), device=args.device, **kw))
+        expected = None
+        if name.startswith("oracle"):  # recorded first: one tensor-parallel group per process at a time
+            prompts = set(workload(kind, args.requests)) | set(workload(kind, 1))
+            plain = LLMEngine(EngineConfig(model=str(target), device=args.device, tensor_parallel_size=tp))
+            try:
+                expected = greedy_outputs(plain, sorted(prompts), args.max_tokens)
+            finally:
+                plain.shutdown()
+        engine = LLMEngine(EngineConfig(model=str(target), device=args.device, tensor_parallel_size=tp, **kw))
         try:
-            if name.startswith("oracle"):
-                prompts = set(workload(kind, args.requests)) | set(workload(kind, 1))
-                plain = LLMEngine(EngineConfig(model=str(target), device=args.device))
-                try:
-                    install_oracle(engine, greedy_outputs(plain, sorted(prompts), args.max_tokens))
-                finally:
-                    plain.shutdown()
+            if expected is not None:
+                install_oracle(engine, expected)
             measure(engine, workload(kind, 1), 1, 8)  # warm-up
             for c in levels:
                 tps, rate = measure(engine, workload(kind, args.requests), c, args.max_tokens)

@@ -197,7 +197,9 @@ def speculative_args(spec: InferenceServiceSpec) -> list[str]:
     args += ["--num-speculative-tokens", str(spec_dec.num_speculative_tokens)]
     for flag, value in (("--ngram-prompt-lookup-max", spec_dec.prompt_lookup_max),
                         ("--ngram-prompt-lookup-min", spec_dec.prompt_lookup_min),
-                        ("--speculative-disable-by-batch-size", spec_dec.disable_by_batch_size)):
+                        ("--speculative-disable-by-batch-size", spec_dec.disable_by_batch_size),
+                        ("--speculative-draft-tensor-parallel-size",
+                         spec_dec.draft_tensor_parallel_size if spec_dec.resolved_method != "ngram" else None)):
         if value is not None:
             args += [flag, str(value)]
     return args

@@ -123,6 +123,7 @@ class SpeculativeSpec(_Model):
     prompt_lookup_max: int | None = Field(default=None, ge=1, le=64)
     prompt_lookup_min: int | None = Field(default=None, ge=1, le=64)
     disable_by_batch_size: int | None = Field(default=None, ge=1)
+    draft_tensor_parallel_size: int | None = Field(default=None, ge=1, le=64)  # 1 or tensorParallelSize
 
     @property
     def resolved_method(self) -> str:

@@ -63,6 +63,12 @@ def cross_field_problems(spec: InferenceServiceSpec) -> list[str]:
     spec_dec = spec.speculative
     if spec_dec is not None and (spec_dec.model is None) != (spec_dec.resolved_method == "ngram"):
         problems.append("speculative.model is required for the draft_model method and must be unset for ngram")
+    draft_tp = spec_dec.draft_tensor_parallel_size if spec_dec is not None else None
+    if (spec_dec is not None and draft_tp is not None and spec_dec.resolved_method != "ngram" and draft_tp != 1
+            and (draft_tp != spec.tensor_parallel_size or spec.pipeline_parallel_size > 1)):
+        problems.append(
+            "speculative.draftTensorParallelSize must be 1 or tensorParallelSize (1 with pipelineParallelSize above 1)"
+        )
     problems += autoscaling_problems(spec)
     cache = spec.model.cache
     if spec.nodes > 1 and (spec.autoscaling is not None or (cache is not None and cache.enabled)):

@@ -199,7 +199,8 @@ _HELP = {
     "enable_chunked_prefill": "split long prompts over steps (off: a prompt waits until it fits one step whole)",
     "speculative_model": "draft model folder (same tokenizer), or [ngram] for prompt lookup: speculative decoding",
     "num_speculative_tokens": "tokens proposed per sequence and step for speculative decoding",
-    "speculative_draft_tensor_parallel_size": "the draft model's tensor-parallel size (1)",
+    "speculative_draft_tensor_parallel_size": "the draft model's tensor-parallel size: 1 (unsharded beside rank 0, the default) "
+    "or --tensor-parallel-size (sharded over the same ranks)",
     "ngram_prompt_lookup_max": "longest n-gram matched in the prompt + output ([ngram] method; default 4)",
     "ngram_prompt_lookup_min": "shortest n-gram matched ([ngram] method; default 1)",
     "speculative_disable_by_batch_size": "no speculation while at least this many sequences run",

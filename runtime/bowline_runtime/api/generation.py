@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
+from bowline_runtime.api.detokenize import DeltaDetokenizer, decoded_by_server, engine_params
 from bowline_runtime.api.metrics import RequestMetrics, ServerMetrics
 from bowline_runtime.engine.outputs import CompletionOutput, OutputAccumulator, RequestOutput
 from bowline_runtime.engine.sampling_params import SamplingParams
@@ -100,6 +101,12 @@ class Generation:
         self.latest: list[RequestOutput | None] = [None] * len(prompts)
         self._meters: list[RequestMetrics] = [metrics.request(self.arrival_time, len(p)) for p in prompts]
         self._accumulators = [OutputAccumulator() for _ in prompts]
+        # Requests without stop strings are decoded here, not in the engine's step (api/detokenize.py).
+        self._engine_params = engine_params(params)
+        self._decoders = (
+            [DeltaDetokenizer(engine.tokenizer, params, engine.eos_token_ids) for _ in prompts]
+            if decoded_by_server(params) else None
+        )
         self._queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
         self._remaining = len(prompts)
@@ -112,7 +119,7 @@ class Generation:
         try:
             extra = {"images": self.images} if self.images else {}  # text requests call generate as before
             async for delta in self.engine.generate(
-                self.prompts[i], self.params, request_id=self._engine_request_id(i), arrival_time=self.arrival_time,
+                self.prompts[i], self._engine_params, request_id=self._engine_request_id(i), arrival_time=self.arrival_time,
                 **extra,
             ):
                 self._meters[i].observe_tokens(sum(len(o.new_token_ids) for o in delta.outputs))
@@ -139,6 +146,8 @@ class Generation:
         return None
 
     def _take(self, i: int, delta: RequestOutput) -> tuple[int, RequestOutput]:
+        if self._decoders is not None:
+            self._decoders[i].fill(delta)
         snapshot = self._accumulators[i].add(delta)
         self.latest[i] = snapshot
         return i, snapshot

@@ -75,7 +75,8 @@ class KernelLinear(torch.nn.Module):
     """nn.Linear through Bowline's own float32 product (kernels/gemm.c), its weight packed once.
 
     At decode sizes it takes 0.8x oneDNN's time (no fixed per-call cost to speak of), at prefill
-    sizes the same (see gemm.c); used where that kernel builds (an AVX-512 CPU and a C compiler).
+    sizes the same (see gemm.c); used where that kernel builds (an AVX-512 or AVX2 + FMA CPU and a C
+    compiler) and measured fastest for the shape (kernels.linear_choice).
     """
 
     def __init__(self, linear: torch.nn.Linear) -> None:
@@ -203,7 +204,7 @@ class LinearChooser:
         if len(available) == 1:
             return available[0]
         n, k, dtype = linear.out_features, linear.in_features, linear.weight.dtype
-        key = linear_choice.cache_key(kernels.cpu_signature(), dtype, n, k, linear.bias is not None)
+        key = linear_choice.cache_key(kernels.speed_signature(), dtype, n, k, linear.bias is not None)
         if key in self._seen:
             return self._seen[key]
         entry = self._disk.get(key)
@@ -213,13 +214,21 @@ class LinearChooser:
             entry = {"choice": linear_choice.choose(timings), "us": timings}
         else:
             timings = {}
+            before = linear_choice.cpu_ticks()
             for name in available:
                 module = linear if name == "torch" else _BUILDERS[name](linear)
                 timings[name] = linear_choice.measure(module, k, dtype)
                 del module  # one extra packed weight at a time
-            entry = {"choice": linear_choice.choose(timings), "us": timings}
-            self._disk[key] = entry
-            self._dirty = True
+            busy = linear_choice.others_share(before, linear_choice.cpu_ticks())
+            if busy > linear_choice.BUSY_SHARE:
+                # Timings taken under load are noise: use the measured rule, remember nothing on disk.
+                entry = {"choice": linear_choice.fallback_choice(available), "us": timings}
+                logger.warning("Linear %dx%d: other processes took %.0f%% of the CPU while it was measured; "
+                               "using %s, not cached", n, k, 100 * busy, entry["choice"])
+            else:
+                entry = {"choice": linear_choice.choose(timings), "us": timings}
+                self._disk[key] = entry
+                self._dirty = True
         us = ", ".join(f"{c} " + "/".join(f"{t:.0f}" for t in entry["us"][c].values()) for c in entry["us"])
         logger.info("Linear %dx%d %s: %s (us at rows %s: %s)", n, k, str(dtype).removeprefix("torch."),
                     entry["choice"], "/".join(map(str, linear_choice.ROW_WEIGHTS)), us)

@@ -8,8 +8,8 @@ model, the scheduler, the sampler and any tensor-parallel workers.
 Measured c=1 TPOT through HTTP (bench model, 128 tokens, median of 8 requests, 2 shared AVX2
 cores, runs interleaved): in a thread 12.1 and 11.1 ms, in its own process 13.4, 13.2 and 11.6 ms,
 against an in-process decode step of 12.4 ms (bench/roofline.py) - within 1.1x either way on that
-run, so the process is opt-in (BOWLINE_ENGINE_PROCESS=1) until a quiet machine settles it and the
-detokenizer moves to the API side.
+run, so the process is opt-in (BOWLINE_ENGINE_PROCESS=1) until a quiet machine settles it. Requests
+without stop strings are decoded to text on the API side (api/detokenize.py), never in the core's step.
 
 Same public face as AsyncEngine: generate / abort / stats / is_alive / has_unfinished_requests /
 shutdown / tokenizer / max_model_len / vocab_size / device / dtype, so the routes do not change.

@@ -149,7 +149,7 @@ class LLMEngine:
         from bowline_runtime.engine.spec_decode.decoder import SpeculativeDecoder
 
         vocab = min(self.vocab_size, len(self.tokenizer))
-        return SpeculativeDecoder(spec, self.config, self.device, self.dtype, hf_config, vocab)
+        return SpeculativeDecoder(spec, self.config, self.device, self.dtype, hf_config, vocab, self.tp)
 
     def _num_kv_blocks(self) -> int:
         per_token = self.runner.kv_bytes_per_token(self.tp.num_kv_heads_local)
@@ -222,9 +222,10 @@ class LLMEngine:
                 seq.constraint = prepared.constraint_factory()
             seq.bad_word_ids = prepared.bad_word_ids
             seq.images = prepared.images
-            seq.detokenizer = IncrementalDetokenizer(
-                self.tokenizer, params.stop, params.include_stop_str_in_output, params.skip_special_tokens
-            )
+            if params.detokenize:
+                seq.detokenizer = IncrementalDetokenizer(
+                    self.tokenizer, params.stop, params.include_stop_str_in_output, params.skip_special_tokens
+                )
             if params.logprobs is not None:
                 seq.logprobs = []
             if params.prompt_logprobs is not None:
@@ -353,14 +354,17 @@ class LLMEngine:
 
         # The sampler masks EOS and stop tokens below min_tokens, so reaching them here is final.
         reason: str | None = None
+        detok = seq.detokenizer  # None: detokenize=False, the caller assembles the text (same rules: text_token_ids)
         if token_id in params.stop_token_ids:
             reason, seq.stop_reason = "stop", token_id
-            if params.include_stop_str_in_output:
-                seq.detokenizer.add_token(token_id, check_stop=False)
+            if params.include_stop_str_in_output and detok is not None:
+                detok.add_token(token_id, check_stop=False)
         elif token_id in self.eos_token_ids and not params.ignore_eos:
             reason = "stop"
         else:
-            matched = seq.detokenizer.add_token(token_id, check_stop=seq.num_output_tokens >= params.min_tokens)
+            matched = None
+            if detok is not None:
+                matched = detok.add_token(token_id, check_stop=seq.num_output_tokens >= params.min_tokens)
             if matched is not None:
                 reason, seq.stop_reason = "stop", matched
             elif seq.constraint is not None and seq.constraint.is_finished():
@@ -372,7 +376,8 @@ class LLMEngine:
                 reason = "length"
         if reason is not None:
             seq.finish_reason = reason
-            seq.detokenizer.finish()
+            if detok is not None:
+                detok.finish()
             self.scheduler.finish(seq)
 
     def _delta(self, request: _Request, finished: bool) -> RequestOutput:
@@ -389,7 +394,7 @@ class LLMEngine:
                 CompletionOutput(
                     index=seq.index,
                     new_token_ids=new_ids,
-                    new_text=seq.detokenizer.take_new_text(),
+                    new_text=seq.detokenizer.take_new_text() if seq.detokenizer is not None else "",
                     new_logprobs=new_lps,
                     cumulative_logprob=seq.cumulative_logprob,
                     finish_reason=seq.finish_reason,

@@ -69,6 +69,10 @@ class SamplingParams:
     use_beam_search: bool = False
     length_penalty: float = 1.0
     skip_special_tokens: bool = True
+    # vLLM's meaning: False leaves the outputs' text empty (token ids only). The server sets it for
+    # requests without stop strings and assembles the text itself (api/detokenize.py), so the engine
+    # core's step never decodes; stop strings must be matched where the sequence is stopped, in the core.
+    detokenize: bool = True
     guided: GuidedDecodingParams | None = None
     reasoning_max_tokens: int | None = None
     lora_name: str | None = None  # the LoRA adapter the request named as `model`; None: the base model
@@ -105,6 +109,8 @@ class SamplingParams:
         for token_id, bias in (self.logit_bias or {}).items():
             if not -100 <= bias <= 100:
                 raise RequestRejected(f"logit_bias values must be in [-100, 100], got {bias} for {token_id}", "logit_bias")
+        if self.stop and not self.detokenize:
+            raise RequestRejected("stop strings are only supported when detokenize is True", "stop")
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
             raise RequestRejected(f"seed must be a 64-bit integer ({SEED_MIN}..{SEED_MAX}), got {self.seed}", "seed")
 

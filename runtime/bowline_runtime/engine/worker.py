@@ -3,7 +3,8 @@
 Each rank is a process holding one shard of the weights and of the KV cache: a tensor-parallel
 shard of the layers of one pipeline stage (engine.distributed has the layout). Every step the driver
 broadcasts the StepInput (a few small tensors) over torch.distributed, then all ranks run the same
-forward; the sharded layers' all-reduces keep a stage in step, and point-to-point sends carry the
+forward (or, for a draft model sharded over the same ranks, a DraftStep: the draft's forward); the
+sharded layers' all-reduces keep a stage in step, and point-to-point sends carry the
 hidden states from stage to stage and the last stage's logits back to the driver. The backend comes
 from the device layer (gloo on CPU, nccl on CUDA, hccl on NPU). Ranks may live in other processes
 started on other nodes (`--nnodes`, `--node-rank`): those run `run_worker_node` instead of a server.
@@ -16,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +82,27 @@ class LoRAUpdate:
     lora_id: int
     adapter: Any  # lora.adapter.LoRAAdapter, or None to drop
     layout: Any  # lora.delta.LoRALayout
+
+
+@dataclass(slots=True)
+class DraftStep:
+    """Sent to every rank in place of a step: run this forward on the sharded draft model (a draft whose
+    --speculative-draft-tensor-parallel-size is the target's); the driver's shard returns the logits."""
+
+    step: StepInput
+
+
+def _sharded_draft(config: EngineConfig, device: Device, dtype: torch.dtype, layout: Layout, rank: int, tp_group):
+    """This rank's shard of the draft model and its KV heads here, or None: no draft, or one unsharded
+    beside rank 0 (built by the proposer alone)."""
+    from bowline_runtime.engine.spec_decode import speculative_config_from
+    from bowline_runtime.engine.spec_decode.draft_model import build_draft_runner
+
+    spec = speculative_config_from(config)
+    if spec is None or not spec.sharded_draft:
+        return None
+    assert spec.model is not None
+    return build_draft_runner(config, spec.model, device, dtype, layout, rank, tp_group)
 
 
 def _logits_rank(layout: Layout) -> int:
@@ -151,7 +174,9 @@ def _worker_main(
     store = distributed.connect_store(endpoint, rank)
     release = distributed.watch_leader(endpoint, rank)
     distributed.init_group(device.dist_backend, store, rank, layout.world_size, _TIMEOUT)
-    runner = build_runner(config, device, dtype, layout, rank, _own_group(layout, rank))
+    tp_group = _own_group(layout, rank)
+    runner = build_runner(config, device, dtype, layout, rank, tp_group)
+    draft = _sharded_draft(config, device, dtype, layout, rank, tp_group)  # (runner, kv heads here) or None
     sends_logits = layout.pipeline_parallel_size > 1 and rank == _logits_rank(layout)
     box: list = [None]
     dist.broadcast_object_list(box, src=0)
@@ -160,6 +185,8 @@ def _worker_main(
         dist.broadcast_object_list(box, src=0)
     num_slots, kv_heads = box[0]
     runner.allocate_kv_cache(num_slots, kv_heads)
+    if draft is not None:  # the draft's KV lives in the same block ids, its own tensors
+        draft[0].allocate_kv_cache(num_slots, draft[1])
     while True:
         dist.broadcast_object_list(box, src=0)
         step = box[0]
@@ -170,6 +197,10 @@ def _worker_main(
             continue
         if isinstance(step, str) and step == RELEASE_IDLE_MEMORY:
             device.release_idle_memory()
+            continue
+        if isinstance(step, DraftStep):
+            assert draft is not None
+            draft[0].execute(step.step)
             continue
         logits = runner.execute(step)
         if sends_logits:
@@ -222,6 +253,8 @@ class TensorParallelGroup:
         self.world_size = self.layout.world_size
         self.procs: dict[int, mp.Process] = {}
         self.runner: ModelRunner | None = None
+        self.tp_group = None  # the driver's tensor-parallel group (None: the whole world)
+        self.draft_runner: ModelRunner | None = None  # rank 0's shard of a sharded draft model
         self.watchdog: distributed.Watchdog | None = None
         self.failure: str | None = None  # set when a rank is gone: the engine is dead, /health 503
         self.exit_on_failure = False  # in the engine-core process: exiting is how the server learns it
@@ -276,6 +309,7 @@ class TensorParallelGroup:
             distributed.wait_for_ranks(store, layout, endpoint.init_timeout, self._check_local_ranks)
             distributed.init_group(self.device.dist_backend, store, 0, self.world_size, _TIMEOUT)
             tp_group = _own_group(layout, 0)
+        self.tp_group = tp_group
         self.runner = build_runner(self.config, self.device, self.dtype, self.layout, 0, tp_group)
         self._vocab = self.runner.model.config.get_text_config().vocab_size
         return self.runner
@@ -310,6 +344,21 @@ class TensorParallelGroup:
             dist.recv(logits, src=_logits_rank(self.layout))
             logits = logits.to(device=self.runner.device, dtype=self.dtype)
         return logits
+
+    def attach_draft(self, runner: ModelRunner) -> Callable[[StepInput], torch.Tensor | None]:
+        """Rank 0's shard of a sharded draft: the callable that runs a draft forward on every rank."""
+        self.draft_runner = runner
+        return self.execute_draft
+
+    def execute_draft(self, step: StepInput) -> torch.Tensor | None:
+        """One forward of the sharded draft: every rank runs its shard (the all-reduces keep them in
+        step); the logits come from rank 0, as the target's do without pipeline stages."""
+        if self.failure:
+            raise RuntimeError(self.failure)
+        assert self.draft_runner is not None
+        if self.world_size > 1:
+            dist.broadcast_object_list([DraftStep(step)], src=0)
+        return self.draft_runner.execute(step)
 
     def shutdown(self) -> None:
         if self.world_size > 1 and dist.is_initialized():

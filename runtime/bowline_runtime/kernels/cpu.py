@@ -32,6 +32,10 @@ logger = logging.getLogger(__name__)
 
 KERNELS_ENV = "BOWLINE_CPU_KERNELS"
 CACHE_ENV = "BOWLINE_KERNEL_CACHE"
+# native (the default) builds for this CPU; avx2 builds for AVX2 + FMA only (x86-64-v3, no AVX-512), so an
+# AVX-512 machine runs and measures the code an AVX2-only CPU (an EPYC Zen 3, say) gets.
+ISA_ENV = "BOWLINE_CPU_KERNEL_ISA"
+_ISA_MARCH = {"native": "-march=native", "avx2": "-march=x86-64-v3"}
 _SOURCES = tuple(
     Path(__file__).with_name(name) for name in (
         "paged_decode.c", "paged_prefill.c", "fused.c", "gemm.c", "quant_gemm.c", "lora.c"
@@ -67,12 +71,36 @@ def cpu_signature() -> str:
     return f"{platform.machine()}|{platform.processor()}|{flags}"
 
 
+def compile_flags() -> tuple[str, ...]:
+    """_FLAGS with the -march that BOWLINE_CPU_KERNEL_ISA asks for (native unless set)."""
+    isa = os.environ.get(ISA_ENV, "").strip().lower() or "native"
+    if isa not in _ISA_MARCH:
+        raise ValueError(f"{ISA_ENV} must be one of {', '.join(_ISA_MARCH)}, not {isa!r}")
+    return tuple(_ISA_MARCH[isa] if flag == "-march=native" else flag for flag in _FLAGS)
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def library_key(compiler: str) -> str:
+    """The library's identity: its sources, flags, compiler and CPU (the name of the cached build)."""
+    sources = [path.read_bytes() for path in _SOURCES]
+    return hashlib.sha256(b"\0".join([*sources, " ".join(compile_flags() + _LINK_FLAGS).encode(), compiler.encode(),
+                                      cpu_signature().encode()])).hexdigest()[:16]
+
+
+def speed_signature() -> str:
+    """What the speed of a Linear depends on here: the CPU and, where the kernels build, the library
+    (a changed gemm.c or another BOWLINE_CPU_KERNEL_ISA must be measured again, not read from a cache)."""
+    compiler = _compiler() if switch_on(KERNELS_ENV) else None
+    return cpu_signature() if compiler is None else f"{cpu_signature()}|kernels {library_key(compiler)}"
+
+
 def build(compiler: str) -> Path:
     """Compile the kernels (once per source, flags, compiler and CPU) and return the library's path."""
-    sources = [path.read_bytes() for path in _SOURCES]
-    key = hashlib.sha256(b"\0".join([*sources, " ".join(_FLAGS + _LINK_FLAGS).encode(), compiler.encode(),
-                                     cpu_signature().encode()])).hexdigest()[:16]
-    target = cache_dir() / f"bowline_cpu_kernels-{key}.so"
+    flags = compile_flags()
+    target = cache_dir() / f"bowline_cpu_kernels-{library_key(compiler)}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -82,7 +110,7 @@ def build(compiler: str) -> Path:
     objects = [f"{tmp}.{i}.o" for i in range(len(_SOURCES))]
     try:
         for source, obj in zip(_SOURCES, objects, strict=True):
-            subprocess.run([compiler, *_FLAGS, "-c", str(source), "-o", obj], check=True, capture_output=True, text=True)
+            subprocess.run([compiler, *flags, "-c", str(source), "-o", obj], check=True, capture_output=True, text=True)
         subprocess.run([compiler, *_LINK_FLAGS, *objects, "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
         os.replace(tmp, target)
     finally:
@@ -97,7 +125,7 @@ def load() -> ctypes.CDLL | None:
     """The kernel library, or None (disabled, no compiler, or the build failed: logged once)."""
     if not switch_on(KERNELS_ENV):
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = _compiler()
     if compiler is None:
         logger.warning("no C compiler found: CPU attention uses the slower torch path")
         return None
@@ -141,7 +169,7 @@ def load() -> ctypes.CDLL | None:
     fn = lib.bowline_lora_f32  # LoRA updates (lora.c, see lora.delta)
     fn.restype = None
     fn.argtypes = [_p, _i64, _p, _i64, _i64, _i64, _p, _p, _p, _p, _i64, _int, _int]
-    if hasattr(lib, "bowline_gemm_f32"):  # compiled only for AVX-512 targets (see gemm.c)
+    if hasattr(lib, "bowline_gemm_f32"):  # compiled only for AVX-512 and AVX2 + FMA targets (see gemm.c)
         lib.bowline_gemm_panel_width.restype = _i64
         lib.bowline_gemm_panel_width.argtypes = []
         fn = lib.bowline_gemm_pack_f32
@@ -284,7 +312,7 @@ def fused_ops() -> CpuFusedOps | None:
 
 
 def gemm_available() -> bool:
-    """Whether the Linear kernel (kernels/gemm.c) was built here: kernels on, and an AVX-512 CPU."""
+    """Whether the Linear kernel (kernels/gemm.c) was built here: kernels on, and an AVX-512 or AVX2 + FMA CPU."""
     lib = load()
     return lib is not None and hasattr(lib, "bowline_gemm_f32")
 

@@ -1,5 +1,5 @@
 /*
- * out[M, N] = x[M, K] @ w[N, K]^T + bias, float32, for the CPU's Linear layers (AVX-512).
+ * out[M, N] = x[M, K] @ w[N, K]^T + bias, float32, for the CPU's Linear layers (AVX-512 or AVX2 + FMA).
  *
  * Why not oneDNN alone: its fixed cost is ~15 us per call and its blocking suits large products, so
  * at decode sizes (a few rows) a product takes 1.2-1.3x the time of this loop; at prefill sizes (512
@@ -12,7 +12,7 @@
  * the panels. Up to 48 rows every panel is read once; beyond, rows go in chunks of 96, so a chunk's x
  * stays in cache while the panels stream past it.
  *
- * Built for AVX-512 (NR = 64) or AVX2 + FMA (NR = 16, below), whichever -march=native targets;
+ * Built for AVX-512 (NR = 64) or AVX2 + FMA (NR = 32, MR = 3, below), whichever -march=native targets;
  * elsewhere the symbols are absent and the engine keeps oneDNN.
  */
 #include <stdint.h>
@@ -75,11 +75,17 @@ static inline __attribute__((always_inline)) void rows_by_panel(
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
-/* AVX2 + FMA (16 ymm registers): panels of NR = 16 columns, MR = 6 rows -> 12 accumulators, 2 weight
- * vectors and 1 broadcast = 15 registers. Narrower panels than AVX-512's keep one row's product a pure
- * stream of the weight: 2 loads and 2 FMAs per k. */
-#define NR 16
-#define MR 6
+/* AVX2 + FMA (16 ymm registers): panels of NR = 32 columns (4 vectors), MR = 3 rows -> 12 accumulators,
+ * 1 broadcast and 3 weight vectors in registers (the 4th is an FMA's memory operand). Per k that is 4
+ * weight loads and 3 broadcasts for 12 FMAs; 6 rows x 2 vectors (NR = 16) needs 8 loads for 12 and ran
+ * 1.3-1.6x slower at 8 and 16 rows. NR stays a multiple of 16: quant_gemm.c fills gemm panels from its
+ * own 16-column ones.
+ *
+ * The accumulators are only ever indexed by constants: an earlier version stored a partial panel's
+ * accumulators through a buffer indexed by a loop variable, and GCC then wrote all 12 of them to the
+ * stack on every k (12 stores per 12 FMAs), which made 8-16 rows 1.5x slower than oneDNN. */
+#define NR 32
+#define MR 3
 #define NV (NR / 8)
 #define SMALL_M 48
 #define MC 96
@@ -107,7 +113,24 @@ static inline __attribute__((always_inline)) void rows_by_panel(
     for (int m = 0; m < mr; ++m)
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_setzero_ps();
-    for (int64_t kk = 0; kk < k; ++kk) {
+    int64_t kk = 0;
+    if (mr == 1) {
+        /* one row: even and odd k into separate sums, so 8 FMA chains hide the FMA latency */
+        __m256 odd[NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) odd[v] = _mm256_setzero_ps();
+        for (; kk + 2 <= k; kk += 2) {
+            const __m256 x0 = _mm256_broadcast_ss(x + kk), x1 = _mm256_broadcast_ss(x + kk + 1);
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) {
+                acc[0][v] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(panel + kk * NR + 8 * v), acc[0][v]);
+                odd[v] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(panel + (kk + 1) * NR + 8 * v), odd[v]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[0][v] = _mm256_add_ps(acc[0][v], odd[v]);
+    }
+    for (; kk < k; ++kk) {
         __m256 w[NV];
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) w[v] = _mm256_loadu_ps(panel + kk * NR + 8 * v);
@@ -127,11 +150,15 @@ static inline __attribute__((always_inline)) void rows_by_panel(
         }
         return;
     }
-    /* the last, partial panel: through a buffer, so nothing past column n is read or written */
-    float tmp[NR];
-    for (int m = 0; m < mr; ++m) {
-        for (int v = 0; v < NV; ++v) _mm256_storeu_ps(tmp + 8 * v, acc[m][v]);
-        for (int64_t j = 0; j < ncols; ++j) out[m * os + j] = tmp[j] + (bias ? bias[j] : 0.0f);
+    /* the last, partial panel: masked loads and stores, so nothing past column n is read or written */
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+        const int64_t left = ncols - 8 * v;
+        const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(left < 8 ? left : 8)),
+                                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        const __m256 b = bias ? _mm256_maskload_ps(bias + 8 * v, mask) : _mm256_setzero_ps();
+#pragma GCC unroll 8
+        for (int m = 0; m < mr; ++m) _mm256_maskstore_ps(out + m * os + 8 * v, mask, _mm256_add_ps(acc[m][v], b));
     }
 }
 #endif
@@ -143,11 +170,24 @@ static void block(const float *x, int64_t xs, const float *panel, int64_t k, con
     switch (mr) {
     case 1: rows_by_panel(x, xs, panel, k, bias, out, os, ncols, 1); break;
     case 2: rows_by_panel(x, xs, panel, k, bias, out, os, ncols, 2); break;
+#if MR > 3
     case 3: rows_by_panel(x, xs, panel, k, bias, out, os, ncols, 3); break;
     case 4: rows_by_panel(x, xs, panel, k, bias, out, os, ncols, 4); break;
     case 5: rows_by_panel(x, xs, panel, k, bias, out, os, ncols, 5); break;
+#endif
     default: rows_by_panel(x, xs, panel, k, bias, out, os, ncols, MR); break;
     }
+}
+
+/* m rows against one panel, in blocks of at most MR rows whose sizes differ by at most one: with MR = 6,
+ * 7 rows go 4 + 3, not 6 + 1; with MR = 3, 16 rows go 3 3 3 3 2 2, not 3 3 3 3 3 1. (Slicing K so the
+ * panel's slice stays in L1 while every block reads it was measured on AVX2 and was 5-25 % slower.) */
+static void panel_rows(const float *x, int64_t xs, const float *panel, int64_t k, const float *bias, float *out,
+                       int64_t os, int64_t ncols, int64_t m)
+{
+    const int64_t blocks = (m + MR - 1) / MR;
+    for (int64_t b = 0, r = 0; b < blocks; r += m / blocks + (b < m % blocks), ++b)
+        block(x + r * xs, xs, panel, k, bias, out + r * os, os, ncols, m / blocks + (b < m % blocks));
 }
 
 /* x rows are xs floats apart, out rows os floats apart; bias may be NULL. */
@@ -158,15 +198,10 @@ void bowline_gemm_f32(const float *x, int64_t xs, const float *wp, const float *
     const int64_t chunk = m <= SMALL_M ? m : MC;
     for (int64_t m0 = 0; m0 < m; m0 += chunk) {
         const int64_t mc = m - m0 < chunk ? m - m0 : chunk;
-        /* rows split evenly into blocks of at most MR: 7 rows go 4 + 3, not 6 + 1 */
-        const int64_t blocks = (mc + MR - 1) / MR, even = (mc + blocks - 1) / blocks;
 #pragma omp parallel for num_threads(num_threads) schedule(static)
         for (int64_t p = 0; p < panels; ++p) {
             const int64_t col = p * NR, ncols = n - col < NR ? n - col : NR;
-            for (int64_t r = m0; r < m0 + mc; r += even) {
-                const int64_t mr = m0 + mc - r < even ? m0 + mc - r : even;
-                block(x + r * xs, xs, wp + p * k * NR, k, bias ? bias + col : 0, out + r * os + col, os, ncols, mr);
-            }
+            panel_rows(x + m0 * xs, xs, wp + p * k * NR, k, bias ? bias + col : 0, out + m0 * os + col, os, ncols, mc);
         }
     }
 }
@@ -176,10 +211,6 @@ void bowline_gemm_f32(const float *x, int64_t xs, const float *wp, const float *
 void bowline_gemm_one_panel_f32(const float *x, int64_t xs, const float *panel, int64_t k, const float *bias,
                                 float *out, int64_t os, int64_t ncols, int64_t m)
 {
-    const int64_t blocks = (m + MR - 1) / MR, even = (m + blocks - 1) / blocks;
-    for (int64_t r = 0; r < m; r += even) {
-        const int64_t mr = m - r < even ? m - r : even;
-        block(x + r * xs, xs, panel, k, bias, out + r * os, os, ncols, mr);
-    }
+    panel_rows(x, xs, panel, k, bias, out, os, ncols, m);
 }
 #endif

@@ -1,10 +1,15 @@
 """Which implementation serves each Linear shape on this CPU: chosen by a short measurement, not assumed.
 
 Why measure: on an AVX2-only EPYC Zen 3 (1 thread, µs per call, torch F.linear / oneDNN-packed /
-gemm.c) 3072x512 at 1 row is 225 / 268 / 177 but at 16 rows 1340 / 1051 / 2212, and the head
-16000x512 at 1 row 3359 / 3333 / 2726 but at 8 rows 9290 / 4857 / 5993: no one implementation wins
-every shape and row count, and the order differs again on AVX-512 machines. `choose` is the pure
-decision (timings in, name out); `measure` and the JSON cache are the thin edge around it.
+gemm.c as it was then) 3072x512 at 1 row was 225 / 268 / 177 but at 16 rows 1340 / 1051 / 2212, and
+the head 16000x512 at 1 row 3359 / 3333 / 2726 but at 8 rows 9290 / 4857 / 5993: no one implementation
+won every shape and row count, and the order differs again on AVX-512 machines and between versions of
+each. gemm.c's AVX2 path has since been rebuilt (3 rows x 4 vectors, see gemm.c); an AVX2-only build
+on an EPYC Zen 4 with oneDNN held to AVX2 (the proxy for Zen 3, same run, medians) now reads 3072x512
+at 1 row 677 / 567 / 224 and at 16 rows 1847 / 1384 / 993, the head at 8 rows 7278 / 4586 / 2571 and
+at 16 rows 9252 / 5411 / 4567. `choose` is the pure decision (timings in, name out); `measure` and the
+JSON cache (keyed by CPU and kernel build, so a changed gemm.c is measured again) are the thin edge
+around it.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,8 +27,8 @@ import torch
 LINEAR_ENV = "BOWLINE_CPU_LINEAR"
 CHOICES = ("kernel", "onednn", "torch")
 # A step's products have 1-16 rows while decoding; each row count's call time weighs the same. Weighting
-# 1 row 4x (as first tried) picked gemm.c for the small shapes on an AVX2 EPYC, where it is 1.7x faster
-# than oneDNN at 1 row but 1.5x slower at 16: same run, bench model, 128 -> 128, that cost 10 % of
+# 1 row 4x (as first tried) picked gemm.c for the small shapes on an AVX2 EPYC, where it was then 1.7x
+# faster than oneDNN at 1 row but 1.5x slower at 16: same run, bench model, 128 -> 128, that cost 10 % of
 # output tok/s at c=16 (355 vs 395 with oneDNN forced) for 3 % at c=1 (73.2 vs 71.1).
 ROW_WEIGHTS: Mapping[int, float] = {1: 1.0, 8: 1.0, 16: 1.0}
 _REPEATS = 7
@@ -72,10 +78,62 @@ def measure(fn: Callable[[torch.Tensor], torch.Tensor], in_features: int, dtype:
     return result
 
 
+# Other processes may take at most this share of the machine's CPU time while a shape is measured. Beyond
+# it the timings are the scheduler's, not the products': on a 2-core EPYC with a test run beside it every
+# candidate of every shape read 6,000-8,000 µs (a lost time slice), the choice went by noise (plain torch
+# for 3072x512), and, cached, it outlived the load: the decode step stayed 11.0 ms against 8.6 ms with
+# the right choice.
+BUSY_SHARE = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class CpuTicks:
+    """Clock ticks from /proc: the whole machine's busy and total time, and this process's own."""
+
+    busy: int
+    total: int
+    own: int
+
+
+def cpu_ticks() -> CpuTicks | None:
+    """Now's counters (None where /proc is not Linux's)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        own_fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return None
+    # user nice system idle iowait irq softirq steal ...: busy is everything but idle and iowait.
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    total = sum(fields[:8])
+    own = int(own_fields[11]) + int(own_fields[12])  # utime + stime, all threads
+    return CpuTicks(busy=total - idle, total=total, own=own)
+
+
+def others_share(start: CpuTicks | None, end: CpuTicks | None) -> float:
+    """The share of the machine's CPU time that other processes (or a hypervisor's steal) took
+    between two readings; 0.0 where it cannot be known."""
+    if start is None or end is None or end.total <= start.total:
+        return 0.0
+    others = (end.busy - start.busy) - (end.own - start.own)
+    return max(0.0, others / (end.total - start.total))
+
+
+def fallback_choice(available: list[str]) -> str:
+    """The choice when the machine is too busy to measure: the rule measured on quiet AVX-512 and AVX2
+    machines at decode shapes (our kernel, where it builds, then oneDNN), never plain torch."""
+    for name in CHOICES:
+        if name in available:
+            return name
+    return "torch"
+
+
+CACHE_VERSION = 2  # 2: entries measured under load are no longer written; older files may hold some
+
+
 def cache_key(cpu_signature: str, dtype: torch.dtype, out_features: int, in_features: int, bias: bool) -> str:
-    """One entry per CPU (model and flags), torch version, dtype and shape."""
+    """One entry per cache format, CPU (model and flags) and kernel build, torch version, dtype and shape."""
     cpu = hashlib.sha256(cpu_signature.encode()).hexdigest()[:12]
-    return f"{cpu}|torch {torch.__version__}|{dtype}|{out_features}x{in_features}|bias={bias}"
+    return f"v{CACHE_VERSION}|{cpu}|torch {torch.__version__}|{dtype}|{out_features}x{in_features}|bias={bias}"
 
 
 def load_cache(path: Path) -> dict[str, dict]:

@@ -22,6 +22,9 @@ from bowline_runtime.models.quantization import quantize_activations, unpack_awq
 
 logger = logging.getLogger(__name__)
 
+# The 4-bit kernel reads input rows in blocks of 8 (one 32-bit word a column): AWQ groups must be whole blocks.
+ROWS_PER_BLOCK = 8
+
 
 def _library() -> ctypes.CDLL:
     lib = kernels.load()
@@ -51,12 +54,14 @@ def pack_int8(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, 
 
 def pack_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """AWQ tensors -> (nibble panels [P, K/2, 16] uint8: byte j of pair i = column j of input row 2i |
-    that of row 2i + 1 << 4, scales [P, G, 16] float32, -zero * scale [P, G, 16] float32)."""
+    """AWQ tensors -> (nibble panels [P, K/8, 16, 4] uint8, scales [P, G, 16] float32, -zero * scale
+    [P, G, 16] float32). Word j of block i (4 bytes) is column j's input rows 8i..8i+7: byte b holds row
+    8i + b in its low nibble and row 8i + 4 + b in its high one, so one mask gives the bytes of rows 0-3
+    and one shift and mask those of rows 4-7, four consecutive rows a column as vpdpbusd multiplies them."""
     width = _panel_width()
     q = _panels(unpack_awq(qweight), width)  # [P, K, 16] values 0..15
-    pairs = q.view(q.shape[0], -1, 2, width)
-    nibbles = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).contiguous()
+    halves = q.view(q.shape[0], -1, 2, 4, width)  # [P, K/8, low/high, byte, column]
+    nibbles = (halves[:, :, 0] | (halves[:, :, 1] << 4)).to(torch.uint8).permute(0, 1, 3, 2).contiguous()
     s = scales.float()
     zs = -unpack_awq(qzeros).float() * s
     return nibbles, _panels(s, width), _panels(zs, width)
@@ -106,8 +111,9 @@ class AwqKernelLinear(nn.Module):
 
     def __init__(self, layer: AwqLinear) -> None:
         super().__init__()
-        if layer.group_size % 2:
-            raise ValueError(f"the 4-bit kernel reads input rows in pairs; group size {layer.group_size} is odd")
+        if layer.group_size % ROWS_PER_BLOCK:
+            raise ValueError(f"the 4-bit kernel reads input rows in blocks of {ROWS_PER_BLOCK}; "
+                             f"group size {layer.group_size} is not a multiple")
         self.in_features, self.out_features, self.group_size = layer.in_features, layer.out_features, layer.group_size
         nibbles, scales, zs = pack_awq(layer.qweight, layer.qzeros, layer.scales)
         self.register_buffer("packed_weight", nibbles)
@@ -145,7 +151,7 @@ class ActQuantLinear(nn.Module):
 def kernel_layer(layer: QuantLinear, dtype: torch.dtype) -> nn.Module:
     """The CPU's layer for one quantized layer (see the module docstring for which)."""
     if dtype == torch.float32 and kernels.load() is not None:
-        if isinstance(layer, AwqLinear) and layer.group_size % 2 == 0:  # the kernel reads input rows in pairs
+        if isinstance(layer, AwqLinear) and layer.group_size % ROWS_PER_BLOCK == 0:
             return AwqKernelLinear(layer)
         if isinstance(layer, Int8Linear):
             return Int8KernelLinear(layer)

@@ -16,13 +16,17 @@
  *
  * Weights arrive packed once (by kernels/quant_cpu.py) in panels of NR = 16 output columns:
  *   int8: wp[P][K][16]           (int8, column j of the panel at byte j)
- *   int4: wp[P][K/2][16]         (byte j of pair i: column j of input row 2i in the low nibble, of row
- *                                 2i + 1 in the high nibble; K and the group size even)
+ *   int4: wp[P][K/8][16] words   (word j of block i: column j's input rows 8i..8i+7; byte b holds row
+ *                                 8i + b in its low nibble and row 8i + 4 + b in its high one; K and the
+ *                                 group size multiples of 8)
  *         scales[P][G][16], zs[P][G][16] floats, zs = -zero * scale
- * Small row counts (decode) accumulate straight from the packed panel, up to MR = 6 rows at a time.
- * From DEQ_M rows on (prefill), each thread dequantizes one panel of gemm.c's width to floats (K x 64
- * floats on AVX-512, in L2) and runs every row against it with gemm.c's micro-kernel, so the unpacking
- * is paid once per panel, not per row, and the product runs at float32's speed.
+ * Small row counts (decode) accumulate straight from the packed panel, up to MR = 6 rows at a time:
+ * 4-bit on AVX-512 VNNI in integers (u4_vnni_block: x split into three int8 pieces per group, exact to
+ * about float32's rounding), elsewhere in floats, each row of a block widened with one shift, one mask
+ * and one conversion (no shuffle). From DEQ_M rows on (prefill; 4-bit with VNNI from VNNI_DEQ_M),
+ * each thread dequantizes one panel of gemm.c's width to floats (K x 64 floats on AVX-512, in L2) and
+ * runs every row against it with gemm.c's micro-kernel, so the unpacking is paid once per panel, not
+ * per row, and the product runs at float32's speed.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -31,6 +35,9 @@
 #define NR 16
 #define MR 6
 #define DEQ_M 16
+/* Input row r of an 8-row block of a 4-bit panel word: rows 0-3 in the low nibbles of bytes 0-3, rows 4-7
+ * in their high nibbles. */
+#define U4_SHIFT(r) (8 * ((r) & 3) + 4 * ((r) >> 2))
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 /* gemm.c's float micro-kernel over one panel of its own width (64 columns on AVX-512, 16 on AVX2) */
@@ -69,13 +76,11 @@ static inline __attribute__((always_inline)) void row_i8(const int8_t *row, vec 
     w[0] = (vec)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)row)));
 }
 
-/* Two consecutive input rows of a 4-bit panel: byte j holds column j of the first (low nibble) and of
- * the second (high nibble), so each row is one and/shift and one widening, no shuffle. */
-static inline __attribute__((always_inline)) void rows_u4(const uint8_t *pair, vec *w, vec *w2)
+/* Input row r (0..7) of an 8-row block of a 4-bit panel: column j's word holds it in nibble U4_SHIFT(r) / 4. */
+static inline __attribute__((always_inline)) void row_u4(const uint32_t *block, int r, vec *w)
 {
-    const __m128i b = _mm_loadu_si128((const __m128i *)pair), low = _mm_set1_epi8(15);
-    w[0] = (vec)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low)));
-    w2[0] = (vec)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low)));
+    const __m512i v = _mm512_loadu_si512(block);
+    w[0] = (vec)_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, U4_SHIFT(r)), _mm512_set1_epi32(15)));
 }
 #elif defined(__AVX2__)
 #include <immintrin.h>
@@ -87,18 +92,16 @@ static inline __attribute__((always_inline)) void row_i8(const int8_t *row, vec 
     w[1] = (vec)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
 }
 
-static inline __attribute__((always_inline)) void rows_u4(const uint8_t *pair, vec *w, vec *w2)
+static inline __attribute__((always_inline)) void row_u4(const uint32_t *block, int r, vec *w)
 {
-    const __m128i b = _mm_loadu_si128((const __m128i *)pair), low = _mm_set1_epi8(15);
-    const __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
-    w[0] = (vec)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-    w[1] = (vec)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-    w2[0] = (vec)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-    w2[1] = (vec)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+    const __m256i low = _mm256_set1_epi32(15);
+    for (int v = 0; v < NV; ++v) {
+        const __m256i b = _mm256_loadu_si256((const __m256i *)(block + v * VW));
+        w[v] = (vec)_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(b, U4_SHIFT(r)), low));
+    }
 }
 #else
 typedef int8_t v8i8 __attribute__((vector_size(8)));
-typedef uint8_t v8u8 __attribute__((vector_size(8)));
 
 static inline __attribute__((always_inline)) void row_i8(const int8_t *row, vec *w)
 {
@@ -109,15 +112,15 @@ static inline __attribute__((always_inline)) void row_i8(const int8_t *row, vec 
     w[1] = __builtin_convertvector(b, vec);
 }
 
-static inline __attribute__((always_inline)) void rows_u4(const uint8_t *pair, vec *w, vec *w2)
+typedef int32_t vi32 __attribute__((vector_size(VW * 4)));
+
+static inline __attribute__((always_inline)) void row_u4(const uint32_t *block, int r, vec *w)
 {
-    v8u8 a, b;
-    memcpy(&a, pair, 8);
-    memcpy(&b, pair + 8, 8);
-    w[0] = __builtin_convertvector(a & (uint8_t)15, vec);
-    w[1] = __builtin_convertvector(b & (uint8_t)15, vec);
-    w2[0] = __builtin_convertvector(a >> 4, vec);
-    w2[1] = __builtin_convertvector(b >> 4, vec);
+    for (int v = 0; v < NV; ++v) {
+        vi32 b;
+        memcpy(&b, block + v * VW, sizeof b);
+        w[v] = __builtin_convertvector((b >> U4_SHIFT(r)) & 15, vec);
+    }
 }
 #endif
 
@@ -174,23 +177,25 @@ static inline __attribute__((always_inline)) void store_rows(
             for (int v = 0; v < NV; ++v) acc[m][v] += acc2[m][v];                                           \
     } while (0)
 
-/* The same over a 4-bit panel, whose input rows come in pairs (k0 and k1 even). */
-#define ACCUMULATE_PAIRS()                                                                                  \
+/* The same over a 4-bit panel, whose input rows come in blocks of 8 (k0 and k1 multiples of 8). */
+#define ACCUMULATE_U4()                                                                                     \
     do {                                                                                                    \
         vec acc2[MR][NV];                                                                                   \
         for (int m = 0; m < mr; ++m)                                                                        \
             for (int v = 0; v < NV; ++v) acc[m][v] = acc2[m][v] = splat(0.0f);                              \
-        for (int64_t kk = k0; kk < k1; kk += 2) {                                                           \
-            vec w[NV], w2[NV];                                                                              \
-            rows_u4(panel + kk * (NR / 2), w, w2);                                                          \
-            _Pragma("GCC unroll 6") for (int m = 0; m < mr; ++m) {                                          \
-                const vec xb = splat(x[m * xs + kk]), xb2 = splat(x[m * xs + kk + 1]);                      \
-                for (int v = 0; v < NV; ++v) {                                                              \
-                    acc[m][v] += xb * w[v];                                                                 \
-                    if (mr <= 2)                                                                            \
-                        acc2[m][v] += xb2 * w2[v];                                                          \
-                    else                                                                                    \
-                        acc[m][v] += xb2 * w2[v];                                                           \
+        for (int64_t kk = k0; kk < k1; kk += 8) {                                                           \
+            const uint32_t *block = panel + kk / 8 * NR;                                                    \
+            _Pragma("GCC unroll 8") for (int r = 0; r < 8; ++r) {                                           \
+                vec w[NV];                                                                                  \
+                row_u4(block, r, w);                                                                        \
+                _Pragma("GCC unroll 6") for (int m = 0; m < mr; ++m) {                                      \
+                    const vec xb = splat(x[m * xs + kk + r]);                                               \
+                    for (int v = 0; v < NV; ++v) {                                                          \
+                        if (mr <= 2 && (r & 1))                                                             \
+                            acc2[m][v] += xb * w[v];                                                        \
+                        else                                                                                \
+                            acc[m][v] += xb * w[v];                                                         \
+                    }                                                                                       \
                 }                                                                                           \
             }                                                                                               \
         }                                                                                                   \
@@ -231,7 +236,7 @@ static void i8_rows(const float *x, int64_t xs, const int8_t *panel, int64_t k, 
 
 /* xsum[r * groups + g]: the sum of row r's inputs over group g (the zero point's share of the product). */
 static inline __attribute__((always_inline)) void u4_block(
-    const float *x, int64_t xs, const float *xsum, int64_t groups, const uint8_t *panel, const float *ps,
+    const float *x, int64_t xs, const float *xsum, int64_t groups, const uint32_t *panel, const float *ps,
     const float *pz, int64_t gs, const float *bias, float *out, int64_t os, int64_t ncols, const int mr)
 {
     vec tot[MR][NV];
@@ -240,7 +245,7 @@ static inline __attribute__((always_inline)) void u4_block(
     for (int64_t g = 0; g < groups; ++g) {
         vec acc[MR][NV];
         const int64_t k0 = g * gs, k1 = (g + 1) * gs;
-        ACCUMULATE_PAIRS();
+        ACCUMULATE_U4();
         for (int v = 0; v < NV; ++v) {
             const vec s = loadv(ps + g * NR + v * VW), z = loadv(pz + g * NR + v * VW);
             for (int m = 0; m < mr; ++m) tot[m][v] += acc[m][v] * s + splat(xsum[m * groups + g]) * z;
@@ -249,7 +254,7 @@ static inline __attribute__((always_inline)) void u4_block(
     store_rows(tot, bias, out, os, ncols, mr);
 }
 
-static void u4_rows(const float *x, int64_t xs, const float *xsum, int64_t groups, const uint8_t *panel,
+static void u4_rows(const float *x, int64_t xs, const float *xsum, int64_t groups, const uint32_t *panel,
                     const float *ps, const float *pz, int64_t gs, const float *bias, float *out,
                     int64_t os, int64_t ncols, int64_t mr)
 {
@@ -262,6 +267,129 @@ static void u4_rows(const float *x, int64_t xs, const float *xsum, int64_t group
     default: u4_block(x, xs, xsum, groups, panel, ps, pz, gs, bias, out, os, ncols, MR); break;
     }
 }
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define HAVE_VNNI 1
+/* The 4-bit product in integers (vpdpbusd: 64 unsigned-by-signed byte products a instruction, against
+ * the float path's 16 multiplies after a shift, a mask and a conversion for every 16 weights). Each row
+ * of x is split per group into three int8 pieces, x = d (a + b / 254 + c / 254^2) with d = max|x| / 127:
+ * the pieces carry 24 bits below the group's largest value, so what is lost is about float32's own
+ * rounding of that value (|error| <= d / 2 / 254^2 = max|x| * 6e-8), and every sum of q * piece is
+ * exact in int32. The weights' nibbles are already bytes after one mask (low nibbles: input rows 0-3 of
+ * an 8-row block, 4 bytes per column word as vpdpbusd wants them) or one shift and mask (rows 4-7). */
+#define SPLIT 254.0f
+/* The largest group the float conversion of a piece's sum keeps exact: 1905 * gs < 2^24. */
+#define VNNI_MAX_GS 8800
+#ifndef VNNI_DEQ_M
+#define VNNI_DEQ_M 64
+#endif
+#define VNNI_ROWS(gs) ((gs) <= VNNI_MAX_GS)
+
+/* x [m, k] (rows xs apart) -> xq [m][3][k] int8 pieces, xd [m][groups] their d. 0 where x holds an inf or
+ * a nan (which the float path propagates and integer pieces cannot carry). */
+static int split_rows(const float *x, int64_t xs, int64_t m, int64_t k, int64_t gs, int8_t *xq, float *xd)
+{
+    const int64_t groups = k / gs;
+    for (int64_t r = 0; r < m; ++r)
+        for (int64_t g = 0; g < groups; ++g) {
+            const float *row = x + r * xs + g * gs;
+            uint32_t worst = 0;
+            float amax = 0.0f;
+            for (int64_t i = 0; i < gs; ++i) {
+                uint32_t bits;
+                memcpy(&bits, row + i, 4);
+                bits &= 0x7FFFFFFFu;
+                worst = bits > worst ? bits : worst;
+                const float a = row[i] < 0 ? -row[i] : row[i];
+                amax = a > amax ? a : amax;
+            }
+            if (worst >= 0x7F800000u) return 0;
+            const float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            xd[r * groups + g] = d;
+            int8_t *qa = xq + r * 3 * k + g * gs, *qb = qa + k, *qc = qb + k;
+            for (int64_t i = 0; i < gs; ++i) {
+                float t = row[i] * inv;
+                t = t > 127.0f ? 127.0f : (t < -127.0f ? -127.0f : t);
+                const float a = __builtin_rintf(t), r1 = (t - a) * SPLIT, b = __builtin_rintf(r1);
+                const float c = __builtin_rintf((r1 - b) * SPLIT);
+                qa[i] = (int8_t)a;
+                qb[i] = (int8_t)b;
+                qc[i] = (int8_t)c;
+            }
+        }
+    return 1;
+}
+
+/* acc += the 16 column words of w (4 bytes each) times the 4 bytes at x4, broadcast. Written in asm
+ * because GCC 12 copies the accumulator of _mm512_dpbusd_epi32 to a fresh register and back on every
+ * call (two moves a product, half the loop) and loads the broadcast separately instead of folding it. */
+static inline __attribute__((always_inline)) __m512i dot4(__m512i acc, __m512i w, const int8_t *x4)
+{
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*(const int32_t *)x4));
+    return acc;
+}
+
+static inline __attribute__((always_inline)) void u4_vnni_block(
+    const int8_t *xq, int64_t k, const float *xd, const float *xsum, int64_t groups, const uint32_t *panel,
+    const float *ps, const float *pz, int64_t gs, const float *bias, float *out, int64_t os, int64_t ncols,
+    const int mr)
+{
+    const __m512i low = _mm512_set1_epi8(15);
+    const __m512 step = _mm512_set1_ps(1.0f / SPLIT);
+    vec tot[MR][NV];
+    for (int m = 0; m < mr; ++m) tot[m][0] = splat(0.0f);
+    for (int64_t g = 0; g < groups; ++g) {
+        /* three pieces a row, and for 1-2 rows the high nibbles on chains of their own (H = 3) */
+        const int H = mr <= 2 ? 3 : 0;
+        __m512i acc[MR][6];
+        for (int m = 0; m < mr; ++m)
+            for (int p = 0; p < 3 + H; ++p) acc[m][p] = _mm512_setzero_si512();
+        const uint32_t *blk = panel + g * gs / 8 * NR;
+        const int8_t *xg = xq + g * gs;
+        for (int64_t b = 0; b < gs / 8; ++b, blk += NR, xg += 8) {
+            const __m512i v = _mm512_loadu_si512(blk);
+            const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+#pragma GCC unroll 6
+            for (int m = 0; m < mr; ++m)
+#pragma GCC unroll 3
+                for (int p = 0; p < 3; ++p) {
+                    const int8_t *xp = xg + (m * 3 + p) * k;
+                    acc[m][p] = dot4(acc[m][p], lo, xp);
+                    acc[m][p + H] = dot4(acc[m][p + H], hi, xp + 4);
+                }
+        }
+        const __m512 s = _mm512_loadu_ps(ps + g * NR), z = _mm512_loadu_ps(pz + g * NR);
+        for (int m = 0; m < mr; ++m) {
+            __m512 piece[3];
+            for (int p = 0; p < 3; ++p)
+                piece[p] = _mm512_cvtepi32_ps(H ? _mm512_add_epi32(acc[m][p], acc[m][p + H]) : acc[m][p]);
+            const __m512 xw = _mm512_mul_ps(_mm512_fmadd_ps(_mm512_fmadd_ps(piece[2], step, piece[1]), step, piece[0]),
+                                            _mm512_set1_ps(xd[m * groups + g]));
+            tot[m][0] = (vec)_mm512_fmadd_ps(xw, s, _mm512_fmadd_ps(_mm512_set1_ps(xsum[m * groups + g]), z, (__m512)tot[m][0]));
+        }
+    }
+    store_rows(tot, bias, out, os, ncols, mr);
+}
+
+static void u4_vnni_rows(const int8_t *xq, int64_t k, const float *xd, const float *xsum, int64_t groups,
+                         const uint32_t *panel, const float *ps, const float *pz, int64_t gs, const float *bias,
+                         float *out, int64_t os, int64_t ncols, int64_t mr)
+{
+    switch (mr) {
+    case 1: u4_vnni_block(xq, k, xd, xsum, groups, panel, ps, pz, gs, bias, out, os, ncols, 1); break;
+    case 2: u4_vnni_block(xq, k, xd, xsum, groups, panel, ps, pz, gs, bias, out, os, ncols, 2); break;
+    case 3: u4_vnni_block(xq, k, xd, xsum, groups, panel, ps, pz, gs, bias, out, os, ncols, 3); break;
+    case 4: u4_vnni_block(xq, k, xd, xsum, groups, panel, ps, pz, gs, bias, out, os, ncols, 4); break;
+    case 5: u4_vnni_block(xq, k, xd, xsum, groups, panel, ps, pz, gs, bias, out, os, ncols, 5); break;
+    default: u4_vnni_block(xq, k, xd, xsum, groups, panel, ps, pz, gs, bias, out, os, ncols, MR); break;
+    }
+}
+#endif
+
+#ifndef HAVE_VNNI
+#define VNNI_ROWS(gs) 0
+#define VNNI_DEQ_M DEQ_M
+#endif
 
 /* ---------------------------------------------------------------- dequantized panels (many rows) */
 
@@ -291,18 +419,15 @@ static void dequantize_panel(const struct qweights *w, int64_t p, int64_t panels
         }
         return;
     }
-    const uint8_t *panel = (const uint8_t *)w->wp + p * k * (NR / 2);
+    const uint32_t *panel = (const uint32_t *)w->wp + p * k / 8 * NR;
     for (int64_t g = 0; g < w->groups; ++g) {
         row_f32(w->scale + (p * w->groups + g) * NR, s);
         row_f32(w->zs + (p * w->groups + g) * NR, z);
-        for (int64_t kk = g * w->gs; kk < (g + 1) * w->gs; kk += 2) {
-            vec wv2[NV];
-            rows_u4(panel + kk * (NR / 2), wv, wv2);
-            for (int v = 0; v < NV; ++v) {
-                storev(dst + kk * ld + v * VW, wv[v] * s[v] + z[v]);
-                storev(dst + (kk + 1) * ld + v * VW, wv2[v] * s[v] + z[v]);
+        for (int64_t kk = g * w->gs; kk < (g + 1) * w->gs; kk += 8)
+            for (int r = 0; r < 8; ++r) {
+                row_u4(panel + kk / 8 * NR, r, wv);
+                for (int v = 0; v < NV; ++v) storev(dst + (kk + r) * ld + v * VW, wv[v] * s[v] + z[v]);
             }
-        }
     }
 }
 
@@ -388,13 +513,13 @@ void bowline_q8_gemm_f32(const float *x, int64_t xs, const int8_t *wp, const flo
 }
 
 /* wp [P][K/2][16] bytes; scales, zs [P][groups][16] floats (zs = -zero * scale); gs = K / groups, even. */
-void bowline_q4_gemm_f32(const float *x, int64_t xs, const uint8_t *wp, const float *scales, const float *zs,
+void bowline_q4_gemm_f32(const float *x, int64_t xs, const uint32_t *wp, const float *scales, const float *zs,
                          const float *bias, float *out, int64_t os, int64_t m, int64_t n, int64_t k, int64_t gs,
                          int num_threads)
 {
     const int64_t panels = (n + NR - 1) / NR, groups = k / gs;
     const int64_t blocks = (m + MR - 1) / MR, even = (m + blocks - 1) / blocks;
-    if (m >= DEQ_M) {
+    if (m >= (VNNI_ROWS(gs) ? VNNI_DEQ_M : DEQ_M)) {
         const struct qweights w = {4, wp, scales, zs, groups, gs};
         many_rows(&w, x, xs, bias, out, os, m, n, k, num_threads);
         return;
@@ -406,12 +531,37 @@ void bowline_q4_gemm_f32(const float *x, int64_t xs, const uint8_t *wp, const fl
             for (int64_t kk = g * gs; kk < (g + 1) * gs; ++kk) s += x[r * xs + kk];
             sums[r * groups + g] = s;
         }
+#ifdef HAVE_VNNI
+    if (VNNI_ROWS(gs)) {
+        int8_t *xq = malloc((size_t)(3 * m * k));
+        float *xd = malloc((size_t)(groups * m) * sizeof(float));
+        const int split = split_rows(x, xs, m, k, gs, xq, xd);
+        if (split) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+            for (int64_t p = 0; p < panels; ++p) {
+                const int64_t col = p * NR, ncols = n - col < NR ? n - col : NR;
+                for (int64_t r = 0; r < m; r += even) {
+                    const int64_t mr = m - r < even ? m - r : even;
+                    u4_vnni_rows(xq + r * 3 * k, k, xd + r * groups, sums + r * groups, groups, wp + p * k / 8 * NR,
+                                 scales + p * groups * NR, zs + p * groups * NR, gs, bias ? bias + col : 0,
+                                 out + r * os + col, os, ncols, mr);
+                }
+            }
+        }
+        free(xq);
+        free(xd);
+        if (split) {
+            free(sums);
+            return;
+        }
+    }
+#endif
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t p = 0; p < panels; ++p) {
         const int64_t col = p * NR, ncols = n - col < NR ? n - col : NR;
         for (int64_t r = 0; r < m; r += even) {
             const int64_t mr = m - r < even ? m - r : even;
-            u4_rows(x + r * xs, xs, sums + r * groups, groups, wp + p * k * (NR / 2), scales + p * groups * NR,
+            u4_rows(x + r * xs, xs, sums + r * groups, groups, wp + p * k / 8 * NR, scales + p * groups * NR,
                     zs + p * groups * NR, gs, bias ? bias + col : 0, out + r * os + col, os, ncols, mr);
         }
     }

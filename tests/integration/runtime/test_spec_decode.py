@@ -300,19 +300,29 @@ def test_seeded_sampling_with_a_draft_follows_the_targets_distribution(tiny_mode
     assert tv > 0.3, "the draft is too close to the target for this test to detect a wrong rule"
 
 
-def test_tensor_parallel_two_ranks_greedy_is_the_same_with_a_draft_and_with_ngram(tiny_model_dir, drafts,
-                                                                                 baseline_greedy):
-    """Target sharded over two ranks (the draft beside rank 0), against the unspeculated engine (tp=2
-    gives tp=1's tokens: test_engine checks that)."""
+def test_tensor_parallel_two_ranks_greedy_is_the_same_with_a_draft_beside_rank_0_a_sharded_draft_and_ngram(
+        tiny_model_dir, drafts, baseline_greedy):
+    """Target sharded over two ranks, the draft beside rank 0 or sharded over the same two ranks
+    (--speculative-draft-tensor-parallel-size 2), against the unspeculated engine (tp=2 gives tp=1's
+    tokens: test_engine checks that). The sharded draft is a copy of the target: it accepts every
+    proposal only if its shards compute what the target's do."""
     expected = [ids[:16] for ids in baseline_greedy]
     for kw in ({"speculative_model": drafts["layer1"], "num_speculative_tokens": 3},
+               {"speculative_model": drafts["copy"], "num_speculative_tokens": 3,
+                "speculative_draft_tensor_parallel_size": 2},
                {"speculative_model": "[ngram]", "num_speculative_tokens": 3}):
         engine = make(tiny_model_dir, tensor_parallel_size=2, **kw)
         try:
+            start_free = engine.block_manager.num_free_blocks
             reqs = greedy_requests(engine, max_new=16)
             assert [r["ids"] for r in one_at_a_time(engine, reqs[:1])] == expected[:1]
             assert [r["ids"] for r in concurrently(engine, reqs)] == expected
-            assert engine.stats().spec_decode.num_draft_tokens > 0
+            stats = engine.stats().spec_decode
+            assert stats.num_draft_tokens > 0
+            assert engine.block_manager.num_free_blocks == start_free
+            if "speculative_draft_tensor_parallel_size" in kw:
+                assert engine.speculator.draft.runner.tp_size == 2
+                assert stats.num_accepted_tokens == stats.num_draft_tokens
         finally:
             engine.shutdown()
 

@@ -33,6 +33,7 @@ class FakeEngine:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.vocab_size = len(tokenizer)
+        self.eos_token_ids = {tokenizer.eos_token_id} - {None}
         self.delay = delay
         self.script = tokenizer.encode(script, add_special_tokens=False)
         self.calls: list[tuple[list[int], SamplingParams]] = []
@@ -86,7 +87,8 @@ class FakeEngine:
                     dataclasses.replace(
                         o, text="", token_ids=[], logprobs=None,
                         new_token_ids=o.token_ids[sent_ids:],
-                        new_text=o.text[sent_text[o.index] :],
+                        # detokenize=False (the server decodes), as the engine: token ids only.
+                        new_text=o.text[sent_text[o.index] :] if params.detokenize else "",
                         new_logprobs=None if o.logprobs is None else o.logprobs[sent_ids:],
                     )
                     for o in outs

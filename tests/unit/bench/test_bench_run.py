@@ -50,3 +50,18 @@ def test_report_header_states_device_and_dtype():
     header = report.render_markdown(meta, [], []).splitlines()[2]
     assert "(qwen2.5-0.5b preset, bfloat16, cuda, 16 CPU cores)" in header
     assert "float32" not in header and "CPU," not in header
+
+
+def test_the_engine_core_process_is_its_own_system_with_its_own_ratio_row():
+    core = servers.bowline_spec("m", 8000, 2**30, 64, engine_process=True)
+    thread = servers.bowline_spec("m", 8000, 2**30, 64)
+    assert (core.name, core.env["BOWLINE_ENGINE_PROCESS"]) == ("bowline-core", "1")
+    assert (thread.name, thread.env["BOWLINE_ENGINE_PROCESS"]) == ("bowline", "0")
+    systems, *_ = run.resolve_plan(run.parse_args(["--systems", "bowline-core,vllm,bowline"]))
+    assert systems == ["vllm", "bowline", "bowline-core"]
+
+    def point(system, tok_s):
+        return {"system": system, "workload": "short", "concurrency": 8, "output_tokens_per_s": tok_s, "errors": 0}
+
+    rows = report.ratios([point("vllm", 100.0), point("bowline", 150.0), point("bowline-core", 180.0)])
+    assert [(r["system"], r["vs_vllm"]) for r in rows] == [("bowline", 1.5), ("bowline-core", 1.8)]

@@ -77,3 +77,25 @@ def test_schema_bounds_num_speculative_tokens():
     obj = _with({"method": "ngram", "numSpeculativeTokens": 0})
     assert any(e.startswith("spec.speculative.numSpeculativeTokens") for e in schema_errors(obj))
     assert not validate_spec(obj["spec"]).ok
+
+
+DRAFT_TP = "speculative.draftTensorParallelSize must be 1 or tensorParallelSize (1 with pipelineParallelSize above 1)"
+
+
+def test_draft_tensor_parallel_size_is_rendered_and_checked_against_tensor_parallel_size():
+    """vLLM's rule, in the CEL rule and the operator alike: 1 or tensorParallelSize; ignored for ngram."""
+    obj = _with({"model": {"source": "pvc://drafts/qwen-0.5b"}, "numSpeculativeTokens": 4, "draftTensorParallelSize": 2})
+    obj["spec"]["tensorParallelSize"] = 2
+    assert schema_errors(obj) == [] and cel_failures(obj) == []
+    _, container = _container(obj)
+    assert _flag(container["args"], "--speculative-draft-tensor-parallel-size") == "2"
+    for tp, pp in ((4, 1), (2, 2)):
+        bad = copy.deepcopy(obj)
+        bad["spec"]["tensorParallelSize"], bad["spec"]["pipelineParallelSize"] = tp, pp
+        assert DRAFT_TP in cel_failures(bad)
+        checked = validate_spec(apply_defaults(schema(), bad)["spec"])
+        assert not checked.ok and DRAFT_TP in checked.problems
+    ngram = _with({"method": "ngram", "numSpeculativeTokens": 4, "draftTensorParallelSize": 3})
+    assert DRAFT_TP not in cel_failures(ngram)
+    _, container = _container(ngram)
+    assert "--speculative-draft-tensor-parallel-size" not in container["args"]

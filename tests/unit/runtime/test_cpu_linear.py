@@ -15,10 +15,14 @@ needs_kernel = pytest.mark.skipif(
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 5, 6, 7, 16, 48, 49, 97, 300])  # one row block, several, past one chunk
+# one row block (3 on AVX2, 6 on AVX-512), several of unequal sizes, past one chunk
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 16, 48, 49, 97, 300])
+# one column, a partial last vector and panel (63, 200), whole panels only (64, 1152); an odd K (33) leaves
+# the one-row loop, which takes k in pairs, one k over
 @pytest.mark.parametrize(("out_features", "in_features"), [(1, 8), (63, 33), (64, 64), (200, 512), (1152, 896)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_kernel_matches_torch_linear(rows, out_features, in_features, bias):
+def test_kernel_matches_torch_linear(kernel_isa, rows, out_features, in_features, bias):
+    assert kernels.gemm_available(), f"the {kernel_isa} build has the Linear kernel"
     torch.manual_seed(rows * 7 + out_features + in_features)
     layer = torch.nn.Linear(in_features, out_features, bias=bias)
     x = torch.randn(rows, in_features)
@@ -29,7 +33,8 @@ def test_kernel_matches_torch_linear(rows, out_features, in_features, bias):
 
 
 @needs_kernel
-def test_kernel_reads_strided_rows_and_zero_rows():
+def test_kernel_reads_strided_rows_and_zero_rows(kernel_isa):
+    assert kernels.gemm_available(), f"the {kernel_isa} build has the Linear kernel"
     layer = torch.nn.Linear(64, 130)
     packed = kernels.pack_linear_weight(layer.weight.detach())
     wide = torch.randn(9, 100)

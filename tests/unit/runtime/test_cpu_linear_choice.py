@@ -49,6 +49,7 @@ def test_packed_linear_off_means_plain_torch(monkeypatch):
 def test_measured_choice_is_logged_cached_on_disk_and_reused(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path))
     monkeypatch.delenv(linear_choice.LINEAR_ENV, raising=False)
+    monkeypatch.setattr(linear_choice, "others_share", lambda a, b: 0.0)  # a quiet machine (the load rule: below)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(64, 96), torch.nn.Linear(96, 64))
     model[1].load_state_dict(model[0].state_dict())
@@ -65,3 +66,35 @@ def test_measured_choice_is_logged_cached_on_disk_and_reused(monkeypatch, tmp_pa
     # A second start reads the cache: no measuring at all.
     monkeypatch.setattr(linear_choice, "measure", lambda *a: pytest.fail("measured again"))
     CpuDevice().optimize_model(torch.nn.Sequential(torch.nn.Linear(64, 96)))
+
+
+def test_others_share_counts_what_other_processes_took():
+    start = linear_choice.CpuTicks(busy=1000, total=4000, own=300)
+    # 200 ticks of the machine passed: 150 busy, 50 of them ours -> others took 100 / 200.
+    assert linear_choice.others_share(start, linear_choice.CpuTicks(busy=1150, total=4200, own=350)) == 0.5
+    assert linear_choice.others_share(start, linear_choice.CpuTicks(busy=1100, total=4200, own=400)) == 0.0
+    assert linear_choice.others_share(None, start) == 0.0
+    ticks = linear_choice.cpu_ticks()
+    assert ticks is None or 0 <= ticks.busy <= ticks.total
+
+
+def test_a_shape_measured_under_load_takes_the_rule_and_is_not_cached(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path))
+    monkeypatch.delenv(linear_choice.LINEAR_ENV, raising=False)
+    monkeypatch.setattr(linear_choice, "others_share", lambda a, b: 0.6)
+    # Noise that would pick plain torch, as a lost time slice does.
+    monkeypatch.setattr(linear_choice, "measure", lambda fn, k, dtype: {1: 9.0 if fn.__class__ is torch.nn.Linear else 8000.0})
+    chooser = LinearChooser()
+    linear = torch.nn.Linear(64, 96)
+    with caplog.at_level(logging.WARNING, logger=cpu_device.__name__):
+        chooser.replacement(linear)
+    chooser.finish()
+    assert chooser.chosen and set(chooser.chosen.values()) == {linear_choice.fallback_choice(chooser.available(torch.float32))}
+    assert any("not cached" in r.getMessage() for r in caplog.records)
+    assert linear_choice.load_cache(tmp_path / "linear_choice.json") == {}
+
+
+def test_the_rule_prefers_our_kernel_then_onednn_never_torch_when_another_exists():
+    assert linear_choice.fallback_choice(["kernel", "onednn", "torch"]) == "kernel"
+    assert linear_choice.fallback_choice(["onednn", "torch"]) == "onednn"
+    assert linear_choice.fallback_choice(["torch"]) == "torch"

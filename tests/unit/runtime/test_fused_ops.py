@@ -20,10 +20,11 @@ REF = FusedOps()
 ROWS = [1, 5, 300]
 
 
-@pytest.fixture(scope="module")
-def ops():
+@pytest.fixture
+def ops(kernel_isa):
+    """The C ops of this CPU's build and of an AVX2 + FMA only build (kernel_isa)."""
     c_ops = kernels.fused_ops()
-    assert c_ops is not None, "a C compiler is here: the kernels must build"
+    assert c_ops is not None, f"a C compiler is here: the {kernel_isa} kernels must build"
     return c_ops
 
 
@@ -117,7 +118,7 @@ def test_without_kernels_the_cpu_keeps_the_torch_ops(monkeypatch):
 
 
 @pytest.mark.parametrize("tokens", [1, 16, 700])
-def test_cache_write_puts_each_tokens_keys_and_values_in_its_slot_only(tokens):
+def test_cache_write_puts_each_tokens_keys_and_values_in_its_slot_only(kernel_isa, tokens):
     torch.manual_seed(tokens)
     kv_heads, head_dim, num_slots = 4, 64, 2048
     qkv = torch.randn(tokens, (8 + 2 * kv_heads) * head_dim)  # one product; k and v are strided views of it

@@ -1,4 +1,5 @@
-"""The C paged-attention kernels compute what torch attention over each sequence's gathered context computes."""
+"""The C paged-attention kernels compute what torch attention over each sequence's gathered context computes,
+built for this CPU and for AVX2 + FMA only (the kernel_isa fixture)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def reference(q, k_cache, v_cache, tables, lens, scale, block_size):
     ("heads", "kv_heads", "head_dim", "block_size"),
     [(8, 4, 64, 16), (4, 4, 32, 16), (8, 1, 128, 8), (6, 2, 80, 32)],
 )
-def test_kernel_matches_attention_over_gathered_contexts(heads, kv_heads, head_dim, block_size):
+def test_kernel_matches_attention_over_gathered_contexts(kernel_isa, heads, kv_heads, head_dim, block_size):
     torch.manual_seed(heads * head_dim + block_size)
     num_blocks = 96
     k_cache = torch.randn(kv_heads, num_blocks * block_size, head_dim)
@@ -71,6 +72,24 @@ def test_library_is_built_once_and_cached(tmp_path, monkeypatch):
     assert first.parent == tmp_path and first.suffix == ".so"
     assert kernels.build(compiler) == first and first.stat().st_mtime_ns == built_at
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left behind
+
+
+def test_an_avx2_build_is_its_own_library_and_its_own_linear_timings(tmp_path, monkeypatch, kernel_isa):
+    """A cached Linear choice measured with one build (or an older gemm.c) is never read for another."""
+    monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path))
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    mine, signature = kernels.build(compiler), kernels.speed_signature()
+    other = "native" if kernel_isa == "avx2" else "avx2"
+    monkeypatch.setenv(kernels.ISA_ENV, other)
+    assert kernels.speed_signature() != signature
+    if other == "native" or "avx2" in kernels.cpu_signature().split():
+        assert kernels.build(compiler) != mine
+
+
+def test_an_unknown_isa_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv(kernels.ISA_ENV, "avx9")
+    with pytest.raises(ValueError, match=kernels.ISA_ENV):
+        kernels.compile_flags()
 
 
 def test_cpu_device_offers_the_kernel_for_float32_only(monkeypatch):
@@ -123,7 +142,7 @@ def prefill_reference(q, k_cache, v_cache, slots, scale):
     ("ctx", "n"),
     [(1, 1), (15, 15), (64, 64), (65, 65), (200, 200), (200, 1), (300, 37), (700, 512)],  # whole prompts, then chunks
 )
-def test_prefill_kernel_matches_causal_attention_over_the_context(heads, kv_heads, head_dim, ctx, n):
+def test_prefill_kernel_matches_causal_attention_over_the_context(kernel_isa, heads, kv_heads, head_dim, ctx, n):
     torch.manual_seed(ctx * 31 + n + head_dim)
     block_size, num_blocks = 16, 64
     k_cache = torch.randn(kv_heads, num_blocks * block_size, head_dim)

@@ -92,7 +92,7 @@ def test_cpu_kernels_compute_the_layers_arithmetic(build, tmp_path):
         for layer in layers:
             fast = quant_cpu.AwqKernelLinear(layer) if isinstance(layer, AwqLinear) else quant_cpu.Int8KernelLinear(layer)
             fast._lib = lib
-            for rows in (1, 2, 3, 5, 6, 8, 15, 16, 37):  # decode blocks up to 6 rows; dequantized panels from 16
+            for rows in (1, 2, 3, 5, 6, 8, 15, 16, 37, 64):  # blocks up to 6 rows; dequantized panels from 16 (VNNI: 64)
                 x = torch.randn(rows, k)
                 torch.testing.assert_close(fast(x), layer(x), rtol=1e-4, atol=1e-3)
 

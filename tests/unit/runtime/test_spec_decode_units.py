@@ -47,11 +47,32 @@ def test_vllm_flags_and_json_and_env_give_the_same_settings():
     (["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2, "typo": 1}'], "unknown keys"),
     (["--speculative-model", "d", "--num-speculative-tokens", "0"], ">= 1"),
     (["--speculative-model", "d", "--num-speculative-tokens", "2",
-      "--speculative-draft-tensor-parallel-size", "2"], "draft-tensor-parallel-size"),
+      "--speculative-draft-tensor-parallel-size", "2"], r"draft-tensor-parallel-size.* 2 .*use 1 \(the draft unsharded"),
+    (["--tensor-parallel-size", "2", "--speculative-model", "d", "--num-speculative-tokens", "2",
+      "--speculative-draft-tensor-parallel-size", "3"], r"draft-tensor-parallel-size.* 3 .*use 1 .* or 2 "),
+    (["--tensor-parallel-size", "2", "--speculative-config",
+      '{"model": "d", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 3}'], r"draft_tensor_parallel_size.* or 2 "),
+    (["--tensor-parallel-size", "2", "--pipeline-parallel-size", "2", "--speculative-model", "d",
+      "--num-speculative-tokens", "2", "--speculative-draft-tensor-parallel-size", "2"], "--pipeline-parallel-size 2"),
 ])
 def test_bad_speculative_settings_fail_at_start_up_naming_the_flag(argv, words):
     with pytest.raises(ValueError, match=words):
         spec_of(argv)
+
+
+def test_draft_tensor_parallel_size_is_1_or_the_targets_and_ignored_for_ngram():
+    """vLLM's rule: 1 (the draft whole beside rank 0, the default) or the target's size (sharded over its
+    ranks); n-gram has no draft model, so vLLM (and Bowline) ignore the size there."""
+    tp2 = ["--tensor-parallel-size", "2", "--num-speculative-tokens", "2"]
+    assert not spec_of([*tp2, "--speculative-model", "d"]).sharded_draft
+    assert not spec_of([*tp2, "--speculative-model", "d", "--speculative-draft-tensor-parallel-size", "1"]).sharded_draft
+    sharded = spec_of([*tp2, "--speculative-model", "d", "--speculative-draft-tensor-parallel-size", "2"])
+    assert sharded.sharded_draft and sharded.draft_tensor_parallel_size == 2
+    as_json = spec_of(["--tensor-parallel-size", "2", "--speculative-config",
+                       '{"model": "d", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 2}'])
+    assert as_json == sharded
+    ngram = spec_of([*tp2, "--speculative-model", "[ngram]", "--speculative-draft-tensor-parallel-size", "3"])
+    assert ngram.method == "ngram" and not ngram.sharded_draft
 
 
 def test_ngram_proposes_the_continuation_of_the_latest_longest_match():

@@ -39,13 +39,40 @@ class SpeculativeConfig:
                     "--ngram-prompt-lookup-min and --ngram-prompt-lookup-max must satisfy 1 <= min <= max, got "
                     f"min={self.prompt_lookup_min} max={self.prompt_lookup_max}"
                 )
-        if self.draft_tensor_parallel_size != 1:
+        if self.draft_tensor_parallel_size < 1:
             raise ValueError(
-                f"--speculative-draft-tensor-parallel-size {self.draft_tensor_parallel_size} is not supported: "
-                "the draft runs unsharded beside rank 0 (use 1)"
+                f"--speculative-draft-tensor-parallel-size must be >= 1, got {self.draft_tensor_parallel_size}"
             )
         if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
             raise ValueError(f"--speculative-disable-by-batch-size must be >= 1, got {self.disable_by_batch_size}")
+
+    @property
+    def sharded_draft(self) -> bool:
+        """Whether the draft model is sharded over the target's ranks (its TP size, checked by
+        `check_draft_tensor_parallel`, is then the target's) instead of running whole beside rank 0."""
+        return self.method == "draft_model" and self.draft_tensor_parallel_size > 1
+
+
+def check_draft_tensor_parallel(spec: SpeculativeConfig, tensor_parallel_size: int, pipeline_parallel_size: int) -> None:
+    """vLLM's rule: the draft's TP size is 1 (one unsharded copy beside rank 0) or the target's (the
+    draft sharded over the same ranks). The n-gram method has no draft model: vLLM ignores the size there,
+    and so do we. A sharded draft runs on the target's tensor-parallel group, which pipeline stages split."""
+    size = spec.draft_tensor_parallel_size
+    if spec.method != "draft_model" or size == 1:
+        return
+    flag = f"--speculative-draft-tensor-parallel-size (draft_tensor_parallel_size) {size}"
+    if size != tensor_parallel_size:
+        allowed = "1 (the draft unsharded beside rank 0)"
+        if tensor_parallel_size > 1:
+            allowed += f" or {tensor_parallel_size} (the draft sharded over the target's ranks)"
+        raise ValueError(
+            f"{flag} is not supported with --tensor-parallel-size {tensor_parallel_size}: use {allowed}"
+        )
+    if pipeline_parallel_size > 1:
+        raise ValueError(
+            f"{flag} (a sharded draft) does not work with --pipeline-parallel-size {pipeline_parallel_size}: "
+            "use 1 (the draft unsharded beside rank 0)"
+        )
 
 
 # JSON keys (vLLM's SpeculativeConfig field names) -> our field names.
@@ -116,4 +143,6 @@ def speculative_config_from(config) -> SpeculativeConfig | None:
                 values[key] = int(values[key])
     except (TypeError, ValueError):
         raise ValueError(f"speculative setting {key} must be an integer, got {values[key]!r}") from None
-    return SpeculativeConfig(**values)
+    spec = SpeculativeConfig(**values)
+    check_draft_tensor_parallel(spec, config.tensor_parallel_size, config.pipeline_parallel_size)
+    return spec

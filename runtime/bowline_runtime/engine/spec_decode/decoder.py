@@ -50,13 +50,16 @@ def depends_on_output(seq: Sequence) -> bool:
 
 
 class SpeculativeDecoder:
-    def __init__(self, spec: SpeculativeConfig, engine_config, device, dtype, hf_config, vocab_size: int) -> None:
+    def __init__(self, spec: SpeculativeConfig, engine_config, device, dtype, hf_config, vocab_size: int,
+                 tp=None) -> None:
+        """`tp`: the engine's TensorParallelGroup, over whose ranks a sharded draft runs."""
         self.spec = spec
         self.k = spec.num_speculative_tokens
         self.draft: DraftModelProposer | None = None
         if spec.method == "draft_model":
             assert spec.model is not None
-            self.draft = DraftModelProposer.load(engine_config, spec.model, device, dtype, hf_config, vocab_size)
+            self.draft = DraftModelProposer.load(engine_config, spec.model, device, dtype, hf_config, vocab_size,
+                                                 tp=tp, sharded=spec.sharded_draft)
         self.stats = SpecDecodeStats(accepted_per_pos=[0] * self.k)
 
     def kv_bytes_per_token(self) -> int:

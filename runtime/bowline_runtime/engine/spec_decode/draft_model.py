@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,10 +37,34 @@ def proposal_distribution(logits_row: torch.Tensor, vocab_size: int, temperature
     return torch.softmax(row / temperature, dim=-1)
 
 
+def build_draft_runner(engine_config, model_path: str, device, dtype: torch.dtype, layout, rank: int, tp_group=None):
+    """This rank's runner of the draft model and its KV heads here: the whole draft (Layout(), rank 0),
+    or its shard over the target's ranks (the target's layout and group; every rank builds one)."""
+    from bowline_runtime.engine.worker import build_runner
+    from bowline_runtime.models import loader
+
+    tp = layout.tensor_parallel_size
+    draft_hf = loader.load_config(model_path, engine_config.trust_remote_code).get_text_config()
+    heads = draft_hf.num_attention_heads
+    kv_heads = getattr(draft_hf, "num_key_value_heads", None) or heads
+    if heads % tp or kv_heads % tp:
+        raise ValueError(
+            f"--speculative-draft-tensor-parallel-size {tp} must divide the draft model's {heads} attention "
+            f"heads and {kv_heads} key/value heads (or use 1: the draft unsharded beside rank 0)"
+        )
+    # The draft's weights follow its own config.json (a quantized target may have a plain draft).
+    draft_config = dataclasses.replace(engine_config, model=model_path, tokenizer=None, tensor_parallel_size=tp,
+                                       quantization="auto", enable_lora=False, lora_modules=None)
+    return build_runner(draft_config, device, dtype, layout, rank, tp_group), kv_heads // tp
+
+
 class DraftModelProposer:
-    def __init__(self, runner: ModelRunner, vocab_size: int, block_size: int, num_kv_heads: int) -> None:
+    def __init__(self, runner: ModelRunner, vocab_size: int, block_size: int, num_kv_heads: int,
+                 execute: Callable[[Any], torch.Tensor | None] | None = None) -> None:
         self.runner = runner
-        self.num_kv_heads = num_kv_heads
+        self.num_kv_heads = num_kv_heads  # on this rank (a sharded draft's share)
+        # One draft forward: the runner's own, or for a sharded draft the group's (every rank runs its shard).
+        self.execute = execute or runner.execute
         self.vocab_size = vocab_size
         self.block_size = block_size
         self.group_decodes = runner.decode_kernel is None
@@ -48,9 +73,12 @@ class DraftModelProposer:
         self._fed: dict[int, tuple[int, int]] = {}
 
     @classmethod
-    def load(cls, engine_config, model_path: str, device, dtype: torch.dtype, target_hf_config, vocab_size: int):
+    def load(cls, engine_config, model_path: str, device, dtype: torch.dtype, target_hf_config, vocab_size: int,
+             tp=None, sharded: bool = False):
+        """The proposer on rank 0. `sharded`: the draft is split over the target's ranks (`tp`, the
+        TensorParallelGroup, whose workers build their shards from the same flags); otherwise one
+        unsharded copy runs beside rank 0."""
         from bowline_runtime.engine.distributed import Layout
-        from bowline_runtime.engine.worker import build_runner
         from bowline_runtime.models import loader
 
         draft_hf = loader.load_config(model_path, engine_config.trust_remote_code)
@@ -59,13 +87,15 @@ class DraftModelProposer:
                 f"the draft model's vocabulary ({draft_hf.vocab_size}) differs from the target's "
                 f"({target_hf_config.vocab_size}): a draft must share the target's tokenizer"
             )
-        # The draft's weights follow its own config.json (a quantized target may have a plain draft).
-        draft_config = dataclasses.replace(engine_config, model=model_path, tokenizer=None, tensor_parallel_size=1,
-                                           quantization="auto", enable_lora=False, lora_modules=None)
-        runner = build_runner(draft_config, device, dtype, Layout(), 0)  # one unsharded copy beside rank 0
-        kv_heads = getattr(draft_hf, "num_key_value_heads", None) or draft_hf.num_attention_heads
-        proposer = cls(runner, vocab_size, engine_config.block_size, kv_heads)
-        logger.info("draft model %s (%d layers) loaded", model_path, draft_hf.num_hidden_layers)
+        if sharded:
+            assert tp is not None
+            runner, kv_heads = build_draft_runner(engine_config, model_path, device, dtype, tp.layout, 0, tp.tp_group)
+            proposer = cls(runner, vocab_size, engine_config.block_size, kv_heads, execute=tp.attach_draft(runner))
+        else:
+            runner, kv_heads = build_draft_runner(engine_config, model_path, device, dtype, Layout(), 0)
+            proposer = cls(runner, vocab_size, engine_config.block_size, kv_heads)
+        logger.info("draft model %s (%d layers) loaded, %s", model_path, draft_hf.num_hidden_layers,
+                    f"sharded over {runner.tp_size} ranks" if sharded else "unsharded beside rank 0")
         return proposer
 
     def kv_bytes_per_token(self) -> int:
@@ -139,7 +169,7 @@ class DraftModelProposer:
         plan = prepare_step(first, self.block_size, group_decodes=self.group_decodes)
         plan.step.keep = torch.tensor(wanted, dtype=torch.long)
         plan.step.lora_segments = []  # LoRA adapters live on the target; the draft proposes with its own weights
-        logits = self.runner.execute(plan.step)
+        logits = self.execute(plan.step)
         assert logits is not None  # the runner is a driver
         forks: list[Any] = []
         for i, seq in enumerate(decodes):
@@ -163,7 +193,7 @@ class DraftModelProposer:
                                 group_decodes=self.group_decodes)
             plan.step.keep = torch.arange(len(views), dtype=torch.long)
             plan.step.lora_segments = []
-            logits = self.runner.execute(plan.step)
+            logits = self.execute(plan.step)
             assert logits is not None
             for out_row, i in enumerate(active):
                 token, q = self._choose(logits[out_row], decodes[i], forks[i])
