@@ -256,10 +256,10 @@ def test_stacked_slots_give_the_same_update_as_the_per_adapter_loop(tiny_model_d
 
 
 @pytest.mark.parametrize("num_rows", [11, 300])
-def test_kernel_update_equals_torch_for_mixed_rows(tiny_model_dir, tmp_path, shapes, num_rows):
-    """The C kernel (kernels/lora.c) against the per-adapter torch loop: base rows among the adapters'
-    (contiguous and scattered), ranks below --max-lora-rank, adapters on some projections only, every
-    product of two layers, decode-sized and prefill-sized steps."""
+def test_kernel_update_equals_torch_for_mixed_rows(kernel_isa, tiny_model_dir, tmp_path, shapes, num_rows):
+    """The C kernel (kernels/lora.c, built for this CPU and for AVX2 only) against the per-adapter torch
+    loop: base rows among the adapters' (contiguous and scattered), ranks below --max-lora-rank,
+    adapters on some projections only, every product of two layers, decode- and prefill-sized steps."""
     if not lora_kernel.usable(torch.device("cpu"), torch.float32):
         pytest.skip("the CPU kernels are not built here (no C compiler, or BOWLINE_CPU_KERNELS=0)")
     from bowline_runtime.lora.delta import GROUPS
