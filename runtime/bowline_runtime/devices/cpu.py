@@ -183,6 +183,7 @@ class LinearChooser:
         self._disk = linear_choice.load_cache(self._path)
         self._dirty = False
         self._seen: dict[str, str] = {}
+        self._signature: str | None = None  # kernels.speed_signature(), read once: it hashes the kernel sources
 
     def available(self, dtype: torch.dtype) -> list[str]:
         if not switch_on(PACKED_LINEAR_ENV):
@@ -204,7 +205,9 @@ class LinearChooser:
         if len(available) == 1:
             return available[0]
         n, k, dtype = linear.out_features, linear.in_features, linear.weight.dtype
-        key = linear_choice.cache_key(kernels.speed_signature(), dtype, n, k, linear.bias is not None)
+        if self._signature is None:
+            self._signature = kernels.speed_signature()
+        key = linear_choice.cache_key(self._signature, dtype, n, k, linear.bias is not None)
         if key in self._seen:
             return self._seen[key]
         entry = self._disk.get(key)

@@ -260,9 +260,7 @@ class TensorParallelGroup:
         self.exit_on_failure = False  # in the engine-core process: exiting is how the server learns it
         tp = self.layout.tensor_parallel_size
         hf_config = hf_config.get_text_config()
-        check_divisible(hf_config, tp)
-        kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
-        self.num_kv_heads_local = kv_heads // tp
+        self.num_kv_heads_local = check_divisible(hf_config, tp) // tp
         local = self.layout.local_size
         if device.type != "cpu" and local > device.device_count():
             raise ValueError(

@@ -68,15 +68,20 @@ def _pattern(plan_key: str) -> re.Pattern:
     return re.compile("^" + re.escape(plan_key).replace(r"\*", r"\d+") + "$")
 
 
-def check_divisible(config, world_size: int) -> None:
-    """Refuse a tensor-parallel size the model's heads cannot be split by, before loading anything."""
+def check_divisible(
+    config, world_size: int, flag: str = "--tensor-parallel-size", subject: str = "the model's", advice: str = ""
+) -> int:
+    """Refuse a tensor-parallel size the model's heads cannot be split by, before loading anything;
+    returns the model's key/value heads. `flag`, `subject` and `advice` word the refusal (the draft
+    model of speculative decoding is checked against its own flag)."""
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     if heads % world_size or kv_heads % world_size:
         raise ValueError(
-            f"--tensor-parallel-size {world_size} must divide the model's {heads} attention heads "
-            f"and {kv_heads} key/value heads"
+            f"{flag} {world_size} must divide {subject} {heads} attention heads and {kv_heads} key/value heads"
+            + advice
         )
+    return kv_heads
 
 
 def shard_model(model: nn.Module, rank: int, world_size: int, group=None) -> None:

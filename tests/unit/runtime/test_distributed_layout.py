@@ -47,3 +47,19 @@ def test_layers_split_evenly_with_the_extra_ones_first():
     assert [list(stage_layers(7, 3, s)) for s in range(3)] == [[0, 1, 2], [3, 4], [5, 6]]
     with pytest.raises(ValueError, match="exceeds the model's 2 layers"):
         stage_layers(2, 3, 0)
+
+
+def test_head_counts_refuse_a_size_that_splits_them_naming_the_flag():
+    from types import SimpleNamespace
+
+    from bowline_runtime.models.tensor_parallel import check_divisible
+
+    config = SimpleNamespace(num_attention_heads=8, num_key_value_heads=2)
+    assert check_divisible(config, 2) == 2
+    with pytest.raises(ValueError, match=r"^--tensor-parallel-size 4 must divide the model's 8 attention heads "
+                                         r"and 2 key/value heads$"):
+        check_divisible(config, 4)
+    with pytest.raises(ValueError, match=r"--speculative-draft-tensor-parallel-size 4 must divide the draft "
+                                         r"model's 8 .* \(or use 1"):
+        check_divisible(config, 4, "--speculative-draft-tensor-parallel-size", "the draft model's",
+                        " (or use 1: the draft unsharded beside rank 0)")

@@ -42,16 +42,12 @@ def build_draft_runner(engine_config, model_path: str, device, dtype: torch.dtyp
     or its shard over the target's ranks (the target's layout and group; every rank builds one)."""
     from bowline_runtime.engine.worker import build_runner
     from bowline_runtime.models import loader
+    from bowline_runtime.models.tensor_parallel import check_divisible
 
     tp = layout.tensor_parallel_size
     draft_hf = loader.load_config(model_path, engine_config.trust_remote_code).get_text_config()
-    heads = draft_hf.num_attention_heads
-    kv_heads = getattr(draft_hf, "num_key_value_heads", None) or heads
-    if heads % tp or kv_heads % tp:
-        raise ValueError(
-            f"--speculative-draft-tensor-parallel-size {tp} must divide the draft model's {heads} attention "
-            f"heads and {kv_heads} key/value heads (or use 1: the draft unsharded beside rank 0)"
-        )
+    kv_heads = check_divisible(draft_hf, tp, "--speculative-draft-tensor-parallel-size", "the draft model's",
+                               " (or use 1: the draft unsharded beside rank 0)")
     # The draft's weights follow its own config.json (a quantized target may have a plain draft).
     draft_config = dataclasses.replace(engine_config, model=model_path, tokenizer=None, tensor_parallel_size=tp,
                                        quantization="auto", enable_lora=False, lora_modules=None)
