@@ -47,7 +47,9 @@ def _faults(mode: str, env_value: str = "1") -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator is what is tuned")
 def test_tuned_process_reuses_freed_activations_without_page_faults():
     default = _faults("default")
-    tuned = _faults("tuned")
+    # The fewest of three runs: faults from outside the allocator only ever add (on a shared VM about one
+    # run in five of the tuned probe read 1,536-2,048 where the others read 0), never remove.
+    tuned = min(_faults("tuned") for _ in range(3))
     assert default >= 9 * PAGES_PER_LAYER  # glibc maps and unmaps every one: a fault per page, each layer
     assert tuned < PAGES_PER_LAYER // 4  # the memory of the first layers is reused by the rest
 
