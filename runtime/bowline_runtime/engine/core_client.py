@@ -246,8 +246,8 @@ class EngineCoreClient:
     async def shutdown(self) -> None:
         self._closing = True
         if self.process.is_alive():
-            try:
-                self._send(("stop",))
+            try:  # never blocks: a core that stopped reading (its socket gone, a hung exit) is killed below
+                self._send(("stop",), block=False)
             except Exception:  # noqa: BLE001 - the socket may be gone; the kill below still stops it
                 pass
             await asyncio.to_thread(self.process.join, 10)
@@ -258,11 +258,13 @@ class EngineCoreClient:
 
     # --- the I/O edge -------------------------------------------------------------------------------
 
-    def _send(self, message: tuple) -> None:
+    def _send(self, message: tuple, block: bool = True) -> None:
+        import zmq
+
         if self._closing and message[0] != "stop":
             return
         with self._push_lock:
-            self._push.send(pickle.dumps(message))
+            self._push.send(pickle.dumps(message), 0 if block else zmq.NOBLOCK)
 
     def _read(self) -> None:
         """Route each message from the core to its request's event loop, one wake-up per loop."""

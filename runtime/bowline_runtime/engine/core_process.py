@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import threading
 import time
 from typing import Any
 
@@ -25,6 +26,8 @@ logger = logging.getLogger("bowline.engine")
 IDLE_POLL_MS = 200
 # Failed steps in a row after which the core gives up (as the in-process engine does).
 MAX_CONSECUTIVE_STEP_FAILURES = 3
+# Seconds the iteration-timeout exit waits for its farewell messages before it ends the process anyway.
+GIVE_UP_EXIT_S = 5.0
 
 
 def _place_threads() -> int:
@@ -165,6 +168,10 @@ def _give_up(engine: Any, out_addr: str, exc: BaseException) -> None:
     import zmq
 
     logger.error("%s; failing the requests in flight and exiting", exc)
+    # The exit must not hang on the farewell: if a message cannot go out, the process still ends.
+    backstop = threading.Timer(GIVE_UP_EXIT_S, os._exit, (1,))
+    backstop.daemon = True
+    backstop.start()
     ctx = zmq.Context(1)
     push = ctx.socket(zmq.PUSH)
     push.connect(out_addr)

@@ -4,6 +4,7 @@ message naming the setting, and the engine reports itself dead (the server's /he
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import pytest
@@ -72,3 +73,23 @@ def test_the_engine_core_process_fails_its_requests_and_exits_on_a_step_over_the
         assert not client.is_alive
     finally:
         asyncio.run(client.shutdown())
+
+
+@pytest.mark.timeout(120)
+def test_shutdown_kills_a_core_that_no_longer_reads_instead_of_hanging(tiny_model_dir):
+    """A core that stopped reading (here: stopped, and the stop message has no peer to go to) must not
+    hold shutdown forever on a blocked send: shutdown gives up on the message and kills the process."""
+    import signal
+
+    import zmq
+    from bowline_runtime.engine.core_client import EngineCoreClient
+
+    client = EngineCoreClient(EngineConfig(model=str(tiny_model_dir), device="cpu", max_model_len=128,
+                                           kv_cache_memory=8 * 2**20))
+    os.kill(client.process.pid, signal.SIGSTOP)
+    client._push.close(linger=0)
+    client._push = client._ctx.socket(zmq.PUSH)  # connected nowhere: a blocking send would wait for ever
+    started = time.monotonic()
+    asyncio.run(client.shutdown())
+    assert not client.process.is_alive()
+    assert time.monotonic() - started < 60
