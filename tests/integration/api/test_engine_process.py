@@ -85,22 +85,33 @@ def test_engine_side_rejection_is_the_same_400(core_server):
 def test_killing_the_engine_fails_requests_and_health_but_not_the_server(core_server):
     core = _engine_core_pid(core_server)
     outcome: dict[str, object] = {}
+    streaming = threading.Event()
 
     def stream_long() -> None:
-        body = {"model": MODEL, "prompt": "hello", "max_tokens": 1500, "ignore_eos": True, "stream": True}
+        # As long as the model allows (2,048 positions): the kill must land while tokens still flow,
+        # and a fast CPU writes 1,500 tiny-model tokens in about a second.
+        body = {"model": MODEL, "prompt": "hello", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        lines: list[str] = []
+        outcome["lines"] = lines
         try:
             with httpx.stream("POST", core_server.url + "/v1/completions", json=body, timeout=30) as resp:
-                outcome["lines"] = list(resp.iter_lines())
+                for line in resp.iter_lines():
+                    lines.append(line)
+                    if line.startswith("data: {"):
+                        streaming.set()
         except httpx.HTTPError as exc:
             outcome["error"] = exc
+        finally:
+            streaming.set()
 
     thread = threading.Thread(target=stream_long)
     thread.start()
-    time.sleep(1.5)
+    assert streaming.wait(30), "the stream never started"
     os.kill(core, signal.SIGKILL)
     thread.join(20)
     assert not thread.is_alive(), "the in-flight stream hung after the engine died"
-    lines = outcome.get("lines", [])
+    lines = outcome["lines"]
+    assert isinstance(lines, list) and any(line.startswith("data: {") for line in lines)
     assert "error" in outcome or not any('"finish_reason":"length"' in line for line in lines)
     assert any("error" in line for line in lines) or "error" in outcome
     assert httpx.get(core_server.url + "/health", timeout=5).status_code == 503
