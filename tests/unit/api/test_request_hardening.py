@@ -149,7 +149,9 @@ def test_a_10_mb_body_gets_413_without_being_read(serve):
 def test_health_answers_within_100_ms_while_a_large_prompt_tokenizes(serve):
     """Defect 3: tokenizing ran on the event loop, so probes timed out behind one big prompt."""
     served = serve()
-    prompt = "hello world " * 250_000  # 3 MB: under the 4 MiB default limit, seconds to tokenize
+    # 3 MB, under the 4 MiB default limit; one token per two bytes, so seconds to tokenize even on
+    # a fast CPU (3.2 s here, where "hello world " repeated took 1.7 s and left little to probe).
+    prompt = "a " * 1_500_000
     result: dict = {}
 
     def send() -> None:
