@@ -314,7 +314,9 @@ class LLMEngine:
                 rows.append(plan.sample_rows[i])
         touched: dict[str, _Request] = {}
         if to_sample:
-            result = self.sampler(logits[rows], to_sample)
+            # Decode steps sample every row in order: no gather (a list index copies, ~0.15 ms at 16 rows).
+            whole = len(rows) == logits.shape[0] and rows == list(range(len(rows)))
+            result = self.sampler(logits if whole else logits[rows], to_sample)
             for seq, token_id, lp in zip(to_sample, result.token_ids, result.logprobs, strict=True):
                 self._append_token(seq, token_id, lp, now)
                 if seq.request_id in self.requests:
