@@ -6,9 +6,11 @@ import argparse
 import sys
 
 from bowline_runtime.config import build_parser, config_from_args
+from bowline_runtime.host_pages import prefer_huge_pages
 
 
 def main(argv: list[str] | None = None) -> None:
+    prefer_huge_pages()  # before anything imports torch
     parser = argparse.ArgumentParser(prog="bowline-runtime", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
