@@ -65,7 +65,11 @@ def test_the_engine_core_process_fails_its_requests_and_exits_on_a_step_over_the
     try:
         error = asyncio.run(main())
         assert "iteration timeout of 0.001 s" in str(error)
-        client.process.join(30)
+        # The client's watcher thread reaps the process too, and multiprocessing's exit status is not
+        # thread-safe: a join that loses the race to it returns with the code still unknown. Poll.
+        deadline = time.monotonic() + 30
+        while client.process.exitcode is None and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert client.process.exitcode == 1
         deadline = time.monotonic() + 10
         while client.is_alive and time.monotonic() < deadline:
