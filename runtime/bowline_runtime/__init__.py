@@ -11,6 +11,9 @@ _OFFLINE = {"LLM", "SamplingParams", "RequestOutput", "CompletionOutput"}
 
 def __getattr__(name: str):
     if name in _OFFLINE:
+        from bowline_runtime.host_pages import prefer_huge_pages
+
+        prefer_huge_pages()  # weights and KV cache on 2 MiB pages as under `serve`, if torch is not loaded yet
         from bowline_runtime import offline
 
         return getattr(offline, name)

@@ -54,3 +54,8 @@ def test_the_users_choice_is_kept():
 def test_nothing_is_claimed_once_torch_is_loaded():
     on, value, _ = _probe(before="import torch")
     assert (on, value) == ("False", "None")
+
+
+def test_the_offline_api_asks_for_huge_pages_too():
+    on, value, _ = _probe(before="from bowline_runtime import LLM")
+    assert (on, value) == ("True", "1")
