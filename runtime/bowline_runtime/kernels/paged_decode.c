@@ -33,6 +33,23 @@ static inline const float *block_at(const float *head, const int64_t *table, int
     return t < len ? head + table[t / block_size] * block_size * d : NULL;
 }
 
+/* Each query head's scores -> exp(s - max) in place, and 1 / their sum (the output is normalised at the end). */
+static void softmax_rows(float *scores, int64_t G, int64_t len, float *inv_sum)
+{
+    for (int64_t g = 0; g < G; ++g) {
+        float *row = scores + g * len;
+        float m = row[0];
+        for (int64_t t = 1; t < len; ++t) m = row[t] > m ? row[t] : m;
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < len; ++t) {
+            row[t] = expf(row[t] - m);
+            sum += row[t];
+        }
+        inv_sum[g] = 1.0f / sum;
+    }
+}
+
 #ifdef __AVX512F__
 #include <immintrin.h>
 
@@ -126,23 +143,17 @@ static inline __attribute__((always_inline)) void vec_values_all(
         }
     }
 }
-#endif
 
-static void softmax_rows(float *scores, int64_t G, int64_t len, float *inv_sum)
+/* One (sequence, key/value head) task: scores, softmax, values, for a head size of 16 * dv. */
+static inline __attribute__((always_inline)) void vec_task(
+    const float *qi, const float *kh, const float *vh, const int64_t *table, int64_t len, int64_t block_size,
+    int64_t G, float scale, float *scores, float *inv_sum, float *oi, const int dv)
 {
-    for (int64_t g = 0; g < G; ++g) {
-        float *row = scores + g * len;
-        float m = row[0];
-        for (int64_t t = 1; t < len; ++t) m = row[t] > m ? row[t] : m;
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < len; ++t) {
-            row[t] = expf(row[t] - m);
-            sum += row[t];
-        }
-        inv_sum[g] = 1.0f / sum;
-    }
+    vec_scores(qi, kh, table, len, block_size, G, scale, scores, dv);
+    softmax_rows(scores, G, len, inv_sum);
+    vec_values_all(vh, table, len, block_size, scores, inv_sum, G, oi, dv);
 }
+#endif
 
 void bowline_paged_decode_f32(
     const float *q, const float *k_cache, const float *v_cache,
@@ -173,15 +184,10 @@ void bowline_paged_decode_f32(
 #ifdef __AVX512F__
             if (D == 64 || D == 128) {
                 float *oi = out + (i * num_heads + h * G) * D;
-                if (D == 64) {
-                    vec_scores(qi, kh, table, len, block_size, G, scale, scores, 4);
-                    softmax_rows(scores, G, len, inv_sum);
-                    vec_values_all(vh, table, len, block_size, scores, inv_sum, G, oi, 4);
-                } else {
-                    vec_scores(qi, kh, table, len, block_size, G, scale, scores, 8);
-                    softmax_rows(scores, G, len, inv_sum);
-                    vec_values_all(vh, table, len, block_size, scores, inv_sum, G, oi, 8);
-                }
+                if (D == 64)
+                    vec_task(qi, kh, vh, table, len, block_size, G, scale, scores, inv_sum, oi, 4);
+                else
+                    vec_task(qi, kh, vh, table, len, block_size, G, scale, scores, inv_sum, oi, 8);
                 continue;
             }
 #endif
