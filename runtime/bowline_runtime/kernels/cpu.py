@@ -344,3 +344,43 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out
         out_features, m, out_features, k, torch.get_num_threads(),
     )
     return out
+
+
+def is_rows(x: torch.Tensor, width: int) -> bool:
+    """Whether x is already what a C product reads ([M, width] float32, unit stride along each row).
+
+    The decoder's activations always are; a layer that checks this first skips the reshape, the
+    _rows check and the view back, ~2 us of Python a call that a batch-1 step pays 30-odd times.
+    """
+    return x.dim() == 2 and x.shape[1] == width and x.dtype == torch.float32 and x.stride(1) == 1
+
+
+class BoundWeights:
+    """Mixin for a kernel Linear layer (an nn.Module): its C call's weight arguments, read once.
+
+    Why: a buffer read through nn.Module.__getattr__ and its data_ptr() cost ~1 us each; a layer
+    with weight, scales, zeros and bias paid that on every call. The layers' buffers are set once in
+    __init__ and never reassigned; `_apply` (what .to(), .float() and friends go through) can move
+    them, so it forgets the pointers and the next call reads them again.
+    """
+
+    _bound: tuple | None = None
+
+    def _weight_pointers(self) -> tuple:
+        """The call's weight arguments, in the C function's order (data pointers, None for no bias)."""
+        raise NotImplementedError
+
+    def weight_pointers(self) -> tuple:
+        bound = self._bound
+        if bound is None:
+            bound = self._bound = self._weight_pointers()
+        return bound
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def] - nn.Module's own signature
+        self._bound = None
+        return super()._apply(fn, recurse)  # type: ignore[misc]
+
+
+def pointer(t: torch.Tensor | None) -> int | None:
+    """A tensor's data pointer for ctypes, None (NULL) for an absent optional tensor."""
+    return None if t is None else t.data_ptr()

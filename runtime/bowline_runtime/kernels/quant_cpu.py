@@ -67,7 +67,7 @@ def pack_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     return nibbles, _panels(s, width), _panels(zs, width)
 
 
-class Int8KernelLinear(nn.Module):
+class Int8KernelLinear(kernels.BoundWeights, nn.Module):
     """Int8Linear through quant_gemm.c: int8 weights per output channel, W8A8 quantizing x per token first."""
 
     packed_weight: torch.Tensor
@@ -83,25 +83,32 @@ class Int8KernelLinear(nn.Module):
         self.register_buffer("bias", None if layer.bias is None else layer.bias.float().contiguous().clone())
         self._lib = _library()
 
+    def _weight_pointers(self) -> tuple:
+        return self.packed_weight.data_ptr(), self.scale.data_ptr(), kernels.pointer(self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.is_rows(x, self.in_features):  # the decoder's activations: straight to the C product
+            return self._product(x)
         lead = x.shape[:-1]
-        x = kernels._rows(x.reshape(-1, self.in_features))
+        return self._product(kernels._rows(x.reshape(-1, self.in_features))).view(*lead, self.out_features)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         m = x.shape[0]
         if self.act_quant and m:  # x rounded to int8 per token, in C (quantize_activations' arithmetic)
             rounded = torch.empty(m, self.in_features, dtype=torch.float32)
             self._lib.bowline_quantize_rows_f32(x.data_ptr(), x.stride(0), rounded.data_ptr(), m, self.in_features)
             x = rounded
-        out = torch.empty(m, self.out_features, dtype=torch.float32)
+        n = self.out_features
+        out = torch.empty(m, n, dtype=torch.float32)
         if m:
             self._lib.bowline_q8_gemm_f32(
-                x.data_ptr(), x.stride(0), self.packed_weight.data_ptr(), self.scale.data_ptr(),
-                None if self.bias is None else self.bias.data_ptr(), out.data_ptr(), self.out_features, m,
-                self.out_features, self.in_features, torch.get_num_threads(),
+                x.data_ptr(), x.stride(0), *self.weight_pointers(), out.data_ptr(), n, m, n, self.in_features,
+                torch.get_num_threads(),
             )
-        return out.view(*lead, self.out_features)
+        return out
 
 
-class AwqKernelLinear(nn.Module):
+class AwqKernelLinear(kernels.BoundWeights, nn.Module):
     """AwqLinear through quant_gemm.c: 4-bit weights, one scale and zero per group of input rows."""
 
     packed_weight: torch.Tensor
@@ -122,18 +129,25 @@ class AwqKernelLinear(nn.Module):
         self.register_buffer("bias", None if layer.bias is None else layer.bias.float().contiguous().clone())
         self._lib = _library()
 
+    def _weight_pointers(self) -> tuple:
+        return (self.packed_weight.data_ptr(), self.scales.data_ptr(), self.zero_scales.data_ptr(),
+                kernels.pointer(self.bias))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.is_rows(x, self.in_features):  # the decoder's activations: straight to the C product
+            return self._product(x)
         lead = x.shape[:-1]
-        x = kernels._rows(x.reshape(-1, self.in_features))
-        m = x.shape[0]
-        out = torch.empty(m, self.out_features, dtype=torch.float32)
+        return self._product(kernels._rows(x.reshape(-1, self.in_features))).view(*lead, self.out_features)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        m, n = x.shape[0], self.out_features
+        out = torch.empty(m, n, dtype=torch.float32)
         if m:
             self._lib.bowline_q4_gemm_f32(
-                x.data_ptr(), x.stride(0), self.packed_weight.data_ptr(), self.scales.data_ptr(),
-                self.zero_scales.data_ptr(), None if self.bias is None else self.bias.data_ptr(), out.data_ptr(),
-                self.out_features, m, self.out_features, self.in_features, self.group_size, torch.get_num_threads(),
+                x.data_ptr(), x.stride(0), *self.weight_pointers(), out.data_ptr(), n, m, n, self.in_features,
+                self.group_size, torch.get_num_threads(),
             )
-        return out.view(*lead, self.out_features)
+        return out
 
 
 class ActQuantLinear(nn.Module):

@@ -117,3 +117,25 @@ def test_bfloat16_linears_keep_their_output_through_optimize_model():
         expected = model(x).float()
         CpuDevice().optimize_model(model)
         torch.testing.assert_close(model(x).float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_kernel_layer_gives_the_same_rows_through_the_direct_and_the_reshaping_path():
+    """2-D float32 rows skip the reshape; 3-D or strided inputs take it; both give nn.Linear's output,
+    and a layer whose buffers move (`_apply`, as .to() does) reads its weight pointers again."""
+    if not kernels.gemm_available():
+        pytest.skip("the CPU Linear kernel does not build on this CPU (needs AVX-512 or AVX2 + FMA)")
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(64, 130)
+    layer = KernelLinear(plain)
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(layer(x), plain(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer(x.view(1, 5, 64)), plain(x).view(1, 5, 130), rtol=1e-4, atol=1e-4)
+    wide = torch.randn(5, 128)[:, ::2]  # rows with stride 2 along the row: copied before the C call
+    torch.testing.assert_close(layer(wide), plain(wide), rtol=1e-4, atol=1e-4)
+    before = layer.weight_pointers()
+    layer.float()  # goes through _apply, which may move the buffers
+    assert layer._bound is None
+    assert layer.weight_pointers() == (layer.packed_weight.data_ptr(), layer.bias.data_ptr())
+    assert len(before) == 2
+    torch.testing.assert_close(layer(x), plain(x), rtol=1e-4, atol=1e-4)
