@@ -71,7 +71,7 @@ class OneDnnLinear(torch.nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
 
-class KernelLinear(kernels.BoundWeights, torch.nn.Module):
+class KernelLinear(kernels.KernelProduct, torch.nn.Module):
     """nn.Linear through Bowline's own float32 product (kernels/gemm.c), its weight packed once.
 
     At decode sizes it takes 0.8x oneDNN's time (no fixed per-call cost to speak of), at prefill
@@ -84,25 +84,12 @@ class KernelLinear(kernels.BoundWeights, torch.nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("packed_weight", kernels.pack_linear_weight(linear.weight.detach()))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().contiguous().clone())
-        self._gemm = kernels.load().bowline_gemm_f32
 
     def _weight_pointers(self) -> tuple:
         return self.packed_weight.data_ptr(), kernels.pointer(self.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.is_rows(x, self.in_features):  # the decoder's activations: straight to the C product
-            return self._product(x)
-        lead = x.shape[:-1]
-        return self._product(kernels._rows(x.reshape(-1, self.in_features))).view(*lead, self.out_features)
-
     def _product(self, x: torch.Tensor) -> torch.Tensor:
-        m, n = x.shape[0], self.out_features
-        out = torch.empty(m, n, dtype=torch.float32)
-        if m:
-            weight, bias = self.weight_pointers()
-            self._gemm(x.data_ptr(), x.stride(0), weight, bias, out.data_ptr(), n, m, n, self.in_features,
-                       torch.get_num_threads())
-        return out
+        return kernels.gemm_rows(x, *self.weight_pointers(), self.out_features)
 
 
 class CpuDevice(Device):

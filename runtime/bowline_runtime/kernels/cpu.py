@@ -334,37 +334,54 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
     """x [M, K] (rows may be strided) @ weight^T + bias -> [M, out_features], from a packed weight."""
-    x = _rows(x)
+    return gemm_rows(_rows(x), packed.data_ptr(), pointer(bias), out_features)
+
+
+def gemm_rows(x: torch.Tensor, weight: int, bias: int | None, out_features: int) -> torch.Tensor:
+    """`linear` on rows already in the C loops' form (see `_rows`), the packed weight and bias as data
+    pointers: what a layer that holds its pointers (KernelProduct) calls on each product."""
     m, k = x.shape
     out = torch.empty(m, out_features, dtype=torch.float32)
-    if m == 0:
-        return out
-    load().bowline_gemm_f32(
-        x.data_ptr(), x.stride(0), packed.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
-        out_features, m, out_features, k, torch.get_num_threads(),
-    )
+    if m:
+        load().bowline_gemm_f32(
+            x.data_ptr(), x.stride(0), weight, bias, out.data_ptr(), out_features, m, out_features, k,
+            torch.get_num_threads(),
+        )
     return out
 
 
 def is_rows(x: torch.Tensor, width: int) -> bool:
     """Whether x is already what a C product reads ([M, width] float32, unit stride along each row).
 
-    The decoder's activations always are; a layer that checks this first skips the reshape, the
+    The decoder's activations always are; KernelProduct checks this first and skips the reshape, the
     _rows check and the view back, ~2 us of Python a call that a batch-1 step pays 30-odd times.
     """
     return x.dim() == 2 and x.shape[1] == width and x.dtype == torch.float32 and x.stride(1) == 1
 
 
-class BoundWeights:
-    """Mixin for a kernel Linear layer (an nn.Module): its C call's weight arguments, read once.
+class KernelProduct:
+    """Mixin for a kernel Linear layer (an nn.Module with in_features and out_features): its forward,
+    and its C call's weight arguments read once.
 
-    Why: a buffer read through nn.Module.__getattr__ and its data_ptr() cost ~1 us each; a layer
-    with weight, scales, zeros and bias paid that on every call. The layers' buffers are set once in
-    __init__ and never reassigned; `_apply` (what .to(), .float() and friends go through) can move
-    them, so it forgets the pointers and the next call reads them again.
+    Subclasses give `_product` (2-D float32 rows in the C loops' form -> [M, out_features]) and
+    `_weight_pointers`. Why the pointers are kept: a buffer read through nn.Module.__getattr__ and its
+    data_ptr() cost ~1 us each; a layer with weight, scales, zeros and bias paid that on every call.
+    The layers' buffers are set once in __init__ and never reassigned; `_apply` (what .to(), .float()
+    and friends go through) can move them, so it forgets the pointers and the next call reads them again.
     """
 
+    in_features: int
+    out_features: int
     _bound: tuple | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_rows(x, self.in_features):  # the decoder's activations: straight to the C product
+            return self._product(x)
+        lead = x.shape[:-1]
+        return self._product(_rows(x.reshape(-1, self.in_features))).view(*lead, self.out_features)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def _weight_pointers(self) -> tuple:
         """The call's weight arguments, in the C function's order (data pointers, None for no bias)."""

@@ -67,7 +67,7 @@ def pack_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     return nibbles, _panels(s, width), _panels(zs, width)
 
 
-class Int8KernelLinear(kernels.BoundWeights, nn.Module):
+class Int8KernelLinear(kernels.KernelProduct, nn.Module):
     """Int8Linear through quant_gemm.c: int8 weights per output channel, W8A8 quantizing x per token first."""
 
     packed_weight: torch.Tensor
@@ -86,12 +86,6 @@ class Int8KernelLinear(kernels.BoundWeights, nn.Module):
     def _weight_pointers(self) -> tuple:
         return self.packed_weight.data_ptr(), self.scale.data_ptr(), kernels.pointer(self.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.is_rows(x, self.in_features):  # the decoder's activations: straight to the C product
-            return self._product(x)
-        lead = x.shape[:-1]
-        return self._product(kernels._rows(x.reshape(-1, self.in_features))).view(*lead, self.out_features)
-
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         m = x.shape[0]
         if self.act_quant and m:  # x rounded to int8 per token, in C (quantize_activations' arithmetic)
@@ -108,7 +102,7 @@ class Int8KernelLinear(kernels.BoundWeights, nn.Module):
         return out
 
 
-class AwqKernelLinear(kernels.BoundWeights, nn.Module):
+class AwqKernelLinear(kernels.KernelProduct, nn.Module):
     """AwqLinear through quant_gemm.c: 4-bit weights, one scale and zero per group of input rows."""
 
     packed_weight: torch.Tensor
@@ -132,12 +126,6 @@ class AwqKernelLinear(kernels.BoundWeights, nn.Module):
     def _weight_pointers(self) -> tuple:
         return (self.packed_weight.data_ptr(), self.scales.data_ptr(), self.zero_scales.data_ptr(),
                 kernels.pointer(self.bias))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.is_rows(x, self.in_features):  # the decoder's activations: straight to the C product
-            return self._product(x)
-        lead = x.shape[:-1]
-        return self._product(kernels._rows(x.reshape(-1, self.in_features))).view(*lead, self.out_features)
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         m, n = x.shape[0], self.out_features
