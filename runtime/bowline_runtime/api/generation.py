@@ -80,6 +80,10 @@ class Generation:
     is lost. Usage counts, metrics and the non-streaming answers read the cumulative lists; streams
     slice them from their own counters, O(new tokens) per chunk. `aclose()` cancels every engine
     iteration still running, which aborts those requests in the engine.
+
+    One prompt (nearly every request) needs no merging: its engine iterator is read directly by
+    whoever calls `next()`, without a pump task and a second queue in between. That is one task
+    switch and two queue operations less per token, on the event loop that serves every stream.
     """
 
     def __init__(
@@ -109,19 +113,23 @@ class Generation:
         )
         self._queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
+        self._direct: Any = None  # the single prompt's engine iterator, read by next() itself
         self._remaining = len(prompts)
         self._closed = False
 
     def _engine_request_id(self, i: int) -> str:
         return self.request_id if len(self.prompts) == 1 else f"{self.request_id}-{i}"
 
+    def _engine_stream(self, i: int) -> Any:
+        extra = {"images": self.images} if self.images else {}  # text requests call generate as before
+        return self.engine.generate(
+            self.prompts[i], self._engine_params, request_id=self._engine_request_id(i), arrival_time=self.arrival_time,
+            **extra,
+        )
+
     async def _pump(self, i: int) -> None:
         try:
-            extra = {"images": self.images} if self.images else {}  # text requests call generate as before
-            async for delta in self.engine.generate(
-                self.prompts[i], self._engine_params, request_id=self._engine_request_id(i), arrival_time=self.arrival_time,
-                **extra,
-            ):
+            async for delta in self._engine_stream(i):
                 self._meters[i].observe_tokens(sum(len(o.new_token_ids) for o in delta.outputs))
                 self._queue.put_nowait((i, delta))
             self._queue.put_nowait(None)
@@ -131,10 +139,23 @@ class Generation:
             self._queue.put_nowait(exc)
 
     def start(self) -> None:
+        if len(self.prompts) == 1:
+            self._direct = self._engine_stream(0)
+            return
         self._tasks = [asyncio.create_task(self._pump(i), name=f"gen-{self.request_id}-{i}") for i in range(len(self.prompts))]
 
     async def next(self) -> tuple[int, RequestOutput] | None:
         """The next snapshot from any prompt, or None when all have finished. Engine errors re-raise here."""
+        if self._direct is not None:
+            if not self._remaining:
+                return None
+            try:
+                delta = await anext(self._direct)
+            except StopAsyncIteration:
+                self._remaining = 0
+                return None
+            self._meters[0].observe_tokens(sum(len(o.new_token_ids) for o in delta.outputs))
+            return self._take(0, delta)
         while self._remaining:
             item = await self._queue.get()
             if item is None:
@@ -178,6 +199,9 @@ class Generation:
         if self._closed:
             return
         self._closed = True
+        if self._direct is not None:
+            with contextlib.suppress(Exception):
+                await self._direct.aclose()  # a suspended engine iterator aborts its request as it closes
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # ---------------------------------------------------------------------------------------------------
 # Shared pieces
@@ -27,19 +27,29 @@ class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
 
+def _is_none(value: Any) -> bool:
+    return value is None
+
+
 class ResponseModel(BaseModel):
     """Response bodies. Fields named in `_omit_if_none` vanish when None, the way OpenAI omits
-    extras it did not produce, while core fields such as `finish_reason` stay as explicit nulls."""
+    extras it did not produce, while core fields such as `finish_reason` stay as explicit nulls.
+
+    The omission is each field's `exclude_if`, set as the subclass is made, so serialising stays in
+    pydantic's Rust core; a wrap-mode model serializer would call back into Python for every model
+    and every nested one (each logprob entry), ~3.5 us of the ~8 us a streamed chunk took.
+    """
 
     _omit_if_none: ClassVar[frozenset[str]] = frozenset()
 
-    @model_serializer(mode="wrap")
-    def _drop_empty_extras(self, handler):
-        data = handler(self)
-        for name in self._omit_if_none:
-            if data.get(name, 0) is None:
-                del data[name]
-        return data
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        omitted = cls._omit_if_none & set(cls.model_fields)
+        if omitted:
+            for name in omitted:
+                cls.model_fields[name].exclude_if = _is_none
+            cls.model_rebuild(force=True)
 
 
 def random_id(prefix: str) -> str:

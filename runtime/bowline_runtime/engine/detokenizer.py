@@ -7,6 +7,38 @@ sees characters that are later retracted.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+try:
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+except ImportError:  # another transformers layout: every tokenizer keeps its own decode
+    PreTrainedTokenizerBase = TokenizersBackend = None  # type: ignore[assignment,misc]
+
+
+def decoder_for(tokenizer: Any, skip_special_tokens: bool) -> Callable[[list[int]], str]:
+    """`ids -> tokenizer.decode(ids, skip_special_tokens=...)`, as cheaply as it can be had.
+
+    A fast (`tokenizers`-backed) transformers tokenizer that keeps transformers' own `decode` and
+    `_decode` and does no clean-up of tokenization spaces returns exactly what its Rust tokenizer
+    returns; calling that directly skips the Python around it (argument conversion, dispatch), about
+    4 of 5.5 us a call. Two calls per streamed token, on the event loop of every stream. Any other
+    tokenizer (slow, custom, clean-up on) keeps `tokenizer.decode`.
+    """
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if (
+        backend is not None
+        and TokenizersBackend is not None
+        and isinstance(tokenizer, TokenizersBackend)
+        and type(tokenizer).decode is PreTrainedTokenizerBase.decode
+        and type(tokenizer)._decode is TokenizersBackend._decode
+        and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
+        and callable(getattr(backend, "decode", None))
+    ):
+        return lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, stop: list[str], include_stop: bool, skip_special_tokens: bool = True) -> None:
@@ -22,9 +54,7 @@ class IncrementalDetokenizer:
         self.emitted = 0  # how much of `text` may be shown
         self.stopped = False  # a stop string matched: the text is final
         self.sent = 0  # how much of the visible text `take_new_text` has handed out
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        self._decode = decoder_for(tokenizer, skip_special_tokens)
 
     def add_token(self, token_id: int, check_stop: bool = True) -> str | None:
         """Feed one generated token; returns the stop string matched (text already cut), else None.

@@ -181,3 +181,36 @@ def test_finish_after_a_stop_string_keeps_the_cut(tokenizer):
     assert stop == "STOP"
     det.finish()
     assert det.visible_text == "abc "
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_the_direct_decoder_returns_what_tokenizer_decode_returns(tokenizer, skip):
+    """The streaming path calls the Rust tokenizer directly (decoder_for): same text for any ids,
+    special tokens included, and the direct path is really the one taken for this tokenizer."""
+    import random
+
+    from bowline_runtime.engine.detokenizer import decoder_for
+
+    decode = decoder_for(tokenizer, skip)
+    assert decode.__code__ is not decoder_for(object(), skip).__code__  # not the generic fallback
+    rng = random.Random(0)
+    specials = list(tokenizer.all_special_ids)
+    for _ in range(200):
+        ids = [rng.randrange(len(tokenizer)) for _ in range(rng.randrange(1, 12))]
+        ids.insert(rng.randrange(len(ids) + 1), rng.choice(specials))
+        assert decode(ids) == tokenizer.decode(ids, skip_special_tokens=skip)
+
+
+def test_a_tokenizer_that_cleans_up_spaces_keeps_its_own_decode(tokenizer):
+    import copy
+
+    from bowline_runtime.engine.detokenizer import decoder_for
+
+    cleaning = copy.copy(tokenizer)
+    cleaning.clean_up_tokenization_spaces = True
+    ids = tokenizer.encode("a , b . c", add_special_tokens=False)
+    calls = []
+    original = cleaning.decode
+    cleaning.decode = lambda *a, **k: calls.append(a) or original(*a, **k)
+    assert decoder_for(cleaning, True)(ids) == original(ids, skip_special_tokens=True)
+    assert calls, "the tokenizer's own decode was not used"
