@@ -127,10 +127,14 @@ class Generation:
             **extra,
         )
 
+    def _observe(self, i: int, delta: RequestOutput) -> None:
+        """Meter a delta as it arrives from the engine (first-token time), read yet or not."""
+        self._meters[i].observe_tokens(sum(len(o.new_token_ids) for o in delta.outputs))
+
     async def _pump(self, i: int) -> None:
         try:
             async for delta in self._engine_stream(i):
-                self._meters[i].observe_tokens(sum(len(o.new_token_ids) for o in delta.outputs))
+                self._observe(i, delta)
                 self._queue.put_nowait((i, delta))
             self._queue.put_nowait(None)
         except asyncio.CancelledError:
@@ -154,7 +158,7 @@ class Generation:
             except StopAsyncIteration:
                 self._remaining = 0
                 return None
-            self._meters[0].observe_tokens(sum(len(o.new_token_ids) for o in delta.outputs))
+            self._observe(0, delta)
             return self._take(0, delta)
         while self._remaining:
             item = await self._queue.get()

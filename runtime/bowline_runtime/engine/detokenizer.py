@@ -42,10 +42,8 @@ def decoder_for(tokenizer: Any, skip_special_tokens: bool) -> Callable[[list[int
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, stop: list[str], include_stop: bool, skip_special_tokens: bool = True) -> None:
-        self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self.include_stop = include_stop
-        self.skip_special_tokens = skip_special_tokens
         self.holdback = max((len(s) for s in self.stop), default=1) - 1
         self.ids: list[int] = []
         self.prefix_offset = 0
