@@ -63,9 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def quantized_decode_bytes(float_bytes: int, linear_shapes: list[tuple[int, int]], variant: str,
-                           group_size: int) -> int:
+                           group_size: int, half_head: int = 0) -> int:
     """Weight bytes a decode step reads when the decoder's Linear layers [(out, in), ...] are stored as
-    `variant`; `float_bytes` is the float32 model's (bench.roofline.decode_weight_bytes)."""
+    `variant`; `float_bytes` is the float32 model's (bench.roofline.decode_weight_bytes). `half_head`:
+    the LM head's weight count, which an AWQ checkpoint keeps in float16 (2 bytes each, not 4)."""
     weights = sum(o * i for o, i in linear_shapes)
     rest = float_bytes - 4 * weights
     if variant == "float32":
@@ -74,7 +75,8 @@ def quantized_decode_bytes(float_bytes: int, linear_shapes: list[tuple[int, int]
         return rest + weights + 4 * sum(o for o, _ in linear_shapes)
     if variant == "awq":
         group_entries = sum(o * (i // group_size) for o, i in linear_shapes)
-        return rest + weights // 2 + group_entries * 2 + group_entries // 2  # float16 scale + 4-bit zero
+        # float16 scale + 4-bit zero per group; the float16 LM head reads half its float32 bytes
+        return rest - 2 * half_head + weights // 2 + group_entries * 2 + group_entries // 2
     raise ValueError(f"unknown variant {variant!r}")
 
 
@@ -160,13 +162,15 @@ def step_rows(args, dirs: dict[str, str], variants: list[str]) -> list[dict]:
     bandwidth = roofline.copy_bandwidth(copy_bytes, min(roofline.measure_copy(device, copy_bytes, 10)))
     float_bytes = roofline.decode_weight_bytes(roofline.model_weight_count(dirs["float32"], torch.float32))
     shapes = _linear_shapes(dirs["float32"])
-    group = json.loads(Path(dirs["awq"], "config.json").read_text())["quantization_config"]["group_size"]
+    awq_config = json.loads(Path(dirs["awq"], "config.json").read_text())
+    group = awq_config["quantization_config"]["group_size"]
+    head = 0 if awq_config.get("tie_word_embeddings") else awq_config["vocab_size"] * awq_config["hidden_size"]
     rows = []
     for v in variants:
         times, _ = roofline.measure_decode(dirs[v], "cpu", "float32", 16, args.output_tokens, 8, args.seed,
                                            load_format="auto", quantization=_quantization_flag(v))
         step = statistics.median(roofline.decode_step_times(times, min(4, len(times) - 3)))
-        weight_bytes = quantized_decode_bytes(float_bytes, shapes, v, group)
+        weight_bytes = quantized_decode_bytes(float_bytes, shapes, v, group, head)
         limit = roofline.bandwidth_limit_s(weight_bytes, bandwidth)
         rows.append({"variant": v, "weight_bytes_per_step": weight_bytes, "step_time_s": step, "limit_s": limit,
                      "fraction": roofline.roofline_fraction(limit, step), "copy_bandwidth_bytes_per_s": bandwidth})

@@ -161,6 +161,9 @@ def load() -> ctypes.CDLL | None:
     fn = lib.bowline_q4_gemm_f32
     fn.restype = None
     fn.argtypes = [_p, _i64, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _int]
+    fn = lib.bowline_f16_gemm_f32
+    fn.restype = None
+    fn.argtypes = [_p, _i64, _p, _p, _p, _i64, _i64, _i64, _i64, _int]
     fn = lib.bowline_quantize_rows_f32
     fn.restype = None
     fn.argtypes = [_p, _i64, _p, _i64, _i64]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bowline_runtime.kernels import cpu as kernels
-from bowline_runtime.models.quant_linear import AwqLinear, Int8Linear, QuantLinear
+from bowline_runtime.models.quant_linear import AwqLinear, HalfLinear, Int8Linear, QuantLinear
 from bowline_runtime.models.quantization import quantize_activations, unpack_awq
 
 logger = logging.getLogger(__name__)
@@ -138,6 +138,31 @@ class AwqKernelLinear(kernels.KernelProduct, nn.Module):
         return out
 
 
+class HalfKernelLinear(kernels.KernelProduct, nn.Module):
+    """HalfLinear through quant_gemm.c: float16 weights widened in registers, float32 products."""
+
+    packed_weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, layer: HalfLinear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.register_buffer("packed_weight", _panels(layer.weight.t(), _panel_width()))
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.float().contiguous().clone())
+        self._lib = _library()
+
+    def _weight_pointers(self) -> tuple:
+        return self.packed_weight.data_ptr(), kernels.pointer(self.bias)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        m, n = x.shape[0], self.out_features
+        out = torch.empty(m, n, dtype=torch.float32)
+        if m:
+            self._lib.bowline_f16_gemm_f32(x.data_ptr(), x.stride(0), *self.weight_pointers(), out.data_ptr(), n, m,
+                                           n, self.in_features, torch.get_num_threads())
+        return out
+
+
 class ActQuantLinear(nn.Module):
     """A float Linear behind per-token int8 activation quantization: W8A8's numbers without its kernel."""
 
@@ -157,6 +182,8 @@ def kernel_layer(layer: QuantLinear, dtype: torch.dtype) -> nn.Module:
             return AwqKernelLinear(layer)
         if isinstance(layer, Int8Linear):
             return Int8KernelLinear(layer)
+        if isinstance(layer, HalfLinear):
+            return HalfKernelLinear(layer)
     linear = layer.to_float_linear(dtype)
     if isinstance(layer, Int8Linear) and layer.act_quant:
         return ActQuantLinear(linear)

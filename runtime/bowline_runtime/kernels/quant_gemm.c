@@ -1,6 +1,7 @@
 /*
  * out[M, N] = x[M, K] @ dequant(w)[N, K]^T + bias, float32 activations, for quantized Linear layers:
- * int8 per output channel (weight-only or W8A8 after the caller quantizes x) and 4-bit AWQ groups.
+ * int8 per output channel (weight-only or W8A8 after the caller quantizes x), 4-bit AWQ groups, and
+ * float16 weights (a quantized checkpoint's LM head, kept in the half precision it was saved in).
  *
  * Why: a decode step reads every weight once per step and does two flops per weight read per row, so
  * at a few rows the product is bound by memory bandwidth. int8 weights are a quarter of float32's
@@ -16,6 +17,7 @@
  *
  * Weights arrive packed once (by kernels/quant_cpu.py) in panels of NR = 16 output columns:
  *   int8: wp[P][K][16]           (int8, column j of the panel at byte j)
+ *   fp16: wp[P][K][16]           (IEEE half, widened exactly to float32 in registers)
  *   int4: wp[P][K/8][16] words   (word j of block i: column j's input rows 8i..8i+7; byte b holds row
  *                                 8i + b in its low nibble and row 8i + 4 + b in its high one; K and the
  *                                 group size multiples of 8)
@@ -82,8 +84,21 @@ static inline __attribute__((always_inline)) void row_u4(const uint32_t *block, 
     const __m512i v = _mm512_loadu_si512(block);
     w[0] = (vec)_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, U4_SHIFT(r)), _mm512_set1_epi32(15)));
 }
+static inline __attribute__((always_inline)) void row_f16(const uint16_t *row, vec *w)
+{
+    w[0] = (vec)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)row));
+}
 #elif defined(__AVX2__)
 #include <immintrin.h>
+
+#if defined(__F16C__)
+#define HAVE_ROW_F16 1
+static inline __attribute__((always_inline)) void row_f16(const uint16_t *row, vec *w)
+{
+    w[0] = (vec)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)row));
+    w[1] = (vec)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 8)));
+}
+#endif
 
 static inline __attribute__((always_inline)) void row_i8(const int8_t *row, vec *w)
 {
@@ -121,6 +136,33 @@ static inline __attribute__((always_inline)) void row_u4(const uint32_t *block, 
         memcpy(&b, block + v * VW, sizeof b);
         w[v] = __builtin_convertvector((b >> U4_SHIFT(r)) & 15, vec);
     }
+}
+#endif
+
+#if !defined(__AVX512F__) && !defined(HAVE_ROW_F16)
+/* IEEE half to float, exactly (subnormals, infinities and NaN included), where no conversion instruction is. */
+static inline float half_to_float(uint16_t h)
+{
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 31u, man = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 31u) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else if (exp) {
+        bits = sign | ((exp + 112u) << 23) | (man << 13);
+    } else {
+        float f = (float)man * (1.0f / 16777216.0f); /* man * 2^-24 */
+        memcpy(&bits, &f, 4);
+        bits |= sign;
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline __attribute__((always_inline)) void row_f16(const uint16_t *row, vec *w)
+{
+    for (int v = 0; v < NV; ++v)
+        for (int j = 0; j < VW; ++j) w[v][j] = half_to_float(row[v * VW + j]);
 }
 #endif
 
@@ -229,6 +271,31 @@ static void i8_rows(const float *x, int64_t xs, const int8_t *panel, int64_t k, 
     case 4: i8_block(x, xs, panel, k, scale, bias, out, os, ncols, 4); break;
     case 5: i8_block(x, xs, panel, k, scale, bias, out, os, ncols, 5); break;
     default: i8_block(x, xs, panel, k, scale, bias, out, os, ncols, MR); break;
+    }
+}
+
+/* ---------------------------------------------------------------- float16 weights */
+
+static inline __attribute__((always_inline)) void f16_block(
+    const float *x, int64_t xs, const uint16_t *panel, int64_t k, const float *bias, float *out, int64_t os,
+    int64_t ncols, const int mr)
+{
+    vec acc[MR][NV];
+    const int64_t k0 = 0, k1 = k;
+    ACCUMULATE(row_f16, NR);
+    store_rows(acc, bias, out, os, ncols, mr);
+}
+
+static void f16_rows(const float *x, int64_t xs, const uint16_t *panel, int64_t k, const float *bias, float *out,
+                     int64_t os, int64_t ncols, int64_t mr)
+{
+    switch (mr) {
+    case 1: f16_block(x, xs, panel, k, bias, out, os, ncols, 1); break;
+    case 2: f16_block(x, xs, panel, k, bias, out, os, ncols, 2); break;
+    case 3: f16_block(x, xs, panel, k, bias, out, os, ncols, 3); break;
+    case 4: f16_block(x, xs, panel, k, bias, out, os, ncols, 4); break;
+    case 5: f16_block(x, xs, panel, k, bias, out, os, ncols, 5); break;
+    default: f16_block(x, xs, panel, k, bias, out, os, ncols, MR); break;
     }
 }
 
@@ -395,7 +462,7 @@ static void u4_vnni_rows(const int8_t *xq, int64_t k, const float *xd, const flo
 
 /* Which quantized weight a many-row product dequantizes panel by panel. */
 struct qweights {
-    int bits;            /* 8 or 4 */
+    int bits;            /* 16 (float16), 8 or 4 */
     const void *wp;      /* the packed panels */
     const float *scale;  /* int8: [P * 16]; int4: [P][groups][16] */
     const float *zs;     /* int4: -zero * scale, [P][groups][16] */
@@ -410,6 +477,14 @@ static void dequantize_panel(const struct qweights *w, int64_t p, int64_t panels
         return;
     }
     vec wv[NV], s[NV], z[NV];
+    if (w->bits == 16) {
+        const uint16_t *panel = (const uint16_t *)w->wp + p * k * NR;
+        for (int64_t kk = 0; kk < k; ++kk) {
+            row_f16(panel + kk * NR, wv);
+            for (int v = 0; v < NV; ++v) storev(dst + kk * ld + v * VW, wv[v]);
+        }
+        return;
+    }
     if (w->bits == 8) {
         const int8_t *panel = (const int8_t *)w->wp + p * k * NR;
         row_f32(w->scale + p * NR, s);
@@ -508,6 +583,27 @@ void bowline_q8_gemm_f32(const float *x, int64_t xs, const int8_t *wp, const flo
             const int64_t mr = m - r < even ? m - r : even;
             i8_rows(x + r * xs, xs, wp + p * k * NR, k, scale + col, bias ? bias + col : 0, out + r * os + col, os,
                     ncols, mr);
+        }
+    }
+}
+
+/* float16 weights wp [P][K][16] (IEEE half bits); bias [N] or NULL. */
+void bowline_f16_gemm_f32(const float *x, int64_t xs, const uint16_t *wp, const float *bias, float *out, int64_t os,
+                          int64_t m, int64_t n, int64_t k, int num_threads)
+{
+    const int64_t panels = (n + NR - 1) / NR;
+    const int64_t blocks = (m + MR - 1) / MR, even = (m + blocks - 1) / blocks;
+    if (m >= DEQ_M) {
+        const struct qweights w = {16, wp, 0, 0, 0, 0};
+        many_rows(&w, x, xs, bias, out, os, m, n, k, num_threads);
+        return;
+    }
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t p = 0; p < panels; ++p) {
+        const int64_t col = p * NR, ncols = n - col < NR ? n - col : NR;
+        for (int64_t r = 0; r < m; r += even) {
+            const int64_t mr = m - r < even ? m - r : even;
+            f16_rows(x + r * xs, xs, wp + p * k * NR, k, bias ? bias + col : 0, out + r * os + col, os, ncols, mr);
         }
     }
 }

@@ -162,3 +162,27 @@ class Int8Linear(QuantLinear):
         shard = self.in_features // world_size
         return Int8Linear(self.weight[:, rank * shard : (rank + 1) * shard].clone(), self.weight_scale.clone(),
                           None, self.act_quant)
+
+
+class HalfLinear(QuantLinear):
+    """A float16 weight [out, in] used by a float32 model: a quantized checkpoint's LM head as AutoAWQ
+    saves it. Widening float16 to float32 is exact, so the product is the float32 model's; keeping the
+    half-precision bytes halves what the decode step reads for this layer (on the bench model the LM head
+    is two thirds of an AWQ step's weight bytes). Only the LM head, which tensor parallelism leaves whole,
+    is made one: it has no shard methods."""
+
+    weight: torch.Tensor
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if weight.dtype != torch.float16 or weight.dim() != 2:
+            raise ValueError(f"a float16 matrix is needed, not {weight.dtype} of {weight.dim()} dimensions")
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("bias", bias)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))

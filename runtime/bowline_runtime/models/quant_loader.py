@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bowline_runtime.models.quant_linear import AwqLinear, Int8Linear
+from bowline_runtime.models.quant_linear import AwqLinear, HalfLinear, Int8Linear
 from bowline_runtime.models.quantization import PACK, QuantConfig, QuantizationError
 
 
@@ -139,10 +139,20 @@ def load_quantized(model_path: str, hf_config, dtype: torch.dtype, quant: QuantC
                                 "model (a quantized layer missing its qweight or weight_scale?)")
     if tied:
         model.tie_weights()
+    else:
+        _keep_half_lm_head(model, tensors, dtype)
     for module in model.modules():  # the checkpoint's biases, in the model's dtype
         if isinstance(module, (AwqLinear, Int8Linear)) and module.bias is not None:
             module.bias = module.bias.to(dtype)
     return model
+
+
+def _keep_half_lm_head(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """A float16 LM head under a float32 model stays float16 (HalfLinear): the same numbers, half the bytes."""
+    head, weight = getattr(model, "lm_head", None), tensors.get("lm_head.weight")
+    if (dtype == torch.float32 and type(head) is nn.Linear and head.bias is None and weight is not None
+            and weight.dtype == torch.float16 and tuple(weight.shape) == tuple(head.weight.shape)):
+        model.lm_head = HalfLinear(weight)
 
 
 def quantize_model_int8(model: nn.Module) -> int:

@@ -62,7 +62,8 @@ def quantize_checkpoint(folder: str | Path, method: str, group_size: int | None 
         raise ValueError(f"unknown quantization {method!r}: choose awq or w8a8")
     for name, tensor in tensors.items():
         if not _PROJECTION.match(name):
-            out[name] = tensor
+            # AutoAWQ saves the layers it leaves unquantized (embeddings, norms, LM head) in float16
+            out[name] = tensor.half() if method == "awq" and tensor.is_floating_point() else tensor
             continue
         prefix = name.removesuffix(".weight")
         if method == "awq":

@@ -17,6 +17,9 @@ def test_bytes_per_step_shrink_with_the_format():
     groups = 512 * 4 + 1536 * 4 + 512 * 12
     assert awq == 1000 + weights // 2 + groups * 2 + groups // 2
     assert awq < int8 < float_bytes
+    # an LM head of 200 weights among the 1000 bytes, kept in float16 by the AWQ checkpoint: 400 bytes fewer
+    assert quant_bench.quantized_decode_bytes(float_bytes, SHAPES, "awq", 128, half_head=200) == awq - 400
+    assert quant_bench.quantized_decode_bytes(float_bytes, SHAPES, "int8", 128, half_head=200) == int8
 
 
 def test_ratios_are_against_float32_at_the_same_concurrency():

@@ -15,7 +15,7 @@ from bowline_runtime.kernels import cpu as kernels
 from bowline_runtime.kernels import quant_cpu
 from bowline_runtime.models import loader
 from bowline_runtime.models import quantization as Q
-from bowline_runtime.models.quant_linear import AwqLinear, Int8Linear
+from bowline_runtime.models.quant_linear import AwqLinear, HalfLinear, Int8Linear
 from bowline_runtime.tools.tiny_model import build_tiny_model
 
 needs_kernels = pytest.mark.skipif(kernels.load() is None, reason="no C compiler: the quantized kernels are not built")
@@ -58,9 +58,10 @@ def test_awq_layer_dequantizes_as_an_independent_unpacking():
     assert not torch.equal(plain.reshape(64, 48).float(), q)
 
 
-def _avx2_library(tmp_path: Path) -> ctypes.CDLL | None:
+def _avx2_library(tmp_path: Path, f16c: bool = False) -> ctypes.CDLL | None:
     """quant_gemm.c (with the gemm.c it calls for many rows) built for AVX2 + FMA only, as on a CPU
-    without AVX-512."""
+    without AVX-512; `f16c` adds the half-precision conversion instructions (every AVX2 CPU has them,
+    without them the float16 weights take the portable conversion)."""
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
@@ -69,12 +70,13 @@ def _avx2_library(tmp_path: Path) -> ctypes.CDLL | None:
     objects = []
     for source in sources:  # compiled with -ffast-math, linked without (as kernels.cpu builds): no process-wide FTZ
         objects.append(str(tmp_path / (Path(source).stem + ".o")))
-        subprocess.run([compiler, "-O3", "-mavx2", "-mfma", "-mno-avx512f", "-ffast-math", "-fopenmp", "-fPIC",
-                        "-c", source, "-o", objects[-1]], check=True, capture_output=True)
+        subprocess.run([compiler, "-O3", "-mavx2", "-mfma", "-mno-avx512f", *(["-mf16c"] if f16c else []),
+                        "-ffast-math", "-fopenmp", "-fPIC", "-c", source, "-o", objects[-1]],
+                       check=True, capture_output=True)
     subprocess.run([compiler, "-shared", "-fopenmp", *objects, "-o", str(target), "-lm"], check=True, capture_output=True)
     lib = ctypes.CDLL(str(target))
     native = kernels.load()
-    for name in ("bowline_q8_gemm_f32", "bowline_q4_gemm_f32", "bowline_quantize_rows_f32"):
+    for name in ("bowline_q8_gemm_f32", "bowline_q4_gemm_f32", "bowline_f16_gemm_f32", "bowline_quantize_rows_f32"):
         getattr(lib, name).argtypes = getattr(native, name).argtypes
         getattr(lib, name).restype = None
     return lib
@@ -95,6 +97,25 @@ def test_cpu_kernels_compute_the_layers_arithmetic(build, tmp_path):
             for rows in (1, 2, 3, 5, 6, 8, 15, 16, 37, 64):  # blocks up to 6 rows; dequantized panels from 16 (VNNI: 64)
                 x = torch.randn(rows, k)
                 torch.testing.assert_close(fast(x), layer(x), rtol=1e-4, atol=1e-3)
+
+
+@needs_kernels
+@pytest.mark.parametrize("build", ["native", "avx2-f16c", "avx2"])
+def test_float16_weights_are_widened_exactly(build, tmp_path):
+    """The float16 LM head's kernel computes the float32 product of the exactly widened weights (largest
+    half, subnormals and signed zero included); the AVX2 build without F16C checks the portable conversion."""
+    lib = kernels.load() if build == "native" else _avx2_library(tmp_path, f16c=build == "avx2-f16c")
+    torch.manual_seed(5)
+    for n, k in [(40, 64), (200, 256), (17, 24)]:
+        w = (torch.randn(n, k) * 0.1).half()
+        w[0, :4] = torch.tensor([65504.0, -0.0, 6e-8, -3e-6]).half()  # max, -0, subnormals
+        bias = torch.randn(n) if n == 40 else None
+        fast = quant_cpu.HalfKernelLinear(HalfLinear(w, bias))
+        fast._lib = lib
+        for rows in (1, 2, 3, 5, 6, 8, 15, 16, 37):  # register blocks below 16 rows, a widened panel from 16
+            x = torch.randn(rows, k)
+            exact = torch.nn.functional.linear(x.double(), w.double(), None if bias is None else bias.double())
+            torch.testing.assert_close(fast(x).double(), exact, rtol=1e-5, atol=1e-4)
 
 
 @needs_kernels
@@ -150,7 +171,22 @@ def test_the_flag_must_match_the_checkpoint(awq_dir, tiny_model_dir):
         _load(awq_dir, "int8")
     model = _load(awq_dir, "awq")
     assert isinstance(model.model.layers[0].mlp.down_proj, AwqLinear)
-    assert type(model.lm_head) is torch.nn.Linear  # the head stays float
+
+
+def test_a_float16_head_stays_float16_under_a_float32_model(awq_dir):
+    """AutoAWQ saves the unquantized layers in float16 (the tiny builder too): a float32 model keeps the
+    head's half-precision weight as it is, bit for bit; a half-precision model keeps a plain Linear."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(awq_dir / "model.safetensors"))
+    assert {saved[k].dtype for k in ("lm_head.weight", "model.embed_tokens.weight", "model.norm.weight")} == {
+        torch.float16}
+    head = _load(awq_dir).lm_head
+    assert isinstance(head, HalfLinear) and head.weight.dtype == torch.float16
+    assert torch.equal(head.weight, saved["lm_head.weight"])
+    config = loader.load_config(str(awq_dir), False)
+    half = loader.load_model(str(awq_dir), config, torch.bfloat16, "auto", False, quantization="awq")
+    assert type(half.lm_head) is torch.nn.Linear and half.lm_head.weight.dtype == torch.bfloat16
 
 
 def test_tensor_parallel_refuses_a_size_that_splits_a_group():
