@@ -565,15 +565,16 @@ static void many_rows(const struct qweights *w, const float *x, int64_t xs, cons
 
 /* ---------------------------------------------------------------- entry points */
 
-/* x rows are xs floats apart, out rows os floats apart; scale [P * 16] floats; bias [N] or NULL. */
-void bowline_q8_gemm_f32(const float *x, int64_t xs, const int8_t *wp, const float *scale, const float *bias,
-                         float *out, int64_t os, int64_t m, int64_t n, int64_t k, int num_threads)
+/* int8 and float16 weights (one panel row per input row, no groups): below DEQ_M rows straight from the
+ * panels, the rows split evenly into blocks of at most MR (8 rows: 4 + 4, not 6 + 2); from DEQ_M rows
+ * through dequantized panels. */
+static void per_row_gemm(const struct qweights *w, const float *x, int64_t xs, const float *bias, float *out,
+                         int64_t os, int64_t m, int64_t n, int64_t k, int num_threads)
 {
     const int64_t panels = (n + NR - 1) / NR;
-    const int64_t blocks = (m + MR - 1) / MR, even = (m + blocks - 1) / blocks; /* 8 rows: 4 + 4, not 6 + 2 */
+    const int64_t blocks = (m + MR - 1) / MR, even = (m + blocks - 1) / blocks;
     if (m >= DEQ_M) {
-        const struct qweights w = {8, wp, scale, 0, 0, 0};
-        many_rows(&w, x, xs, bias, out, os, m, n, k, num_threads);
+        many_rows(w, x, xs, bias, out, os, m, n, k, num_threads);
         return;
     }
 #pragma omp parallel for num_threads(num_threads) schedule(static)
@@ -581,31 +582,30 @@ void bowline_q8_gemm_f32(const float *x, int64_t xs, const int8_t *wp, const flo
         const int64_t col = p * NR, ncols = n - col < NR ? n - col : NR;
         for (int64_t r = 0; r < m; r += even) {
             const int64_t mr = m - r < even ? m - r : even;
-            i8_rows(x + r * xs, xs, wp + p * k * NR, k, scale + col, bias ? bias + col : 0, out + r * os + col, os,
-                    ncols, mr);
+            const float *xr = x + r * xs, *b = bias ? bias + col : 0;
+            float *o = out + r * os + col;
+            if (w->bits == 16)
+                f16_rows(xr, xs, (const uint16_t *)w->wp + p * k * NR, k, b, o, os, ncols, mr);
+            else
+                i8_rows(xr, xs, (const int8_t *)w->wp + p * k * NR, k, w->scale + col, b, o, os, ncols, mr);
         }
     }
+}
+
+/* x rows are xs floats apart, out rows os floats apart; scale [P * 16] floats; bias [N] or NULL. */
+void bowline_q8_gemm_f32(const float *x, int64_t xs, const int8_t *wp, const float *scale, const float *bias,
+                         float *out, int64_t os, int64_t m, int64_t n, int64_t k, int num_threads)
+{
+    const struct qweights w = {8, wp, scale, 0, 0, 0};
+    per_row_gemm(&w, x, xs, bias, out, os, m, n, k, num_threads);
 }
 
 /* float16 weights wp [P][K][16] (IEEE half bits); bias [N] or NULL. */
 void bowline_f16_gemm_f32(const float *x, int64_t xs, const uint16_t *wp, const float *bias, float *out, int64_t os,
                           int64_t m, int64_t n, int64_t k, int num_threads)
 {
-    const int64_t panels = (n + NR - 1) / NR;
-    const int64_t blocks = (m + MR - 1) / MR, even = (m + blocks - 1) / blocks;
-    if (m >= DEQ_M) {
-        const struct qweights w = {16, wp, 0, 0, 0, 0};
-        many_rows(&w, x, xs, bias, out, os, m, n, k, num_threads);
-        return;
-    }
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t p = 0; p < panels; ++p) {
-        const int64_t col = p * NR, ncols = n - col < NR ? n - col : NR;
-        for (int64_t r = 0; r < m; r += even) {
-            const int64_t mr = m - r < even ? m - r : even;
-            f16_rows(x + r * xs, xs, wp + p * k * NR, k, bias ? bias + col : 0, out + r * os + col, os, ncols, mr);
-        }
-    }
+    const struct qweights w = {16, wp, 0, 0, 0, 0};
+    per_row_gemm(&w, x, xs, bias, out, os, m, n, k, num_threads);
 }
 
 /* wp [P][K/2][16] bytes; scales, zs [P][groups][16] floats (zs = -zero * scale); gs = K / groups, even. */
