@@ -7,6 +7,7 @@ packs bfloat16 only with AVX-512; gemm.c builds for either), so figures mean lit
 from __future__ import annotations
 
 import collections
+import json
 from pathlib import Path
 
 KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -24,13 +25,46 @@ def parse_cpuinfo(text: str) -> tuple[str, list[str]]:
     return model, [f for f in KERNEL_FLAGS if f in flags]
 
 
-def linear_summary(entries: dict[str, dict]) -> str:
-    """'kernel 3, onednn 2, torch 5' from the Linear choice cache (kernels/linear_choice.py)."""
-    counts = collections.Counter(entry.get("choice", "?") for entry in entries.values())
-    return ", ".join(f"{name} {n}" for name, n in sorted(counts.items())) or "none measured"
+def linear_shapes(config: dict) -> set[tuple[int, int]]:
+    """(out_features, in_features) of every Linear a Llama/Qwen-style decoder of this config.json runs:
+    q/k/v and gate/up fused (as the packed decoder runs them) and apart, o, down and the LM head."""
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    q, kv = heads * head_dim, kv_heads * head_dim
+    return {(q + 2 * kv, hidden), (q, hidden), (kv, hidden), (hidden, q), (2 * inter, hidden), (inter, hidden),
+            (hidden, inter), (config["vocab_size"], hidden)}
 
 
-def cpu_facts(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
+def _shape(key: str) -> tuple[int, int] | None:
+    """(out, in) from a cache key's 'OUTxIN' field (kernels/linear_choice.cache_key)."""
+    for field in key.split("|"):
+        out, x, inp = field.partition("x")
+        if x and out.isdigit() and inp.isdigit():
+            return int(out), int(inp)
+    return None
+
+
+def linear_summary(entries: dict[str, dict], shapes: set[tuple[int, int]] | None = None, prefix: str = "") -> str:
+    """'kernel 3, onednn 2' from the Linear choice cache (kernels/linear_choice.py): the entries whose key
+    starts with `prefix` (this CPU, kernel build and torch) and, given `shapes`, only those shapes. The
+    cache holds every shape any model measured on this machine (the tests' tiny ones too): counting
+    them all would describe other models' choices, not the benchmarked one's."""
+    chosen: dict[str, list[str]] = collections.defaultdict(list)
+    for key, entry in entries.items():
+        shape = _shape(key)
+        if key.startswith(prefix) and (shapes is None or shape in shapes):
+            chosen[entry.get("choice", "?")].append("x".join(map(str, shape)) if shape else "?")
+    if shapes is None:
+        return ", ".join(f"{name} {len(v)}" for name, v in sorted(chosen.items())) or "none measured"
+    return ", ".join(f"{name} {len(v)} ({' '.join(sorted(v))})" for name, v in sorted(chosen.items())) or "none measured"
+
+
+def cpu_facts(cpuinfo: Path = Path("/proc/cpuinfo"), model_dir: str | None = None, dtype: str = "float32") -> dict:
+    """The header's facts. With `model_dir`, the Linear summary counts that model's shapes as measured
+    on this CPU and kernel build in `dtype`: call it after the Bowline server has started (and measured)."""
+    import torch
     from bowline_runtime.kernels import cpu as kernels
     from bowline_runtime.kernels import linear_choice
 
@@ -39,7 +73,16 @@ def cpu_facts(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
     except OSError:
         model, flags = "unknown CPU", []
     cached = linear_choice.load_cache(kernels.cache_dir() / "linear_choice.json")
-    return {"model": model, "flags": flags, "linear": linear_summary(cached)}
+    shapes, prefix = None, ""
+    if model_dir is not None:
+        try:
+            shapes = linear_shapes(json.loads((Path(model_dir) / "config.json").read_text()))
+        except (OSError, ValueError, KeyError):
+            shapes = None
+        # Every key of this CPU, kernel build, torch and dtype shares the part before the shape.
+        probe = linear_choice.cache_key(kernels.speed_signature(), getattr(torch, dtype), 1, 1, False)
+        prefix = probe.rsplit("|", 2)[0] + "|"
+    return {"model": model, "flags": flags, "linear": linear_summary(cached, shapes, prefix)}
 
 
 def header_line(cpu: dict) -> str:

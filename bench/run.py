@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                 _log(str(exc))
                 continue
             meta[f"{name}_startup_s"] = round(running[name].started_s or 0.0, 1)
+            if name in ("bowline", "bowline-core"):  # its start measured the model's Linear shapes
+                meta["cpu"] = cpu_info.cpu_facts(model_dir=model_dir, dtype=args.dtype)
             _log(f"{name} ready in {running[name].started_s:.0f} s")
         hf = None
         if any(s.startswith("hf-") for s in systems):

@@ -30,3 +30,27 @@ def test_report_header_names_the_cpu():
             "cpu": {"model": "AMD EPYC 7B13", "flags": ["avx2", "fma"], "linear": "torch 2"}}
     text = report.render_markdown(meta, [], [])
     assert "CPU AMD EPYC 7B13; kernel flags avx2 fma; Linear shapes served by torch 2." in text
+
+
+BENCH_CONFIG = {"hidden_size": 512, "intermediate_size": 1536, "num_attention_heads": 8, "num_key_value_heads": 4,
+                "vocab_size": 16000}
+
+
+def test_linear_shapes_cover_the_fused_and_plain_products_of_a_config():
+    shapes = cpu_info.linear_shapes(BENCH_CONFIG)
+    assert {(1024, 512), (3072, 512), (512, 1536), (512, 512), (16000, 512)} <= shapes  # what the packed decoder runs
+    assert (256, 512) in shapes and (1536, 512) in shapes  # k/v and gate/up apart
+    assert (64, 32) not in shapes
+
+
+def test_linear_summary_counts_only_the_benchmarked_model_on_this_cpu():
+    here = "v2|aaa|torch 2.13.0+cpu|torch.float32|"
+    entries = {
+        f"{here}16000x512|bias=False": {"choice": "kernel"},
+        f"{here}3072x512|bias=False": {"choice": "onednn"},
+        f"{here}64x32|bias=False": {"choice": "torch"},  # a test's tiny model: not the bench model's
+        "v2|bbb|torch 2.13.0+cpu|torch.float32|1024x512|bias=False": {"choice": "torch"},  # another CPU or build
+    }
+    shapes = cpu_info.linear_shapes(BENCH_CONFIG)
+    assert cpu_info.linear_summary(entries, shapes, here) == "kernel 1 (16000x512), onednn 1 (3072x512)"
+    assert cpu_info.linear_summary(entries, shapes, "v2|ccc|") == "none measured"
