@@ -102,9 +102,9 @@ static inline __attribute__((always_inline)) void row_f16(const uint16_t *row, v
 
 static inline __attribute__((always_inline)) void row_i8(const int8_t *row, vec *w)
 {
-    const __m128i b = _mm_loadu_si128((const __m128i *)row);
-    w[0] = (vec)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-    w[1] = (vec)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+    /* two 8-byte loads that vpmovsxbd takes as its memory operand: no byte shift of a 16-byte load */
+    w[0] = (vec)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)row)));
+    w[1] = (vec)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + 8))));
 }
 
 static inline __attribute__((always_inline)) void row_u4(const uint32_t *block, int r, vec *w)
