@@ -24,7 +24,8 @@
  *         scales[P][G][16], zs[P][G][16] floats, zs = -zero * scale
  * Small row counts (decode) accumulate straight from the packed panel, up to MR = 6 rows at a time:
  * 4-bit on AVX-512 VNNI in integers (u4_vnni_block: x split into three int8 pieces per group, exact to
- * about float32's rounding), elsewhere in floats, each row of a block widened with one shift, one mask
+ * about float32's rounding), on AVX2 the same way for one row against 2,048 columns or more
+ * (u4_madd_block), elsewhere in floats, each row of a block widened with one shift, one mask
  * and one conversion (no shuffle). From DEQ_M rows on (prefill; 4-bit with VNNI from VNNI_DEQ_M),
  * each thread dequantizes one panel of gemm.c's width to floats (K x 64 floats on AVX-512, in L2) and
  * runs every row against it with gemm.c's micro-kernel, so the unpacking is paid once per panel, not
@@ -337,8 +338,14 @@ static void u4_rows(const float *x, int64_t xs, const float *xsum, int64_t group
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define HAVE_VNNI 1
-/* The 4-bit product in integers (vpdpbusd: 64 unsigned-by-signed byte products a instruction, against
- * the float path's 16 multiplies after a shift, a mask and a conversion for every 16 weights). Each row
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define HAVE_U4_MADD 1
+#endif
+
+#if defined(HAVE_VNNI) || defined(HAVE_U4_MADD)
+/* The 4-bit product in integers (VNNI's vpdpbusd: 64 unsigned-by-signed byte products a instruction;
+ * AVX2's vpmaddubsw + vpmaddwd: 32 in two; against the float path's 16 multiplies after a shift, a mask
+ * and a conversion for every 16 weights). Each row
  * of x is split per group into three int8 pieces, x = d (a + b / 254 + c / 254^2) with d = max|x| / 127:
  * the pieces carry 24 bits below the group's largest value, so what is lost is about float32's own
  * rounding of that value (|error| <= d / 2 / 254^2 = max|x| * 6e-8), and every sum of q * piece is
@@ -347,10 +354,7 @@ static void u4_rows(const float *x, int64_t xs, const float *xsum, int64_t group
 #define SPLIT 254.0f
 /* The largest group the float conversion of a piece's sum keeps exact: 1905 * gs < 2^24. */
 #define VNNI_MAX_GS 8800
-#ifndef VNNI_DEQ_M
-#define VNNI_DEQ_M 64
-#endif
-#define VNNI_ROWS(gs) ((gs) <= VNNI_MAX_GS)
+#define INT_ROWS(gs) ((gs) <= VNNI_MAX_GS)
 
 /* x [m, k] (rows xs apart) -> xq [m][3][k] int8 pieces, xd [m][groups] their d. 0 where x holds an inf or
  * a nan (which the float path propagates and integer pieces cannot carry). */
@@ -386,6 +390,14 @@ static int split_rows(const float *x, int64_t xs, int64_t m, int64_t k, int64_t 
         }
     return 1;
 }
+
+#endif
+
+#ifdef HAVE_VNNI
+#ifndef VNNI_DEQ_M
+#define VNNI_DEQ_M 64
+#endif
+#define VNNI_ROWS(gs) INT_ROWS(gs)
 
 /* acc += the 16 column words of w (4 bytes each) times the 4 bytes at x4, broadcast. Written in asm
  * because GCC 12 copies the accumulator of _mm512_dpbusd_epi32 to a fresh register and back on every
@@ -451,6 +463,99 @@ static void u4_vnni_rows(const int8_t *xq, int64_t k, const float *xd, const flo
     default: u4_vnni_block(xq, k, xd, xsum, groups, panel, ps, pz, gs, bias, out, os, ncols, MR); break;
     }
 }
+#endif
+
+#ifdef HAVE_U4_MADD
+/* AVX2 (no VNNI) for 1-2 rows: each 8-column half of a panel word block is one ymm, vpmaddubsw multiplies
+ * its nibble bytes by 4 bytes of an x piece pairwise into 16-bit sums (at most 2 * 15 * 127 each, so the
+ * low and high nibbles' sums add in 16 bits without overflow) and vpmaddwd by ones widens them to the
+ * column's int32 sum. Per row and piece that is 5 instructions per 64 weights against the float path's
+ * 16 (shift, mask and conversion are shared by the rows there, so from 3 rows on the float path is as
+ * cheap; measured, 2 rows already lost: U4_MADD_MAX_M). */
+#define U4_MADD_MAX_M 1
+/* ... and only for products of at least this many output columns: x is split into its pieces once per
+ * call, serially, a cost that only wider products amortize. Same machine, 2 threads, weights from
+ * memory, float path -> this one (us, two alternated rounds): 1 row 16000x512 334/281 -> 222/225,
+ * 3072x512 91/86 -> 65/55, 512x1536 58/37 -> 54/36 (level), 1024x512 30/29 -> 36/33 (slower); 2 rows
+ * was slower at 1024x512 (38/35 -> 52/45) and level or worse elsewhere, since the float path shares
+ * its shift, mask and conversion between the rows. */
+#define U4_MADD_MIN_N 2048
+
+static inline __attribute__((always_inline)) __m256i bcast4(const int8_t *p)
+{
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+static inline __attribute__((always_inline)) void u4_madd_block(
+    const int8_t *xq, int64_t k, const float *xd, const float *xsum, int64_t groups, const uint32_t *panel,
+    const float *ps, const float *pz, int64_t gs, const float *bias, float *out, int64_t os, int64_t ncols,
+    const int mr)
+{
+    const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    const __m256 step = _mm256_set1_ps(1.0f / SPLIT);
+    vec tot[MR][NV];
+    for (int m = 0; m < mr; ++m)
+        for (int v = 0; v < NV; ++v) tot[m][v] = splat(0.0f);
+    for (int v = 0; v < NV; ++v)
+        for (int64_t g = 0; g < groups; ++g) {
+            __m256i acc[U4_MADD_MAX_M][3];
+            for (int m = 0; m < mr; ++m)
+                for (int p = 0; p < 3; ++p) acc[m][p] = _mm256_setzero_si256();
+            const uint32_t *blk = panel + g * gs / 8 * NR + v * VW;
+            const int8_t *xg = xq + g * gs;
+            for (int64_t b = 0; b < gs / 8; ++b, blk += NR, xg += 8) {
+                const __m256i w = _mm256_loadu_si256((const __m256i *)blk);
+                const __m256i lo = _mm256_and_si256(w, low), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
+                for (int m = 0; m < mr; ++m)
+#pragma GCC unroll 3
+                    for (int p = 0; p < 3; ++p) {
+                        const int8_t *xp = xg + (m * 3 + p) * k;
+                        const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(xp)),
+                                                             _mm256_maddubs_epi16(hi, bcast4(xp + 4)));
+                        acc[m][p] = _mm256_add_epi32(acc[m][p], _mm256_madd_epi16(s16, ones));
+                    }
+            }
+            const __m256 sc = _mm256_loadu_ps(ps + g * NR + v * VW), z = _mm256_loadu_ps(pz + g * NR + v * VW);
+            for (int m = 0; m < mr; ++m) {
+                const __m256 p0 = _mm256_cvtepi32_ps(acc[m][0]), p1 = _mm256_cvtepi32_ps(acc[m][1]),
+                             p2 = _mm256_cvtepi32_ps(acc[m][2]);
+                const __m256 xw = _mm256_mul_ps(_mm256_fmadd_ps(_mm256_fmadd_ps(p2, step, p1), step, p0),
+                                                _mm256_set1_ps(xd[m * groups + g]));
+                tot[m][v] = (vec)_mm256_fmadd_ps(xw, sc, _mm256_fmadd_ps(_mm256_set1_ps(xsum[m * groups + g]), z,
+                                                                         (__m256)tot[m][v]));
+            }
+        }
+    store_rows(tot, bias, out, os, ncols, mr);
+}
+#endif
+
+/* The integer block for mr rows (VNNI: up to MR a block; AVX2: 1 or 2, the caller's whole m). */
+#if defined(HAVE_VNNI) || defined(HAVE_U4_MADD)
+static void u4_int_rows(const int8_t *xq, int64_t k, const float *xd, const float *xsum, int64_t groups,
+                        const uint32_t *panel, const float *ps, const float *pz, int64_t gs, const float *bias,
+                        float *out, int64_t os, int64_t ncols, int64_t mr)
+{
+#ifdef HAVE_VNNI
+    u4_vnni_rows(xq, k, xd, xsum, groups, panel, ps, pz, gs, bias, out, os, ncols, mr);
+#else
+    (void)mr; /* always 1 (U4_MADD_MAX_M) */
+    u4_madd_block(xq, k, xd, xsum, groups, panel, ps, pz, gs, bias, out, os, ncols, 1);
+#endif
+}
+#endif
+
+#ifdef HAVE_VNNI
+#define INT_MAX_M VNNI_DEQ_M
+#define INT_MIN_N 0
+#elif defined(HAVE_U4_MADD)
+#define INT_MAX_M U4_MADD_MAX_M
+#define INT_MIN_N U4_MADD_MIN_N
+#else
+#define INT_ROWS(gs) 0
+#define INT_MAX_M 0
+#define INT_MIN_N 0
 #endif
 
 #ifndef HAVE_VNNI
@@ -627,8 +732,8 @@ void bowline_q4_gemm_f32(const float *x, int64_t xs, const uint32_t *wp, const f
             for (int64_t kk = g * gs; kk < (g + 1) * gs; ++kk) s += x[r * xs + kk];
             sums[r * groups + g] = s;
         }
-#ifdef HAVE_VNNI
-    if (VNNI_ROWS(gs)) {
+#if defined(HAVE_VNNI) || defined(HAVE_U4_MADD)
+    if (INT_ROWS(gs) && m <= INT_MAX_M && n >= INT_MIN_N) {
         int8_t *xq = malloc((size_t)(3 * m * k));
         float *xd = malloc((size_t)(groups * m) * sizeof(float));
         const int split = split_rows(x, xs, m, k, gs, xq, xd);
@@ -638,7 +743,7 @@ void bowline_q4_gemm_f32(const float *x, int64_t xs, const uint32_t *wp, const f
                 const int64_t col = p * NR, ncols = n - col < NR ? n - col : NR;
                 for (int64_t r = 0; r < m; r += even) {
                     const int64_t mr = m - r < even ? m - r : even;
-                    u4_vnni_rows(xq + r * 3 * k, k, xd + r * groups, sums + r * groups, groups, wp + p * k / 8 * NR,
+                    u4_int_rows(xq + r * 3 * k, k, xd + r * groups, sums + r * groups, groups, wp + p * k / 8 * NR,
                                  scales + p * groups * NR, zs + p * groups * NR, gs, bias ? bias + col : 0,
                                  out + r * os + col, os, ncols, mr);
                 }

@@ -100,6 +100,27 @@ def test_cpu_kernels_compute_the_layers_arithmetic(build, tmp_path):
 
 
 @needs_kernels
+@pytest.mark.parametrize("build", ["native", "avx2"])
+def test_wide_4bit_products_of_one_row_match_the_layer(build, tmp_path):
+    """One row against 2,048 columns and more: the integer paths (AVX2's vpmaddubsw from that width, VNNI
+    always) split x into int8 pieces; the result stays within float32 rounding of the layer's, a last
+    panel of 8 columns included, and an inf in x (which pieces cannot carry) takes the float path."""
+    lib = kernels.load() if build == "native" else _avx2_library(tmp_path)
+    torch.manual_seed(3)
+    for n, k, group in [(2056, 256, 128), (4096, 384, 64)]:
+        w, bias = torch.randn(n, k), torch.randn(n)
+        layer = AwqLinear(*Q.quantize_awq(w, group), group, bias=bias)
+        fast = quant_cpu.AwqKernelLinear(layer)
+        fast._lib = lib
+        for scale in (1.0, 1e-3, 1e3):
+            x = torch.randn(1, k) * scale
+            torch.testing.assert_close(fast(x), layer(x), rtol=1e-4, atol=1e-3 * scale)
+        x = torch.randn(1, k)
+        x[0, 5] = float("inf")  # int8 pieces would turn it into a finite number; every output must stay non-finite
+        assert not torch.isfinite(fast(x)).any() and not torch.isfinite(layer(x)).any()
+
+
+@needs_kernels
 @pytest.mark.parametrize("build", ["native", "avx2-f16c", "avx2"])
 def test_float16_weights_are_widened_exactly(build, tmp_path):
     """The float16 LM head's kernel computes the float32 product of the exactly widened weights (largest
