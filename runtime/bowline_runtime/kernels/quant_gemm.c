@@ -24,8 +24,7 @@
  *         scales[P][G][16], zs[P][G][16] floats, zs = -zero * scale
  * Small row counts (decode) accumulate straight from the packed panel, up to MR = 6 rows at a time:
  * 4-bit on AVX-512 VNNI in integers (u4_vnni_block: x split into three int8 pieces per group, exact to
- * about float32's rounding), on AVX2 the same way for one row against 2,048 columns or more
- * (u4_madd_block), elsewhere in floats, each row of a block widened with one shift, one mask
+ * about float32's rounding), on AVX2 the same way for one row (u4_madd_block), elsewhere in floats, each row of a block widened with one shift, one mask
  * and one conversion (no shuffle). From DEQ_M rows on (prefill; 4-bit with VNNI from VNNI_DEQ_M),
  * each thread dequantizes one panel of gemm.c's width to floats (K x 64 floats on AVX-512, in L2) and
  * runs every row against it with gemm.c's micro-kernel, so the unpacking is paid once per panel, not
@@ -356,38 +355,33 @@ static void u4_rows(const float *x, int64_t xs, const float *xsum, int64_t group
 #define VNNI_MAX_GS 8800
 #define INT_ROWS(gs) ((gs) <= VNNI_MAX_GS)
 
-/* x [m, k] (rows xs apart) -> xq [m][3][k] int8 pieces, xd [m][groups] their d. 0 where x holds an inf or
- * a nan (which the float path propagates and integer pieces cannot carry). */
-static int split_rows(const float *x, int64_t xs, int64_t m, int64_t k, int64_t gs, int8_t *xq, float *xd)
+/* One group of one row of x (gs floats) -> its three int8 pieces at qa, qa + k, qa + 2k and their d.
+ * 0 where the group holds an inf or a nan (which the float path propagates and pieces cannot carry). */
+static int split_group(const float *row, int64_t gs, int64_t k, int8_t *qa, float *d_out)
 {
-    const int64_t groups = k / gs;
-    for (int64_t r = 0; r < m; ++r)
-        for (int64_t g = 0; g < groups; ++g) {
-            const float *row = x + r * xs + g * gs;
-            uint32_t worst = 0;
-            float amax = 0.0f;
-            for (int64_t i = 0; i < gs; ++i) {
-                uint32_t bits;
-                memcpy(&bits, row + i, 4);
-                bits &= 0x7FFFFFFFu;
-                worst = bits > worst ? bits : worst;
-                const float a = row[i] < 0 ? -row[i] : row[i];
-                amax = a > amax ? a : amax;
-            }
-            if (worst >= 0x7F800000u) return 0;
-            const float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-            xd[r * groups + g] = d;
-            int8_t *qa = xq + r * 3 * k + g * gs, *qb = qa + k, *qc = qb + k;
-            for (int64_t i = 0; i < gs; ++i) {
-                float t = row[i] * inv;
-                t = t > 127.0f ? 127.0f : (t < -127.0f ? -127.0f : t);
-                const float a = __builtin_rintf(t), r1 = (t - a) * SPLIT, b = __builtin_rintf(r1);
-                const float c = __builtin_rintf((r1 - b) * SPLIT);
-                qa[i] = (int8_t)a;
-                qb[i] = (int8_t)b;
-                qc[i] = (int8_t)c;
-            }
-        }
+    uint32_t worst = 0;
+    float amax = 0.0f;
+    for (int64_t i = 0; i < gs; ++i) {
+        uint32_t bits;
+        memcpy(&bits, row + i, 4);
+        bits &= 0x7FFFFFFFu;
+        worst = bits > worst ? bits : worst;
+        const float a = row[i] < 0 ? -row[i] : row[i];
+        amax = a > amax ? a : amax;
+    }
+    if (worst >= 0x7F800000u) return 0;
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    *d_out = amax / 127.0f;
+    int8_t *qb = qa + k, *qc = qb + k;
+    for (int64_t i = 0; i < gs; ++i) {
+        float t = row[i] * inv;
+        t = t > 127.0f ? 127.0f : (t < -127.0f ? -127.0f : t);
+        const float a = __builtin_rintf(t), r1 = (t - a) * SPLIT, b = __builtin_rintf(r1);
+        const float c = __builtin_rintf((r1 - b) * SPLIT);
+        qa[i] = (int8_t)a;
+        qb[i] = (int8_t)b;
+        qc[i] = (int8_t)c;
+    }
     return 1;
 }
 
@@ -470,16 +464,15 @@ static void u4_vnni_rows(const int8_t *xq, int64_t k, const float *xd, const flo
  * its nibble bytes by 4 bytes of an x piece pairwise into 16-bit sums (at most 2 * 15 * 127 each, so the
  * low and high nibbles' sums add in 16 bits without overflow) and vpmaddwd by ones widens them to the
  * column's int32 sum. Per row and piece that is 5 instructions per 64 weights against the float path's
- * 16 (shift, mask and conversion are shared by the rows there, so from 3 rows on the float path is as
+ * 16 (shift, mask and conversion are shared by the rows there, so with more rows the float path is as
  * cheap; measured, 2 rows already lost: U4_MADD_MAX_M). */
 #define U4_MADD_MAX_M 1
-/* ... and only for products of at least this many output columns: x is split into its pieces once per
- * call, serially, a cost that only wider products amortize. Same machine, 2 threads, weights from
- * memory, float path -> this one (us, two alternated rounds): 1 row 16000x512 334/281 -> 222/225,
- * 3072x512 91/86 -> 65/55, 512x1536 58/37 -> 54/36 (level), 1024x512 30/29 -> 36/33 (slower); 2 rows
- * was slower at 1024x512 (38/35 -> 52/45) and level or worse elsewhere, since the float path shares
- * its shift, mask and conversion between the rows. */
-#define U4_MADD_MIN_N 2048
+/* The pieces of x are split by the threads that then run the panels. Split serially first, they paid only
+ * on wide products (EPYC Zen 3, 2 threads, weights from memory, float path -> integers, us: 3072x512
+ * 91/86 -> 65/55, 1024x512 30/29 -> 36/33). Split in parallel, three alternated rounds, the 25th
+ * percentile of 300 calls: 1024x512 28/28/48 -> 25/25/25, 3072x512 71/94/74 -> 54/53/53, 512x1536
+ * 36/36/37 -> 49/34/35, 16000x512 271/273/351 -> 296/215/227. 2 rows were slower (1024x512 38/35 ->
+ * 52/45): the float path shares its shift, mask and conversion between the rows. */
 
 static inline __attribute__((always_inline)) __m256i bcast4(const int8_t *p)
 {
@@ -548,14 +541,11 @@ static void u4_int_rows(const int8_t *xq, int64_t k, const float *xd, const floa
 
 #ifdef HAVE_VNNI
 #define INT_MAX_M VNNI_DEQ_M
-#define INT_MIN_N 0
 #elif defined(HAVE_U4_MADD)
 #define INT_MAX_M U4_MADD_MAX_M
-#define INT_MIN_N U4_MADD_MIN_N
 #else
 #define INT_ROWS(gs) 0
 #define INT_MAX_M 0
-#define INT_MIN_N 0
 #endif
 
 #ifndef HAVE_VNNI
@@ -733,21 +723,30 @@ void bowline_q4_gemm_f32(const float *x, int64_t xs, const uint32_t *wp, const f
             sums[r * groups + g] = s;
         }
 #if defined(HAVE_VNNI) || defined(HAVE_U4_MADD)
-    if (INT_ROWS(gs) && m <= INT_MAX_M && n >= INT_MIN_N) {
+    if (INT_ROWS(gs) && m <= INT_MAX_M) {
+        /* x [m, k] -> xq [m][3][k] pieces and xd [m][groups] their d, split by the same threads that then
+         * run the panels (serially the split cost narrow products more than the integers saved) */
         int8_t *xq = malloc((size_t)(3 * m * k));
         float *xd = malloc((size_t)(groups * m) * sizeof(float));
-        const int split = split_rows(x, xs, m, k, gs, xq, xd);
-        if (split) {
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-            for (int64_t p = 0; p < panels; ++p) {
-                const int64_t col = p * NR, ncols = n - col < NR ? n - col : NR;
-                for (int64_t r = 0; r < m; r += even) {
-                    const int64_t mr = m - r < even ? m - r : even;
-                    u4_int_rows(xq + r * 3 * k, k, xd + r * groups, sums + r * groups, groups, wp + p * k / 8 * NR,
-                                 scales + p * groups * NR, zs + p * groups * NR, gs, bias ? bias + col : 0,
-                                 out + r * os + col, os, ncols, mr);
-                }
+        int split = 1;
+#pragma omp parallel num_threads(num_threads)
+        {
+#pragma omp for schedule(static) reduction(&& : split)
+            for (int64_t t = 0; t < m * groups; ++t) {
+                const int64_t r = t / groups, g = t % groups;
+                split = split_group(x + r * xs + g * gs, gs, k, xq + r * 3 * k + g * gs, xd + t) && split;
             }
+            if (split) /* the same value in every thread: the reduction ends at the loop's barrier */
+#pragma omp for schedule(static)
+                for (int64_t p = 0; p < panels; ++p) {
+                    const int64_t col = p * NR, ncols = n - col < NR ? n - col : NR;
+                    for (int64_t r = 0; r < m; r += even) {
+                        const int64_t mr = m - r < even ? m - r : even;
+                        u4_int_rows(xq + r * 3 * k, k, xd + r * groups, sums + r * groups, groups,
+                                    wp + p * k / 8 * NR, scales + p * groups * NR, zs + p * groups * NR, gs,
+                                    bias ? bias + col : 0, out + r * os + col, os, ncols, mr);
+                    }
+                }
         }
         free(xq);
         free(xd);

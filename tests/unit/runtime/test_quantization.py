@@ -101,13 +101,13 @@ def test_cpu_kernels_compute_the_layers_arithmetic(build, tmp_path):
 
 @needs_kernels
 @pytest.mark.parametrize("build", ["native", "avx2"])
-def test_wide_4bit_products_of_one_row_match_the_layer(build, tmp_path):
-    """One row against 2,048 columns and more: the integer paths (AVX2's vpmaddubsw from that width, VNNI
-    always) split x into int8 pieces; the result stays within float32 rounding of the layer's, a last
-    panel of 8 columns included, and an inf in x (which pieces cannot carry) takes the float path."""
+def test_4bit_products_of_one_row_match_the_layer(build, tmp_path):
+    """One row: the integer paths (AVX2's vpmaddubsw, VNNI's vpdpbusd) split x into int8 pieces, group by
+    group over the threads; the result stays within float32 rounding of the layer's at any scale of x, a
+    last panel of 8 columns included, and an inf in x (which pieces cannot carry) takes the float path."""
     lib = kernels.load() if build == "native" else _avx2_library(tmp_path)
     torch.manual_seed(3)
-    for n, k, group in [(2056, 256, 128), (4096, 384, 64)]:
+    for n, k, group in [(2056, 256, 128), (4096, 384, 64), (40, 1536, 128)]:
         w, bias = torch.randn(n, k), torch.randn(n)
         layer = AwqLinear(*Q.quantize_awq(w, group), group, bias=bias)
         fast = quant_cpu.AwqKernelLinear(layer)
