@@ -24,7 +24,7 @@
  *         scales[P][G][16], zs[P][G][16] floats, zs = -zero * scale
  * Small row counts (decode) accumulate straight from the packed panel, up to MR = 6 rows at a time:
  * 4-bit on AVX-512 VNNI in integers (u4_vnni_block: x split into three int8 pieces per group, exact to
- * about float32's rounding), on AVX2 the same way for one row (u4_madd_block), elsewhere in floats, each row of a block widened with one shift, one mask
+ * about float32's rounding), on AVX2 the same way for one row (u4_madd_row), elsewhere in floats, each row of a block widened with one shift, one mask
  * and one conversion (no shuffle). From DEQ_M rows on (prefill; 4-bit with VNNI from VNNI_DEQ_M),
  * each thread dequantizes one panel of gemm.c's width to floats (K x 64 floats on AVX-512, in L2) and
  * runs every row against it with gemm.c's micro-kernel, so the unpacking is paid once per panel, not
@@ -460,19 +460,18 @@ static void u4_vnni_rows(const int8_t *xq, int64_t k, const float *xd, const flo
 #endif
 
 #ifdef HAVE_U4_MADD
-/* AVX2 (no VNNI) for 1-2 rows: each 8-column half of a panel word block is one ymm, vpmaddubsw multiplies
- * its nibble bytes by 4 bytes of an x piece pairwise into 16-bit sums (at most 2 * 15 * 127 each, so the
- * low and high nibbles' sums add in 16 bits without overflow) and vpmaddwd by ones widens them to the
- * column's int32 sum. Per row and piece that is 5 instructions per 64 weights against the float path's
- * 16 (shift, mask and conversion are shared by the rows there, so with more rows the float path is as
- * cheap; measured, 2 rows already lost: U4_MADD_MAX_M). */
+/* AVX2 (no VNNI), one row: each 8-column half of a panel word block is one ymm, vpmaddubsw multiplies its
+ * nibble bytes by 4 bytes of an x piece pairwise into 16-bit sums (at most 2 * 15 * 127 each, so the low
+ * and high nibbles' sums add in 16 bits without overflow) and vpmaddwd by ones widens them to the
+ * column's int32 sum: per piece 5 instructions per 64 weights against the float path's 16. The float
+ * path shares its shift, mask and conversion between rows, so from 2 rows on it is as cheap and keeps
+ * them (measured: 1024x512 at 2 rows 38/35 us float against 52/45 here).
+ * The pieces of x are split by the threads that then run the panels. Split serially first, they paid
+ * only on wide products (EPYC Zen 3, 2 threads, weights from memory, float path -> integers, us:
+ * 3072x512 91/86 -> 65/55, 1024x512 30/29 -> 36/33). Split in parallel, three alternated rounds, the
+ * 25th percentile of 300 calls: 1024x512 28/28/48 -> 25/25/25, 3072x512 71/94/74 -> 54/53/53, 512x1536
+ * 36/36/37 -> 49/34/35, 16000x512 271/273/351 -> 296/215/227. */
 #define U4_MADD_MAX_M 1
-/* The pieces of x are split by the threads that then run the panels. Split serially first, they paid only
- * on wide products (EPYC Zen 3, 2 threads, weights from memory, float path -> integers, us: 3072x512
- * 91/86 -> 65/55, 1024x512 30/29 -> 36/33). Split in parallel, three alternated rounds, the 25th
- * percentile of 300 calls: 1024x512 28/28/48 -> 25/25/25, 3072x512 71/94/74 -> 54/53/53, 512x1536
- * 36/36/37 -> 49/34/35, 16000x512 271/273/351 -> 296/215/227. 2 rows were slower (1024x512 38/35 ->
- * 52/45): the float path shares its shift, mask and conversion between the rows. */
 
 static inline __attribute__((always_inline)) __m256i bcast4(const int8_t *p)
 {
@@ -481,50 +480,44 @@ static inline __attribute__((always_inline)) __m256i bcast4(const int8_t *p)
     return _mm256_set1_epi32(v);
 }
 
-static inline __attribute__((always_inline)) void u4_madd_block(
-    const int8_t *xq, int64_t k, const float *xd, const float *xsum, int64_t groups, const uint32_t *panel,
-    const float *ps, const float *pz, int64_t gs, const float *bias, float *out, int64_t os, int64_t ncols,
-    const int mr)
+static void u4_madd_row(const int8_t *xq, int64_t k, const float *xd, const float *xsum, int64_t groups,
+                        const uint32_t *panel, const float *ps, const float *pz, int64_t gs, const float *bias,
+                        float *out, int64_t ncols)
 {
     const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
     const __m256 step = _mm256_set1_ps(1.0f / SPLIT);
     vec tot[MR][NV];
-    for (int m = 0; m < mr; ++m)
-        for (int v = 0; v < NV; ++v) tot[m][v] = splat(0.0f);
-    for (int v = 0; v < NV; ++v)
+    for (int v = 0; v < NV; ++v) {
+        __m256 t = _mm256_setzero_ps();
         for (int64_t g = 0; g < groups; ++g) {
-            __m256i acc[U4_MADD_MAX_M][3];
-            for (int m = 0; m < mr; ++m)
-                for (int p = 0; p < 3; ++p) acc[m][p] = _mm256_setzero_si256();
+            __m256i acc[3] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
             const uint32_t *blk = panel + g * gs / 8 * NR + v * VW;
             const int8_t *xg = xq + g * gs;
             for (int64_t b = 0; b < gs / 8; ++b, blk += NR, xg += 8) {
                 const __m256i w = _mm256_loadu_si256((const __m256i *)blk);
                 const __m256i lo = _mm256_and_si256(w, low), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
-                for (int m = 0; m < mr; ++m)
 #pragma GCC unroll 3
-                    for (int p = 0; p < 3; ++p) {
-                        const int8_t *xp = xg + (m * 3 + p) * k;
-                        const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(xp)),
-                                                             _mm256_maddubs_epi16(hi, bcast4(xp + 4)));
-                        acc[m][p] = _mm256_add_epi32(acc[m][p], _mm256_madd_epi16(s16, ones));
-                    }
+                for (int p = 0; p < 3; ++p) {
+                    const int8_t *xp = xg + p * k;
+                    const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(xp)),
+                                                         _mm256_maddubs_epi16(hi, bcast4(xp + 4)));
+                    acc[p] = _mm256_add_epi32(acc[p], _mm256_madd_epi16(s16, ones));
+                }
             }
             const __m256 sc = _mm256_loadu_ps(ps + g * NR + v * VW), z = _mm256_loadu_ps(pz + g * NR + v * VW);
-            for (int m = 0; m < mr; ++m) {
-                const __m256 p0 = _mm256_cvtepi32_ps(acc[m][0]), p1 = _mm256_cvtepi32_ps(acc[m][1]),
-                             p2 = _mm256_cvtepi32_ps(acc[m][2]);
-                const __m256 xw = _mm256_mul_ps(_mm256_fmadd_ps(_mm256_fmadd_ps(p2, step, p1), step, p0),
-                                                _mm256_set1_ps(xd[m * groups + g]));
-                tot[m][v] = (vec)_mm256_fmadd_ps(xw, sc, _mm256_fmadd_ps(_mm256_set1_ps(xsum[m * groups + g]), z,
-                                                                         (__m256)tot[m][v]));
-            }
+            const __m256 p0 = _mm256_cvtepi32_ps(acc[0]), p1 = _mm256_cvtepi32_ps(acc[1]),
+                         p2 = _mm256_cvtepi32_ps(acc[2]);
+            const __m256 xw = _mm256_mul_ps(_mm256_fmadd_ps(_mm256_fmadd_ps(p2, step, p1), step, p0),
+                                            _mm256_set1_ps(xd[g]));
+            t = _mm256_fmadd_ps(xw, sc, _mm256_fmadd_ps(_mm256_set1_ps(xsum[g]), z, t));
         }
-    store_rows(tot, bias, out, os, ncols, mr);
+        tot[0][v] = (vec)t;
+    }
+    store_rows(tot, bias, out, 0, ncols, 1);
 }
 #endif
 
-/* The integer block for mr rows (VNNI: up to MR a block; AVX2: 1 or 2, the caller's whole m). */
+/* The integer block for mr rows (VNNI: up to MR a block; AVX2: always 1, U4_MADD_MAX_M). */
 #if defined(HAVE_VNNI) || defined(HAVE_U4_MADD)
 static void u4_int_rows(const int8_t *xq, int64_t k, const float *xd, const float *xsum, int64_t groups,
                         const uint32_t *panel, const float *ps, const float *pz, int64_t gs, const float *bias,
@@ -533,8 +526,9 @@ static void u4_int_rows(const int8_t *xq, int64_t k, const float *xd, const floa
 #ifdef HAVE_VNNI
     u4_vnni_rows(xq, k, xd, xsum, groups, panel, ps, pz, gs, bias, out, os, ncols, mr);
 #else
-    (void)mr; /* always 1 (U4_MADD_MAX_M) */
-    u4_madd_block(xq, k, xd, xsum, groups, panel, ps, pz, gs, bias, out, os, ncols, 1);
+    (void)os;
+    (void)mr;
+    u4_madd_row(xq, k, xd, xsum, groups, panel, ps, pz, gs, bias, out, ncols);
 #endif
 }
 #endif
