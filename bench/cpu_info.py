@@ -79,9 +79,7 @@ def cpu_facts(cpuinfo: Path = Path("/proc/cpuinfo"), model_dir: str | None = Non
             shapes = linear_shapes(json.loads((Path(model_dir) / "config.json").read_text()))
         except (OSError, ValueError, KeyError):
             shapes = None
-        # Every key of this CPU, kernel build, torch and dtype shares the part before the shape.
-        probe = linear_choice.cache_key(kernels.speed_signature(), getattr(torch, dtype), 1, 1, False)
-        prefix = probe.rsplit("|", 2)[0] + "|"
+        prefix = linear_choice.cache_prefix(kernels.speed_signature(), getattr(torch, dtype))
     return {"model": model, "flags": flags, "linear": linear_summary(cached, shapes, prefix)}
 
 

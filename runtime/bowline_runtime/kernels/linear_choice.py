@@ -130,10 +130,16 @@ def fallback_choice(available: list[str]) -> str:
 CACHE_VERSION = 2  # 2: entries measured under load are no longer written; older files may hold some
 
 
+def cache_prefix(cpu_signature: str, dtype: torch.dtype) -> str:
+    """What every key of one cache format, CPU (model and flags) and kernel build, torch version and
+    dtype starts with (the bench header selects this machine's entries by it)."""
+    cpu = hashlib.sha256(cpu_signature.encode()).hexdigest()[:12]
+    return f"v{CACHE_VERSION}|{cpu}|torch {torch.__version__}|{dtype}|"
+
+
 def cache_key(cpu_signature: str, dtype: torch.dtype, out_features: int, in_features: int, bias: bool) -> str:
     """One entry per cache format, CPU (model and flags) and kernel build, torch version, dtype and shape."""
-    cpu = hashlib.sha256(cpu_signature.encode()).hexdigest()[:12]
-    return f"v{CACHE_VERSION}|{cpu}|torch {torch.__version__}|{dtype}|{out_features}x{in_features}|bias={bias}"
+    return f"{cache_prefix(cpu_signature, dtype)}{out_features}x{in_features}|bias={bias}"
 
 
 def load_cache(path: Path) -> dict[str, dict]:
