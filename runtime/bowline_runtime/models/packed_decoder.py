@@ -26,6 +26,7 @@ from torch import nn
 from bowline_runtime.lora.delta import LoRABatch
 from bowline_runtime.models.attention import AttentionMetadata, head_dim, paged_attention
 from bowline_runtime.models.fused_ops import FusedOps
+from bowline_runtime.models.rotary_table import RotaryTable
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 # Set to 0 to run transformers' own forward (for before/after benchmarks, or to rule this one out).
@@ -134,7 +135,7 @@ class PackedDecoder:
         self.ops = ops
         base = model.model
         self.embed = base.embed_tokens
-        self.rotary_emb = base.rotary_emb
+        self.rotary = RotaryTable(base.rotary_emb)
         self.final_norm = (base.norm.weight, _eps(base.norm))
         self.head_dim = head_dim(model.config)
         self.layers = [
@@ -159,8 +160,7 @@ class PackedDecoder:
         ops, d = self.ops, self.head_dim
         hidden = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # [T, hidden]
         num_tokens = hidden.shape[0]
-        cos, sin = self.rotary_emb(hidden, positions.unsqueeze(0))  # [1, T, rot_dim] each
-        cos, sin = cos[0], sin[0]
+        cos, sin = self.rotary(hidden, positions)  # [T, rot_dim] each
         residual = hidden  # the stream; each add_rms_norm adds a block's output to it in place
         out = None  # the previous block's output, not yet added to the stream
         for index, layer in enumerate(self.layers):
