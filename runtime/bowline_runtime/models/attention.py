@@ -82,10 +82,17 @@ def paged_attention(
     """transformers' attention signature: query [1, H, T, D], key/value [1, Hkv, T, D] -> [1, T, H, D]."""
     if attn_meta is None:
         raise RuntimeError("paged attention needs `attn_meta`; run the model through bowline's ModelRunner")
-    k_cache, v_cache = attn_meta.kv_caches[module.layer_idx]  # [Hkv, slots, D]
-    q = query[0]  # [H, T, D]
-    k = key[0]  # [Hkv, T, D]
-    v = value[0]
+    out = attend(module.layer_idx, query[0], key[0], value[0], scaling, attn_meta)
+    return out.unsqueeze(0), None
+
+
+def attend(
+    layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None, attn_meta: AttentionMetadata
+) -> torch.Tensor:
+    """The step's new keys/values into layer's cache, then attention: q [H, T, D], k/v [Hkv, T, D] (views
+    of any strides) -> [T, H, D]. What the packed decoder calls directly, without transformers' batch
+    dimension to add and take off again (six view operations per layer, each a few us of Python)."""
+    k_cache, v_cache = attn_meta.kv_caches[layer]  # [Hkv, slots, D]
     if attn_meta.cache_writer is not None:
         attn_meta.cache_writer(k, v, k_cache, v_cache, attn_meta.slot_mapping)
     else:
@@ -102,7 +109,7 @@ def paged_attention(
                 attn_meta.block_size, out[group.start : group.end],
             )
             continue
-        keys, values = _staged_context(module.layer_idx, k, v, k_cache, v_cache, group, attn_meta.block_size)
+        keys, values = _staged_context(layer, k, v, k_cache, v_cache, group, attn_meta.block_size)
         out[group.start : group.end] = _decode_attention(q[:, group.start : group.end], keys, values, group, scale)
     for span in attn_meta.prefills:
         if attn_meta.prefill_kernel is not None:  # reads this chunk's keys/values back from the cache
@@ -125,7 +132,7 @@ def paged_attention(
             allowed = torch.arange(span.context_len, device=q.device).unsqueeze(0) <= rows  # causal with the prefix
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scaling, enable_gqa=True)
         out[span.q_start : span.q_end] = o[0].transpose(0, 1)
-    return out.unsqueeze(0), None
+    return out
 
 
 def _staged_context(layer: int, k, v, k_cache, v_cache, group: DecodeGroup, block_size: int):

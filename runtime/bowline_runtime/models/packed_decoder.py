@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from bowline_runtime.lora.delta import LoRABatch
-from bowline_runtime.models.attention import AttentionMetadata, head_dim, paged_attention
+from bowline_runtime.models.attention import AttentionMetadata, attend, head_dim
 from bowline_runtime.models.fused_ops import FusedOps
 from bowline_runtime.models.rotary_table import RotaryTable
 
@@ -178,11 +178,8 @@ class PackedDecoder:
             else:
                 ops.rotary(q, cos, sin)
                 ops.rotary(k, cos, sin)
-            attended, _ = paged_attention(
-                attn, q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
-                v.transpose(0, 1).unsqueeze(0), None, scaling=attn.scaling, attn_meta=meta,
-            )
-            attended = attended.view(num_tokens, -1)
+            attended = attend(attn.layer_idx, q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn.scaling,
+                              meta).view(num_tokens, -1)
             o = attn.o_proj(attended)
             if lora is not None:
                 lora.add(index, "o", attended, [o])
