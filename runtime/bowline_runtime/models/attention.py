@@ -91,7 +91,7 @@ def attend(
 ) -> torch.Tensor:
     """The step's new keys/values into layer's cache, then attention: q [H, T, D], k/v [Hkv, T, D] (views
     of any strides) -> [T, H, D]. What the packed decoder calls directly, without transformers' batch
-    dimension to add and take off again (six view operations per layer, each a few us of Python)."""
+    dimension to add and take off again (seven view operations per layer, each a few us of Python)."""
     k_cache, v_cache = attn_meta.kv_caches[layer]  # [Hkv, slots, D]
     if attn_meta.cache_writer is not None:
         attn_meta.cache_writer(k, v, k_cache, v_cache, attn_meta.slot_mapping)
