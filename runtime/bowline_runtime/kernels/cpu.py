@@ -297,6 +297,19 @@ class CpuFusedOps(FusedOps):
         )
         return out
 
+    def silu_mul_halves(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate_up = _rows(gate_up)
+        rows, width = gate_up.shape
+        if width % 2:
+            raise ValueError(f"a fused gate/up product has an even width, not {width}")
+        dim = width // 2
+        out = torch.empty(rows, dim, dtype=gate_up.dtype)
+        gate, stride = gate_up.data_ptr(), gate_up.stride(0)
+        self._lib.bowline_silu_mul_f32(
+            gate, stride, gate + dim * gate_up.element_size(), stride, out.data_ptr(), rows, dim, torch.get_num_threads(),
+        )
+        return out
+
     def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         rows, heads, head_dim = x.shape
         if x.stride(2) != 1 or x.stride(1) != head_dim or x.dtype != torch.float32:

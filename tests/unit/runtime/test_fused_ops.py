@@ -71,6 +71,18 @@ def test_silu_mul_matches_torch_on_strided_halves(ops, rows):
 
 
 @pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("dim", [1536, 24])
+def test_silu_mul_of_a_fused_products_halves(ops, rows, dim):
+    torch.manual_seed(rows + dim)
+    gate_up = torch.randn(rows, 2 * dim) * 4
+    want = torch.nn.functional.silu(gate_up[:, :dim]) * gate_up[:, dim:]
+    for impl in (ops, REF):
+        torch.testing.assert_close(impl.silu_mul_halves(gate_up), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="even width"):
+        ops.silu_mul_halves(gate_up[:, 1:])
+
+
+@pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize(("heads", "head_dim"), [(8, 64), (2, 16), (14, 128)])
 def test_rotary_matches_transformers_in_place(ops, rows, heads, head_dim):
     torch.manual_seed(rows * heads)
