@@ -287,28 +287,24 @@ class CpuFusedOps(FusedOps):
             raise ValueError("the residual must be contiguous and shaped like x")
         return self._norm(x, residual, weight.contiguous(), eps)
 
+    def _silu_mul(self, gate: int, gate_stride: int, up: int, up_stride: int, rows: int, dim: int) -> torch.Tensor:
+        """The C call under both entry points: gate and up rows by data pointer and row stride (floats)."""
+        out = torch.empty(rows, dim, dtype=torch.float32)
+        self._lib.bowline_silu_mul_f32(gate, gate_stride, up, up_stride, out.data_ptr(), rows, dim, torch.get_num_threads())
+        return out
+
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         gate, up = _rows(gate), _rows(up)
         rows, dim = gate.shape
-        out = torch.empty(rows, dim, dtype=gate.dtype)
-        self._lib.bowline_silu_mul_f32(
-            gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), out.data_ptr(), rows, dim,
-            torch.get_num_threads(),
-        )
-        return out
+        return self._silu_mul(gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), rows, dim)
 
     def silu_mul_halves(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate_up = _rows(gate_up)
         rows, width = gate_up.shape
         if width % 2:
             raise ValueError(f"a fused gate/up product has an even width, not {width}")
-        dim = width // 2
-        out = torch.empty(rows, dim, dtype=gate_up.dtype)
-        gate, stride = gate_up.data_ptr(), gate_up.stride(0)
-        self._lib.bowline_silu_mul_f32(
-            gate, stride, gate + dim * gate_up.element_size(), stride, out.data_ptr(), rows, dim, torch.get_num_threads(),
-        )
-        return out
+        dim, gate, stride = width // 2, gate_up.data_ptr(), gate_up.stride(0)
+        return self._silu_mul(gate, stride, gate + dim * gate_up.element_size(), stride, rows, dim)
 
     def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         rows, heads, head_dim = x.shape
