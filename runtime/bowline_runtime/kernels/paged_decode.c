@@ -53,22 +53,49 @@ static void softmax_rows(float *scores, int64_t G, int64_t len, float *inv_sum)
     }
 }
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#include <string.h>
 
-/* Head sizes of 64 and 128 on AVX-512: a key or value row is DV = D / 16 vectors held in registers,
- * and each query head's output accumulates in registers across the whole context. The generic loops
- * below keep the accumulator in memory (a load and a store per vector per row) and reduce over a
- * runtime D; at 16 sequences x 192 positions (bench model) they ran at 25 GB/s with the cache hot,
- * compute-bound, and this path reaches the memory's speed instead. */
-#define VEC_MAX_DV 8
-#define VEC_ACC 24 /* accumulator registers for the value pass (of 32), the rest hold the row */
+/* Head sizes of 64 and 128 on AVX-512 and AVX2: each query head's output accumulates in registers
+ * across the whole context, a key or value row read once per task. The generic loops below keep the
+ * accumulator in memory (a load and a store per vector per row) and reduce over a runtime D; at 16
+ * sequences x 192 positions (bench model) they ran at 25 GB/s with the cache hot on AVX-512 and at
+ * 16 GB/s from memory on an AVX2-only EPYC, compute-bound, and this path reaches the memory's speed
+ * instead. The vectors are GCC's (16 floats on AVX-512, 8 on AVX2), so one source serves both. */
+#if defined(__AVX512F__)
+#define VW 16
+#define VEC_ACC 24 /* accumulator registers for the value pass (of 32); the rest hold a row and the weights */
+#else
+#define VW 8
+#define VEC_ACC 12 /* of 16 ymm registers */
+#endif
+#define VEC_CHUNK 8 /* most vectors of a row the value pass accumulates at once: D = 128 on AVX2 takes two */
+typedef float vec __attribute__((vector_size(VW * 4)));
+
+static inline __attribute__((always_inline)) vec loadv(const float *p)
+{
+    vec v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline __attribute__((always_inline)) float hsum(vec v)
+{
+#if defined(__AVX512F__)
+    return _mm512_reduce_add_ps((__m512)v);
+#else
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+#endif
+}
 
 static inline __attribute__((always_inline)) void vec_scores(
     const float *qi, const float *kh, const int64_t *table, int64_t len, int64_t block_size, int64_t G,
     float scale, float *scores, const int dv)
 {
-    const int64_t D = 16 * dv;
+    const int64_t D = VW * dv;
     for (int64_t t0 = 0; t0 < len; t0 += block_size) {
         const float *kb = block_at(kh, table, t0, len, block_size, D);
         const float *next = block_at(kh, table, t0 + block_size, len, block_size, D);
@@ -76,78 +103,88 @@ static inline __attribute__((always_inline)) void vec_scores(
         for (int64_t j = 0; j < tn; ++j) {
             const float *kr = kb + j * D;
             if (next) prefetch_row(next + j * D, D);
-            __m512 k[VEC_MAX_DV];
-#pragma GCC unroll 8
-            for (int v = 0; v < dv; ++v) k[v] = _mm512_loadu_ps(kr + 16 * v);
             for (int64_t g = 0; g < G; ++g) {
                 const float *qg = qi + g * D;
-                __m512 s = _mm512_mul_ps(_mm512_loadu_ps(qg), k[0]);
-#pragma GCC unroll 8
-                for (int v = 1; v < dv; ++v) s = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * v), k[v], s);
-                scores[g * len + t0 + j] = _mm512_reduce_add_ps(s) * scale;
+                /* two partial sums halve the chain of dependent multiply-adds */
+                vec s0 = loadv(qg) * loadv(kr), s1 = loadv(qg + VW) * loadv(kr + VW);
+#pragma GCC unroll 16
+                for (int v = 2; v < dv; v += 2) {
+                    s0 += loadv(qg + VW * v) * loadv(kr + VW * v);
+                    s1 += loadv(qg + VW * (v + 1)) * loadv(kr + VW * (v + 1));
+                }
+                scores[g * len + t0 + j] = hsum(s0 + s1) * scale;
             }
         }
     }
 }
 
-/* out rows g0 .. g0 + gc - 1 of the task: sum_t p[g][t] * v_t / sum[g], gc * dv accumulators. */
+/* out rows g0 .. g0 + gc - 1, vectors v0 .. v0 + vc - 1 of the task: sum_t p[g][t] * v_t / sum[g],
+ * gc * vc accumulators. */
 static inline __attribute__((always_inline)) void vec_values(
     const float *vh, const int64_t *table, int64_t len, int64_t block_size, const float *scores,
-    const float *inv_sum, int64_t g0, float *oi, const int gc, const int dv)
+    const float *inv_sum, int64_t g0, int v0, float *oi, const int gc, const int vc, const int dv)
 {
-    const int64_t D = 16 * dv;
-    __m512 acc[VEC_ACC / 4][VEC_MAX_DV];
+    const int64_t D = VW * dv;
+    vec acc[VEC_ACC / 4][VEC_CHUNK];
 #pragma GCC unroll 8
     for (int g = 0; g < gc; ++g)
 #pragma GCC unroll 8
-        for (int v = 0; v < dv; ++v) acc[g][v] = _mm512_setzero_ps();
+        for (int v = 0; v < vc; ++v) acc[g][v] = (vec){0};
     for (int64_t t0 = 0; t0 < len; t0 += block_size) {
         const float *vb = block_at(vh, table, t0, len, block_size, D);
         const float *next = block_at(vh, table, t0 + block_size, len, block_size, D);
         const int64_t tn = len - t0 < block_size ? len - t0 : block_size;
         for (int64_t j = 0; j < tn; ++j) {
-            const float *vr = vb + j * D;
-            if (next) prefetch_row(next + j * D, D);
-            __m512 row[VEC_MAX_DV];
+            const float *vr = vb + j * D + VW * v0;
+            if (next && v0 == 0) prefetch_row(next + j * D, D);
+            vec p[VEC_ACC / 4];
 #pragma GCC unroll 8
-            for (int v = 0; v < dv; ++v) row[v] = _mm512_loadu_ps(vr + 16 * v);
+            for (int g = 0; g < gc; ++g) p[g] = (vec){0} + scores[(g0 + g) * len + t0 + j];
 #pragma GCC unroll 8
-            for (int g = 0; g < gc; ++g) {
-                const __m512 p = _mm512_set1_ps(scores[(g0 + g) * len + t0 + j]);
+            for (int v = 0; v < vc; ++v) {
+                const vec row = loadv(vr + VW * v);
 #pragma GCC unroll 8
-                for (int v = 0; v < dv; ++v) acc[g][v] = _mm512_fmadd_ps(p, row[v], acc[g][v]);
+                for (int g = 0; g < gc; ++g) acc[g][v] += p[g] * row;
             }
         }
     }
 #pragma GCC unroll 8
-    for (int g = 0; g < gc; ++g) {
-        const __m512 inv = _mm512_set1_ps(inv_sum[g0 + g]);
+    for (int g = 0; g < gc; ++g)
 #pragma GCC unroll 8
-        for (int v = 0; v < dv; ++v) _mm512_storeu_ps(oi + (g0 + g) * D + 16 * v, _mm512_mul_ps(acc[g][v], inv));
-    }
+        for (int v = 0; v < vc; ++v) {
+            const vec out = acc[g][v] * inv_sum[g0 + g];
+            memcpy(oi + (g0 + g) * D + VW * (v0 + v), &out, sizeof out);
+        }
 }
 
-/* The value pass for any G: query heads in chunks of as many as the accumulators hold (6 at D = 64,
- * 3 at D = 128); a second chunk reads the values again, from L2. */
+/* The value pass for any G: vectors in chunks of at most VEC_CHUNK, query heads in chunks of as many
+ * as the accumulators hold (AVX-512: 6 at D = 64, 3 at 128; AVX2: 1); a later chunk reads the values
+ * again, from L2. */
 static inline __attribute__((always_inline)) void vec_values_all(
     const float *vh, const int64_t *table, int64_t len, int64_t block_size, const float *scores,
     const float *inv_sum, int64_t G, float *oi, const int dv)
 {
-    const int64_t most = VEC_ACC / dv;
-    for (int64_t g0 = 0; g0 < G; g0 += most) {
-        const int64_t gc = G - g0 < most ? G - g0 : most;
-        switch (gc) {
-        case 1: vec_values(vh, table, len, block_size, scores, inv_sum, g0, oi, 1, dv); break;
-        case 2: vec_values(vh, table, len, block_size, scores, inv_sum, g0, oi, 2, dv); break;
-        case 3: vec_values(vh, table, len, block_size, scores, inv_sum, g0, oi, 3, dv); break;
-        case 4: vec_values(vh, table, len, block_size, scores, inv_sum, g0, oi, 4, dv); break;
-        case 5: vec_values(vh, table, len, block_size, scores, inv_sum, g0, oi, 5, dv); break;
-        default: vec_values(vh, table, len, block_size, scores, inv_sum, g0, oi, 6, dv); break;
+    const int vc = dv < VEC_CHUNK ? dv : VEC_CHUNK;
+    const int64_t most = VEC_ACC / vc;
+    for (int v0 = 0; v0 < dv; v0 += vc)
+        for (int64_t g0 = 0; g0 < G; g0 += most) {
+            const int64_t gc = G - g0 < most ? G - g0 : most;
+            switch (gc) {
+            case 1: vec_values(vh, table, len, block_size, scores, inv_sum, g0, v0, oi, 1, vc, dv); break;
+#if VEC_ACC / 4 >= 6
+            case 2: vec_values(vh, table, len, block_size, scores, inv_sum, g0, v0, oi, 2, vc, dv); break;
+            case 3: vec_values(vh, table, len, block_size, scores, inv_sum, g0, v0, oi, 3, vc, dv); break;
+            case 4: vec_values(vh, table, len, block_size, scores, inv_sum, g0, v0, oi, 4, vc, dv); break;
+            case 5: vec_values(vh, table, len, block_size, scores, inv_sum, g0, v0, oi, 5, vc, dv); break;
+            default: vec_values(vh, table, len, block_size, scores, inv_sum, g0, v0, oi, 6, vc, dv); break;
+#else
+            default: vec_values(vh, table, len, block_size, scores, inv_sum, g0, v0, oi, 1, vc, dv); break;
+#endif
+            }
         }
-    }
 }
 
-/* One (sequence, key/value head) task: scores, softmax, values, for a head size of 16 * dv. */
+/* One (sequence, key/value head) task: scores, softmax, values, for a head size of VW * dv. */
 static inline __attribute__((always_inline)) void vec_task(
     const float *qi, const float *kh, const float *vh, const int64_t *table, int64_t len, int64_t block_size,
     int64_t G, float scale, float *scores, float *inv_sum, float *oi, const int dv)
@@ -184,13 +221,13 @@ void bowline_paged_decode_f32(
             const float *qi = q + (i * num_heads + h * G) * D;
             const float *kh = k_cache + h * num_slots * D;
             const float *vh = v_cache + h * num_slots * D;
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
             if (D == 64 || D == 128) {
                 float *oi = out + (i * num_heads + h * G) * D;
                 if (D == 64)
-                    vec_task(qi, kh, vh, table, len, block_size, G, scale, scores, inv_sum, oi, 4);
+                    vec_task(qi, kh, vh, table, len, block_size, G, scale, scores, inv_sum, oi, 64 / VW);
                 else
-                    vec_task(qi, kh, vh, table, len, block_size, G, scale, scores, inv_sum, oi, 8);
+                    vec_task(qi, kh, vh, table, len, block_size, G, scale, scores, inv_sum, oi, 128 / VW);
                 continue;
             }
 #endif

@@ -33,8 +33,9 @@ def reference(q, k_cache, v_cache, tables, lens, scale, block_size):
 
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim", "block_size"),
-    # head sizes 64 and 128 take AVX-512's register path: its query heads per key/value head in one
-    # chunk (2), in several (8 at 128: 3 + 3 + 2; 7 at 64, as Qwen2.5-0.5B: 6 + 1); the others the loops
+    # head sizes 64 and 128 take the register path: on AVX-512 its query heads per key/value head in one
+    # chunk (2), in several (8 at 128: 3 + 3 + 2; 7 at 64, as Qwen2.5-0.5B: 6 + 1); on AVX2 one head at a
+    # time and, at 128, each row in two halves; the other head sizes take the loops
     [(8, 4, 64, 16), (4, 4, 32, 16), (8, 1, 128, 8), (6, 2, 80, 32), (14, 2, 64, 16), (4, 2, 128, 16)],
 )
 def test_kernel_matches_attention_over_gathered_contexts(kernel_isa, heads, kv_heads, head_dim, block_size):
