@@ -65,10 +65,12 @@ static void softmax_rows(float *scores, int64_t G, int64_t len, float *inv_sum)
  * instead. The vectors are GCC's (16 floats on AVX-512, 8 on AVX2), so one source serves both. */
 #if defined(__AVX512F__)
 #define VW 16
-#define VEC_ACC 24 /* accumulator registers for the value pass (of 32); the rest hold a row and the weights */
+#define VEC_ACC 24 /* accumulator registers for the value pass (of 32); the rest hold a row and the probabilities */
+#define VEC_HEADS 6 /* most query heads one value pass holds (24 accumulators at 4 vectors a row) */
 #else
 #define VW 8
 #define VEC_ACC 12 /* of 16 ymm registers */
+#define VEC_HEADS 1 /* a row is 8 or more vectors here */
 #endif
 #define VEC_CHUNK 8 /* most vectors of a row the value pass accumulates at once: D = 128 on AVX2 takes two */
 typedef float vec __attribute__((vector_size(VW * 4)));
@@ -125,7 +127,7 @@ static inline __attribute__((always_inline)) void vec_values(
     const float *inv_sum, int64_t g0, int v0, float *oi, const int gc, const int vc, const int dv)
 {
     const int64_t D = VW * dv;
-    vec acc[VEC_ACC / 4][VEC_CHUNK];
+    vec acc[VEC_HEADS][VEC_CHUNK];
 #pragma GCC unroll 8
     for (int g = 0; g < gc; ++g)
 #pragma GCC unroll 8
@@ -137,7 +139,7 @@ static inline __attribute__((always_inline)) void vec_values(
         for (int64_t j = 0; j < tn; ++j) {
             const float *vr = vb + j * D + VW * v0;
             if (next && v0 == 0) prefetch_row(next + j * D, D);
-            vec p[VEC_ACC / 4];
+            vec p[VEC_HEADS];
 #pragma GCC unroll 8
             for (int g = 0; g < gc; ++g) p[g] = (vec){0} + scores[(g0 + g) * len + t0 + j];
 #pragma GCC unroll 8
@@ -171,15 +173,13 @@ static inline __attribute__((always_inline)) void vec_values_all(
             const int64_t gc = G - g0 < most ? G - g0 : most;
             switch (gc) {
             case 1: vec_values(vh, table, len, block_size, scores, inv_sum, g0, v0, oi, 1, vc, dv); break;
-#if VEC_ACC / 4 >= 6
+#if VEC_HEADS == 6
             case 2: vec_values(vh, table, len, block_size, scores, inv_sum, g0, v0, oi, 2, vc, dv); break;
             case 3: vec_values(vh, table, len, block_size, scores, inv_sum, g0, v0, oi, 3, vc, dv); break;
             case 4: vec_values(vh, table, len, block_size, scores, inv_sum, g0, v0, oi, 4, vc, dv); break;
             case 5: vec_values(vh, table, len, block_size, scores, inv_sum, g0, v0, oi, 5, vc, dv); break;
-            default: vec_values(vh, table, len, block_size, scores, inv_sum, g0, v0, oi, 6, vc, dv); break;
-#else
-            default: vec_values(vh, table, len, block_size, scores, inv_sum, g0, v0, oi, 1, vc, dv); break;
 #endif
+            default: vec_values(vh, table, len, block_size, scores, inv_sum, g0, v0, oi, VEC_HEADS, vc, dv); break;
             }
         }
 }
