@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from bowline_runtime.models.fused_ops import FusedOps
+
+if TYPE_CHECKING:
+    from bowline_runtime.models.packed_decoder import LayerLoop, PackedDecoder
 
 
 class Device(ABC):
@@ -73,6 +77,11 @@ class Device(ABC):
     def paged_cache_writer(self, dtype: torch.dtype) -> Callable[..., None] | None:
         """A kernel writing a step's keys and values into the paged cache (k, v, k_cache, v_cache, slots),
         or None: torch's index_copy_, once for keys and once for values."""
+        return None
+
+    def decode_layers(self, decoder: PackedDecoder) -> LayerLoop | None:
+        """The packed decoder's layer loop in one call for the steps it accepts (models.packed_decoder.LayerLoop),
+        built after optimize_model; default: None, the decoder's own loop."""
         return None
 
     def fused_ops(self, dtype: torch.dtype) -> FusedOps:

@@ -149,6 +149,8 @@ def build_runner(
             f"served by the packed decoder ({packed_decoder.PACKED_DECODER_ENV} on)"
         )
     device.optimize_model(model)
+    if decoder is not None:
+        decoder.decode_layers = device.decode_layers(decoder)
     runner = ModelRunner(
         model, torch_device, dtype, is_driver=rank == _logits_rank(layout), block_size=config.block_size,
         decoder=decoder, stage_decode_context=device.stages_decode_context,

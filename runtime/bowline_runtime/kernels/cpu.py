@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -38,7 +39,7 @@ ISA_ENV = "BOWLINE_CPU_KERNEL_ISA"
 _ISA_MARCH = {"native": "-march=native", "avx2": "-march=x86-64-v3"}
 _SOURCES = tuple(
     Path(__file__).with_name(name) for name in (
-        "paged_decode.c", "paged_prefill.c", "fused.c", "gemm.c", "quant_gemm.c", "lora.c"
+        "paged_decode.c", "paged_prefill.c", "fused.c", "gemm.c", "quant_gemm.c", "lora.c", "decode_layers.c"
     )
 )
 # -ffast-math lets the softmax's expf and the dot products vectorise; -fopenmp shares the libgomp torch loaded.
@@ -137,7 +138,7 @@ def load() -> ctypes.CDLL | None:
         return None
     fn = lib.bowline_paged_decode_f32
     fn.restype = None
-    fn.argtypes = [_p, _p, _p, _p, _i64, _p, _i64, _i64, _i64, _i64, _i64, _i64, _f32, _p, _int]
+    fn.argtypes = [_p, _i64, _p, _p, _p, _i64, _p, _i64, _i64, _i64, _i64, _i64, _i64, _f32, _p, _int]
     fn = lib.bowline_paged_prefill_f32
     fn.restype = None
     fn.argtypes = [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64, _f32, _p, _int]
@@ -167,6 +168,9 @@ def load() -> ctypes.CDLL | None:
     fn = lib.bowline_quantize_rows_f32
     fn.restype = None
     fn.argtypes = [_p, _i64, _p, _i64, _i64]
+    fn = lib.bowline_decode_layers_f32  # a decode step's whole layer loop (decode_layers.c, see kernels.decode_layers)
+    fn.restype = None
+    fn.argtypes = [_p, _i64, _p, _int]
     lib.bowline_lora_table_width.restype = _i64
     lib.bowline_lora_table_width.argtypes = []
     fn = lib.bowline_lora_f32  # LoRA updates (lora.c, see lora.delta)
@@ -200,16 +204,19 @@ def paged_decode_attention(
 ) -> None:
     """out[i] = attention of q[:, i] over sequence i's cached context (float32, CPU).
 
-    q: [H, n, D] (any strides); k_cache, v_cache: [Hkv, S, D] contiguous; block_tables: [n, W] int64;
+    q: [H, n, D] (any strides; no copy where each token's heads are contiguous, as in a view of the
+    fused q/k/v product); k_cache, v_cache: [Hkv, S, D] contiguous; block_tables: [n, W] int64;
     lens: [n] int64 (this step's token included); out: [n, H, D] contiguous, written in place.
     """
     lib = _library_for(k_cache, v_cache, out)
     num_heads, n, head_dim = q.shape
-    q = q.transpose(0, 1).contiguous()
+    q = q.transpose(0, 1)  # [n, H, D]
+    if not (q.stride(2) == 1 and q.stride(1) == head_dim):
+        q = q.contiguous()
     tables = block_tables.contiguous()
     lens = lens.contiguous()
     lib.bowline_paged_decode_f32(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.shape[1],
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.shape[1],
         lens.data_ptr(), n, num_heads, k_cache.shape[0], head_dim, k_cache.shape[1], block_size,
         float(scale), out.data_ptr(), torch.get_num_threads(),
     )
@@ -371,6 +378,20 @@ def is_rows(x: torch.Tensor, width: int) -> bool:
     return x.dim() == 2 and x.shape[1] == width and x.dtype == torch.float32 and x.stride(1) == 1
 
 
+class CLinear(NamedTuple):
+    """A kernel Linear as kernels/decode_layers.c calls it: which C product, and its weight arguments."""
+
+    kind: int  # one of the LINEAR_* numbers below (decode_layers.c's enum)
+    group_size: int  # AWQ's input rows per scale; 0 otherwise
+    weight: int
+    scale: int | None  # int8: per column; AWQ: per group and column
+    zero_scale: int | None  # AWQ: -zero * scale
+    bias: int | None
+
+
+LINEAR_F32, LINEAR_INT8, LINEAR_W8A8, LINEAR_AWQ, LINEAR_F16 = range(5)
+
+
 class KernelProduct:
     """Mixin for a kernel Linear layer (an nn.Module with in_features and out_features): its forward,
     and its C call's weight arguments read once.
@@ -397,6 +418,10 @@ class KernelProduct:
 
     def _weight_pointers(self) -> tuple:
         """The call's weight arguments, in the C function's order (data pointers, None for no bias)."""
+        raise NotImplementedError
+
+    def c_linear(self) -> CLinear:
+        """This layer for the whole-step C loop (kernels.decode_layers)."""
         raise NotImplementedError
 
     def weight_pointers(self) -> tuple:

@@ -6,8 +6,9 @@
  * mask. Each (sequence, key/value head) pair is one task; the query heads that share that key/value
  * head (grouped-query attention) are scored together, so every key and value row is read once.
  *
- * Layouts (all float32, contiguous):
- *   q        [n, H, D]        this step's query of each decoding sequence
+ * Layouts (all float32, contiguous but for q's rows):
+ *   q        [n, H, D]        this step's query of each decoding sequence, rows q_stride floats apart
+ *                             (a view of the fused q/k/v product's rows: no copy of the queries)
  *   k, v     [Hkv, S, D]      the layer's cache, head-major; slot = block * block_size + offset
  *   tables   [n, stride]      block tables (int64)
  *   lens     [n]              context lengths, this step's token included (int64)
@@ -196,7 +197,7 @@ static inline __attribute__((always_inline)) void vec_task(
 #endif
 
 void bowline_paged_decode_f32(
-    const float *q, const float *k_cache, const float *v_cache,
+    const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
     const int64_t *tables, int64_t table_stride, const int64_t *lens,
     int64_t n, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
     int64_t num_slots, int64_t block_size, float scale, float *out, int num_threads)
@@ -218,7 +219,7 @@ void bowline_paged_decode_f32(
             const int64_t i = task / num_kv_heads, h = task % num_kv_heads;
             const int64_t len = lens[i];
             const int64_t *table = tables + i * table_stride;
-            const float *qi = q + (i * num_heads + h * G) * D;
+            const float *qi = q + i * q_stride + h * G * D;
             const float *kh = k_cache + h * num_slots * D;
             const float *vh = v_cache + h * num_slots * D;
 #if defined(__AVX512F__) || defined(__AVX2__)

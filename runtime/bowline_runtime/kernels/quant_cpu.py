@@ -86,6 +86,11 @@ class Int8KernelLinear(kernels.KernelProduct, nn.Module):
     def _weight_pointers(self) -> tuple:
         return self.packed_weight.data_ptr(), self.scale.data_ptr(), kernels.pointer(self.bias)
 
+    def c_linear(self) -> kernels.CLinear:
+        weight, scale, bias = self.weight_pointers()
+        return kernels.CLinear(kernels.LINEAR_W8A8 if self.act_quant else kernels.LINEAR_INT8, 0, weight, scale, None,
+                               bias)
+
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         m = x.shape[0]
         if self.act_quant and m:  # x rounded to int8 per token, in C (quantize_activations' arithmetic)
@@ -127,6 +132,9 @@ class AwqKernelLinear(kernels.KernelProduct, nn.Module):
         return (self.packed_weight.data_ptr(), self.scales.data_ptr(), self.zero_scales.data_ptr(),
                 kernels.pointer(self.bias))
 
+    def c_linear(self) -> kernels.CLinear:
+        return kernels.CLinear(kernels.LINEAR_AWQ, self.group_size, *self.weight_pointers())
+
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         m, n = x.shape[0], self.out_features
         out = torch.empty(m, n, dtype=torch.float32)
@@ -153,6 +161,10 @@ class HalfKernelLinear(kernels.KernelProduct, nn.Module):
 
     def _weight_pointers(self) -> tuple:
         return self.packed_weight.data_ptr(), kernels.pointer(self.bias)
+
+    def c_linear(self) -> kernels.CLinear:
+        weight, bias = self.weight_pointers()
+        return kernels.CLinear(kernels.LINEAR_F16, 0, weight, None, None, bias)
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         m, n = x.shape[0], self.out_features

@@ -19,6 +19,7 @@ keeps transformers' forward, which the paged attention also serves.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -112,6 +113,17 @@ def fuse_projections(model: nn.Module) -> None:
             del mlp.gate_proj, mlp.up_proj
 
 
+class LayerLoop(Protocol):
+    """A device's whole layer loop in one call, for the steps it `accepts` (kernels.decode_layers on the CPU)."""
+
+    def accepts(self, meta: AttentionMetadata, tokens: int) -> bool: ...
+
+    def __call__(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 meta: AttentionMetadata) -> torch.Tensor:
+        """hidden [T, hidden] (the stream, updated in place) -> the last layer's output, not yet added to it."""
+        ...
+
+
 @dataclass(slots=True)
 class PackedLayer:
     """One decoder layer as the lean forward reads it."""
@@ -149,6 +161,9 @@ class PackedDecoder:
             )
             for layer in base.layers
         ]
+        # The device's one-call layer loop (Device.decode_layers), set once the device has swapped in its
+        # kernels; None: every step runs the loop in __call__.
+        self.decode_layers: LayerLoop | None = None
 
     def __call__(
         self, input_ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, meta: AttentionMetadata,
@@ -161,6 +176,11 @@ class PackedDecoder:
         hidden = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # [T, hidden]
         num_tokens = hidden.shape[0]
         cos, sin = self.rotary(hidden, positions)  # [T, rot_dim] each
+        fast = self.decode_layers
+        if lora is None and fast is not None and fast.accepts(meta, num_tokens):
+            hidden = hidden.contiguous()
+            out = fast(hidden, cos, sin, meta)
+            return self.model.lm_head(ops.add_rms_norm(out, hidden, *self.final_norm)[keep])
         residual = hidden  # the stream; each add_rms_norm adds a block's output to it in place
         out = None  # the previous block's output, not yet added to the stream
         for index, layer in enumerate(self.layers):
