@@ -4,12 +4,16 @@
     python -m bench.spec_decode_bench --quick         # smoke run: tiny preset, 2 requests, 16 tokens
     python -m bench.spec_decode_bench --tensor-parallel-size 2   # adds the drafts sharded over both ranks
 
-Rows: no speculation, n-gram prompt lookup on a repetitive workload (prompts whose continuation repeats
-their text), a copy-of-target draft (accepts everything, but its k - 1 proposal forwards cost as much as
-the target's), a 2-layer draft (the target's first two layers), and an oracle draft (free and always
-right: the recorded greedy continuation), whose ratio is what one verify forward of k + 1 positions
-costs against k + 1 plain steps — the check that verification is cheap. Each row reports output tok/s, its ratio to the
-no-speculation row of the same workload and concurrency, and the acceptance rate (accepted / drafted).
+Rows, on the preset's random weights and the `short` workload: no speculation, a copy-of-target draft
+(accepts everything, but its k - 1 proposal forwards cost as much as the target's), a 2-layer draft (the
+target's first two layers) and an oracle draft (free and always right: the recorded greedy
+continuation), whose ratio is what one verify forward of k + 1 positions costs against k + 1 plain
+steps, the check that verification is cheap. Then, on the `repetitive` workload (prompts whose
+continuation repeats their text), a model of the same shapes built to copy its prompt
+(tools.copying_model; random weights never repeat text, so n-gram lookup would find nothing to
+accept): no speculation, n-gram prompt lookup, and a 2-layer draft (its first two layers, which hold
+its whole copying circuit). Each row reports output tok/s, its ratio to the no-speculation row of the
+same workload and concurrency, and the acceptance rate (accepted / drafted).
 Greedy decoding, in process (LLMEngine), so the figures are the engine's, not HTTP's.
 """
 
@@ -22,7 +26,9 @@ from pathlib import Path
 from bowline_runtime.config import EngineConfig
 from bowline_runtime.engine.llm_engine import LLMEngine
 from bowline_runtime.engine.sampling_params import SamplingParams
-from bowline_runtime.tools.tiny_model import build_draft_model, build_tiny_model
+from bowline_runtime.tools import copying_model
+from bowline_runtime.tools.copying_model import build_copying_model
+from bowline_runtime.tools.tiny_model import PRESETS, build_draft_model, build_tiny_model
 
 _REPEAT = "the model serves tokens on a cluster of nodes and every request streams text back to the client "
 _SHORT = ["write a short story about a boat", "hello world how are you today", "one two three four five",
@@ -111,34 +117,45 @@ def main(argv: list[str] | None = None) -> None:
         build_draft_model(target, copy, num_layers=None)
     if not (two / "config.json").exists():
         build_draft_model(target, two, num_layers=min(2, _layers(target)))
+    # The repetitive rows run on a model that copies its prompt (random weights never repeat text, so
+    # n-gram lookup would have nothing to match): the preset's shapes where they fit the construction.
+    copying_preset = args.preset if _fits_copying(args.preset) else "small"
+    copying = root / f"{copying_preset}-copying"
+    if not (copying / "config.json").exists():
+        build_copying_model(copying, preset=copying_preset)
+    copying_two = root / f"{copying_preset}-copying-draft-2layer"
+    if not (copying_two / "config.json").exists():
+        build_draft_model(copying, copying_two, num_layers=2)
     k = args.num_speculative_tokens
+    spec = {"num_speculative_tokens": k}
     rows = [
-        ("no speculation", "short", {}),
-        ("no speculation", "repetitive", {}),
-        ("n-gram", "repetitive", {"speculative_model": "[ngram]", "num_speculative_tokens": k}),
-        ("copy-of-target draft", "short", {"speculative_model": str(copy), "num_speculative_tokens": k}),
-        ("2-layer draft", "short", {"speculative_model": str(two), "num_speculative_tokens": k}),
-        ("oracle draft (free, always right)", "short", {"speculative_model": "[ngram]", "num_speculative_tokens": k}),
+        ("no speculation", "short", target, {}),
+        ("copy-of-target draft", "short", target, {"speculative_model": str(copy), **spec}),
+        ("2-layer draft", "short", target, {"speculative_model": str(two), **spec}),
+        ("oracle draft (free, always right)", "short", target, {"speculative_model": "[ngram]", **spec}),
+        ("no speculation", "repetitive", copying, {}),
+        ("n-gram", "repetitive", copying, {"speculative_model": "[ngram]", **spec}),
+        ("2-layer draft (the copying layers)", "repetitive", copying, {"speculative_model": str(copying_two), **spec}),
     ]
     tp = args.tensor_parallel_size
     if tp > 1:  # the drafts again, sharded over the target's ranks instead of whole beside rank 0
         sharded = {"speculative_draft_tensor_parallel_size": tp}
-        rows[5:5] = [(f"copy-of-target draft, sharded x{tp}", "short", {**rows[3][2], **sharded}),
-                     (f"2-layer draft, sharded x{tp}", "short", {**rows[4][2], **sharded})]
+        rows[3:3] = [(f"copy-of-target draft, sharded x{tp}", "short", target, {**rows[1][3], **sharded}),
+                     (f"2-layer draft, sharded x{tp}", "short", target, {**rows[2][3], **sharded})]
     levels = [int(c) for c in args.concurrency.split(",")]
     baseline: dict[tuple[str, int], float] = {}
     print(f"| method | workload | c | output tok/s | x no speculation | acceptance |  (k={k}, {args.preset}, tp={tp})")
     print("|---|---|---|---|---|---|")
-    for name, kind, kw in rows:
+    for name, kind, model, kw in rows:
         expected = None
         if name.startswith("oracle"):  # recorded first: one tensor-parallel group per process at a time
             prompts = set(workload(kind, args.requests)) | set(workload(kind, 1))
-            plain = LLMEngine(EngineConfig(model=str(target), device=args.device, tensor_parallel_size=tp))
+            plain = LLMEngine(EngineConfig(model=str(model), device=args.device, tensor_parallel_size=tp))
             try:
                 expected = greedy_outputs(plain, sorted(prompts), args.max_tokens)
             finally:
                 plain.shutdown()
-        engine = LLMEngine(EngineConfig(model=str(target), device=args.device, tensor_parallel_size=tp, **kw))
+        engine = LLMEngine(EngineConfig(model=str(model), device=args.device, tensor_parallel_size=tp, **kw))
         try:
             if expected is not None:
                 install_oracle(engine, expected)
@@ -152,6 +169,11 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"| {name} | {kind} | {c} | {tps:.1f} | {ratio:.2f} | {acc} |", flush=True)
         finally:
             engine.shutdown()
+
+
+def _fits_copying(preset: str) -> bool:
+    shape = PRESETS[preset]
+    return shape.hidden_size >= copying_model.MIN_HIDDEN and shape.head_dim == copying_model.HEAD_DIM
 
 
 def _layers(model_dir: Path) -> int:

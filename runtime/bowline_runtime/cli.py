@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--vision", action="store_true",
                       help="a llava model: a random CLIP vision tower and projector before the language model")
+    tiny.add_argument("--copying", action="store_true",
+                      help="hand-set weights that continue a prompt by copying it (induction heads; presets with "
+                           "head size 64: bench, small), for n-gram speculative decoding benchmarks")
     tiny.add_argument("--quantization", default=None, choices=["awq", "w8a8"],
                       help="write the model quantized: AutoAWQ 4-bit or compressed-tensors int8 (W8A8)")
     tiny.add_argument("--config-only", action=argparse.BooleanOptionalAction, default=None,
@@ -59,6 +62,13 @@ def main(argv: list[str] | None = None) -> None:
             from bowline_runtime.tools.tiny_llava import build_tiny_llava
 
             path = build_tiny_llava(args.out_dir, preset=args.preset, arch=args.arch, seed=args.seed)
+        elif args.copying:
+            from bowline_runtime.tools.copying_model import build_copying_model
+
+            try:
+                path = build_copying_model(args.out_dir, preset=args.preset, seed=args.seed)
+            except ValueError as exc:
+                parser.error(str(exc))
         else:
             path = build_tiny_model(args.out_dir, preset=args.preset, arch=args.arch, seed=args.seed,
                                     config_only=args.config_only, quantization=args.quantization)

@@ -98,6 +98,8 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(64, 2, 4, 2, 128, 2048, 2048, 20_000),
     "bench": Preset(512, 8, 8, 4, 1536, 16000, 4096, 400_000),
+    # The smallest shape with head size 64 (what tools.copying_model needs): tests of a copying model.
+    "small": Preset(256, 2, 4, 2, 512, 2048, 2048, 20_000),
     # Qwen2.5-0.5B's shapes (its config.json): the GPU benchmark's model, served with dummy weights.
     "qwen2.5-0.5b": Preset(
         896, 24, 14, 2, 4864, 151936, 32768, 400_000,
