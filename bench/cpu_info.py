@@ -80,8 +80,14 @@ def cpu_facts(cpuinfo: Path = Path("/proc/cpuinfo"), model_dir: str | None = Non
         except (OSError, ValueError, KeyError):
             shapes = None
         prefix = linear_choice.cache_prefix(kernels.speed_signature(), getattr(torch, dtype))
-    return {"model": model, "flags": flags, "linear": linear_summary(cached, shapes, prefix)}
+    # The decoder layers' products take our kernel by rule, unmeasured, wherever it builds (devices.cpu's
+    # LinearChooser: the one-call layer loop needs them), so the cache has no entries for them.
+    layer_rule = kernels.gemm_available() and linear_choice.forced_choice(["kernel", "onednn", "torch"]) is None
+    return {"model": model, "flags": flags, "linear": linear_summary(cached, shapes, prefix),
+            "layer_products": "kernel" if layer_rule else None}
 
 
 def header_line(cpu: dict) -> str:
-    return f"CPU {cpu['model']}; kernel flags {' '.join(cpu['flags']) or 'none'}; Linear shapes served by {cpu['linear']}."
+    layers = f"; the layers' products: {cpu['layer_products']} (by rule)" if cpu.get("layer_products") else ""
+    return (f"CPU {cpu['model']}; kernel flags {' '.join(cpu['flags']) or 'none'}; "
+            f"Linear shapes served by {cpu['linear']}{layers}.")

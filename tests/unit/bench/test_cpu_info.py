@@ -30,6 +30,18 @@ def test_report_header_names_the_cpu():
             "cpu": {"model": "AMD EPYC 7B13", "flags": ["avx2", "fma"], "linear": "torch 2"}}
     text = report.render_markdown(meta, [], [])
     assert "CPU AMD EPYC 7B13; kernel flags avx2 fma; Linear shapes served by torch 2." in text
+    meta["cpu"] = {**meta["cpu"], "linear": "kernel 1 (16000x512)", "layer_products": "kernel"}
+    text = report.render_markdown(meta, [], [])
+    assert "Linear shapes served by kernel 1 (16000x512); the layers' products: kernel (by rule)." in text
+
+
+def test_the_header_says_the_layer_products_follow_the_rule_unless_forced(monkeypatch):
+    from bowline_runtime.kernels import cpu as kernels
+
+    monkeypatch.delenv("BOWLINE_CPU_LINEAR", raising=False)
+    assert cpu_info.cpu_facts()["layer_products"] == ("kernel" if kernels.gemm_available() else None)
+    monkeypatch.setenv("BOWLINE_CPU_LINEAR", "onednn")
+    assert cpu_info.cpu_facts()["layer_products"] is None
 
 
 BENCH_CONFIG = {"hidden_size": 512, "intermediate_size": 1536, "num_attention_heads": 8, "num_key_value_heads": 4,
