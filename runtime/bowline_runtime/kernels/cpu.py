@@ -396,8 +396,8 @@ class KernelProduct:
     """Mixin for a kernel Linear layer (an nn.Module with in_features and out_features): its forward,
     and its C call's weight arguments read once.
 
-    Subclasses give `_product` (2-D float32 rows in the C loops' form -> [M, out_features]) and
-    `_weight_pointers`. Why the pointers are kept: a buffer read through nn.Module.__getattr__ and its
+    Subclasses give `_product` (2-D float32 rows in the C loops' form -> [M, out_features]),
+    `_weight_pointers` and `c_linear` (the same pointers for the one-call layer loop). Why the pointers are kept: a buffer read through nn.Module.__getattr__ and its
     data_ptr() cost ~1 us each; a layer with weight, scales, zeros and bias paid that on every call.
     The layers' buffers are set once in __init__ and never reassigned; `_apply` (what .to(), .float()
     and friends go through) can move them, so it forgets the pointers and the next call reads them again.

@@ -3,7 +3,8 @@
 Why: the packed decoder's Python loop makes ten C calls per layer and, around each, a few microseconds
 of tensor bookkeeping; on the bench model that is about 1 ms a step, a fifth of a 4-bit batch-1 step.
 `DecodeLayers.of` describes the model once (every Linear's kernel and weight pointers, the norms, the
-shapes); each pure-decode step then fills one small struct and makes one call. The C loop runs the
+shapes), after the device has packed its weights, which stay where they are from then on (the engine
+never moves a loaded model); each pure-decode step then fills one small struct and makes one call. The C loop runs the
 same kernels in the same order on the same buffers, so its numbers are the Python loop's exactly.
 
 Taken only where it computes the same thing: float32, every product one of the C kernels (so no
@@ -71,6 +72,7 @@ class DecodeLayers:
         self._scale = scale
         self._lib = lib
         self._caches: list | None = None  # the KV cache list the layer structs point into
+        self._cache_ptr = 0  # its first key cache's data, to notice a cache reallocated in place of the list's
 
     @classmethod
     def of(cls, decoder: PackedDecoder) -> DecodeLayers | None:
