@@ -247,37 +247,37 @@ static void block(const float *x, int64_t xs, const float *panel, int64_t k, con
 }
 
 /* m rows against one panel, in blocks of at most MR rows whose sizes differ by at most one: with MR = 6,
- * 7 rows go 4 + 3, not 6 + 1; with MR = 3, 16 rows go 3 3 3 3 2 2, not 3 3 3 3 3 1. (Slicing K so the
+ * 7 rows go 4 + 3, not 6 + 1; with MR = 3, 13 rows go 3 3 3 2 2, not 3 3 3 3 1. On AVX2 from
+ * HALF_MIN_M rows, blocks of at most MR_HALF over each half of the panel: 16 rows go 6 5 5. (Slicing K so the
  * panel's slice stays in L1 while every block reads it was measured on AVX2 and was 5-25 % slower.) */
 static void panel_rows(const float *x, int64_t xs, const float *panel, int64_t k, const float *bias, float *out,
                        int64_t os, int64_t ncols, int64_t m, int has_next)
 {
+    int64_t rows_per_block = MR;
+    int halves = 1; /* 2: each block runs over the panel's two halves of 16 columns (rows_by_half) */
 #ifdef MR_HALF
-    if (m >= HALF_MIN_M) {
-        const int64_t blocks = (m + MR_HALF - 1) / MR_HALF;
-        const char *next = (const char *)(panel + k * NR), *next_end = has_next ? next + k * NR * 4 : next;
-        const int64_t slice = (k * NR * 4 + 2 * blocks - 1) / (2 * blocks);
-        const int lines = (int)((slice + 64 * k - 1) / (64 * k));
-        for (int64_t b = 0, r = 0; b < blocks; r += m / blocks + (b < m % blocks), ++b)
-            for (int h = 0; h < 2; ++h) {
-                const int64_t cols = ncols - 16 * h;
-                if (cols <= 0) break;
-                const char *pf = next + (2 * b + h) * slice;
-                const char *pf_end = pf + slice < next_end ? pf + slice : next_end;
-                half_block(x + r * xs, xs, panel + 16 * h, k, bias ? bias + 16 * h : 0, out + r * os + 16 * h, os,
-                           cols < 16 ? cols : 16, m / blocks + (b < m % blocks), pf, pf_end, lines);
-            }
-        return;
-    }
+    if (m >= HALF_MIN_M) rows_per_block = MR_HALF, halves = 2;
 #endif
-    const int64_t blocks = (m + MR - 1) / MR;
+    const int64_t blocks = (m + rows_per_block - 1) / rows_per_block, parts = blocks * halves;
     const char *next = (const char *)(panel + k * NR), *next_end = has_next ? next + k * NR * 4 : next;
-    const int64_t slice = (k * NR * 4 + blocks - 1) / blocks;
+    const int64_t slice = (k * NR * 4 + parts - 1) / parts; /* each part prefetches its share of the next panel */
     const int lines = blocks > 1 ? (int)((slice + 64 * k - 1) / (64 * k)) : 0;
     for (int64_t b = 0, r = 0; b < blocks; r += m / blocks + (b < m % blocks), ++b) {
-        const char *pf = next + b * slice;
-        const char *pf_end = pf + slice < next_end ? pf + slice : next_end;
-        block(x + r * xs, xs, panel, k, bias, out + r * os, os, ncols, m / blocks + (b < m % blocks), pf, pf_end, lines);
+        const int64_t mr = m / blocks + (b < m % blocks);
+        for (int h = 0; h < halves; ++h) {
+            const char *pf = next + (b * halves + h) * slice;
+            const char *pf_end = pf + slice < next_end ? pf + slice : next_end;
+#ifdef MR_HALF
+            if (halves == 2) {
+                const int64_t cols = ncols - 16 * h;
+                if (cols <= 0) break;
+                half_block(x + r * xs, xs, panel + 16 * h, k, bias ? bias + 16 * h : 0, out + r * os + 16 * h, os,
+                           cols < 16 ? cols : 16, mr, pf, pf_end, lines);
+                continue;
+            }
+#endif
+            block(x + r * xs, xs, panel, k, bias, out + r * os, os, ncols, mr, pf, pf_end, lines);
+        }
     }
 }
 
