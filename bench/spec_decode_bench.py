@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _fits_copying(preset: str) -> bool:
     shape = PRESETS[preset]
-    return shape.hidden_size >= copying_model.MIN_HIDDEN and shape.head_dim == copying_model.HEAD_DIM
+    return copying_model.fits(shape.hidden_size, shape.head_dim, shape.num_layers)
 
 
 def _layers(model_dir: Path) -> int:

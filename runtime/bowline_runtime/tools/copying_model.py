@@ -52,14 +52,19 @@ def _unit_rows(n: int, dim: int, gen: torch.Generator) -> torch.Tensor:
 
 def _content_dims() -> list[int]:
     """The head dimensions of the slow rotary pairs: each pair is dimension i and i + 32 (rotate-half form)."""
-    return [i for i in _CONTENT_PAIRS] + [i + HEAD_DIM // 2 for i in _CONTENT_PAIRS]
+    return list(_CONTENT_PAIRS) + [i + HEAD_DIM // 2 for i in _CONTENT_PAIRS]
+
+
+def fits(hidden: int, head_dim: int, layers: int) -> bool:
+    """Whether shapes hold the circuit: the stream's five parts, the heads' rotary pairs, two layers."""
+    return hidden >= MIN_HIDDEN and head_dim == HEAD_DIM and layers >= 2
 
 
 def copying_state_dict(config, seed: int = 0) -> dict[str, torch.Tensor]:
     """The weights (transformers' Llama names) of an induction-copying model of `config`'s shapes."""
     hidden, vocab, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    if hidden < MIN_HIDDEN or head_dim != HEAD_DIM or layers < 2:
+    if not fits(hidden, head_dim, layers):
         raise ValueError(f"a copying model needs hidden size >= {MIN_HIDDEN}, head size {HEAD_DIM} and 2 layers or "
                          f"more, not {hidden}, {head_dim} and {layers}")
     theta = [ROPE_THETA ** (-2 * i / head_dim) for i in range(head_dim // 2)]
