@@ -98,6 +98,19 @@ class Sequences:
             logits = decoder(torch.tensor(self.last), torch.tensor(positions), torch.arange(n), meta)
         return logits, meta
 
+    def both_loops_step(self, decoder: PackedDecoder, fast) -> torch.Tensor:
+        """One decode step through the Python loop (on a copy of the cache) and through `fast` (on the cache):
+        asserts the two give the same logits and leave the same cache; returns the Python loop's logits."""
+        python_caches = copy.deepcopy(self.caches)
+        decoder.decode_layers = None
+        want, _ = self.decode_step(decoder, python_caches)
+        decoder.decode_layers = fast
+        got, _ = self.decode_step(decoder, self.caches)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        for (k, v), (pk, pv) in zip(self.caches, python_caches, strict=True):
+            assert torch.equal(k, pk) and torch.equal(v, pv)
+        return want
+
     def advance(self, logits: torch.Tensor) -> None:
         self.lens = [n + 1 for n in self.lens]
         self.last = [int(t) for t in logits.argmax(-1)]
@@ -125,15 +138,7 @@ def test_c_loop_gives_the_python_loops_logits_and_cache(models, name):
     fast = Counting(decoder.decode_layers)
     seqs = Sequences(decoder)
     for _ in range(STEPS):
-        python_caches = copy.deepcopy(seqs.caches)
-        decoder.decode_layers = None
-        want, _ = seqs.decode_step(decoder, python_caches)
-        decoder.decode_layers = fast
-        got, _ = seqs.decode_step(decoder, seqs.caches)
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-        for (k, v), (pk, pv) in zip(seqs.caches, python_caches, strict=True):
-            assert torch.equal(k, pk) and torch.equal(v, pv)
-        seqs.advance(want)
+        seqs.advance(seqs.both_loops_step(decoder, fast))
     assert fast.calls == STEPS
 
 
@@ -142,14 +147,7 @@ def test_a_new_cache_is_bound_again(models):
     decoder = _decoder(models["float32"][0])
     seqs = Sequences(decoder)
     seqs.decode_step(decoder, copy.deepcopy(seqs.caches))  # the C loop bound to another cache first
-    python_caches = copy.deepcopy(seqs.caches)
-    fast, decoder.decode_layers = decoder.decode_layers, None
-    want, _ = seqs.decode_step(decoder, python_caches)
-    decoder.decode_layers = fast
-    got, _ = seqs.decode_step(decoder, seqs.caches)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    for (k, v), (pk, pv) in zip(seqs.caches, python_caches, strict=True):
-        assert torch.equal(k, pk) and torch.equal(v, pv)
+    seqs.both_loops_step(decoder, decoder.decode_layers)
 
 
 def test_steps_it_does_not_compute_keep_the_python_loop(models):
