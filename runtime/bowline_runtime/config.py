@@ -16,6 +16,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 ENV_PREFIX = "BOWLINE_"
 
 DType = Literal["auto", "float32", "float16", "bfloat16"]
+# vLLM's --kv-cache-dtype names that Bowline stores (its fp8 formats are not built: they are refused by name).
+KVCacheDType = Literal["auto", "float16", "bfloat16"]
 # vLLM's names; smoothquant and compressed-tensors are read as w8a8 (models.quantization).
 Quantization = Literal["auto", "none", "awq", "w8a8", "smoothquant", "compressed-tensors", "int8"]
 
@@ -47,6 +49,7 @@ class EngineConfig:
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
     kv_cache_memory: int | None = None  # bytes; default on CPU: 1 GiB
+    kv_cache_dtype: KVCacheDType = "auto"
     enable_prefix_caching: bool = False
     enable_chunked_prefill: bool = True
     # Speculative decoding (engine/spec_decode): vLLM's separate flags and its JSON form.
@@ -195,6 +198,9 @@ _HELP = {
     "block_size": "KV-cache block size in tokens",
     "gpu_memory_utilization": "fraction of accelerator memory for weights + KV cache",
     "kv_cache_memory": "KV-cache size in bytes (CPU default: 1 GiB; overrides the utilization fraction)",
+    "kv_cache_dtype": "KV-cache element type: auto is the model's dtype; float16 or bfloat16 under a float32 "
+    "model hold twice the tokens in the same memory and halve what attention reads per step (keys and values "
+    "are rounded as they are stored; attention still sums in float32)",
     "enable_prefix_caching": "share full KV blocks between requests with the same prefix",
     "enable_chunked_prefill": "split long prompts over steps (off: a prompt waits until it fits one step whole)",
     "speculative_model": "draft model folder (same tokenizer), or [ngram] for prompt lookup: speculative decoding",

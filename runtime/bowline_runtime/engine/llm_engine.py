@@ -92,9 +92,10 @@ class LLMEngine:
         if self.speculator is not None:
             self.speculator.allocate_kv_cache(num_blocks * self.block_size)
         logger.info(
-            "KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB per rank)",
+            "KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB per rank, %s)",
             num_blocks, self.block_size, num_blocks * self.block_size,
             num_blocks * self.block_size * self.runner.kv_bytes_per_token(self.tp.num_kv_heads_local) / 2**20,
+            str(self.runner.kv_dtype).removeprefix("torch."),
         )
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
         max_batched = config.max_num_batched_tokens

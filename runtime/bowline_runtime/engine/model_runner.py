@@ -175,6 +175,16 @@ def prepare_step(batch: ScheduledBatch, block_size: int, group_decodes: bool = T
     return StepPlan(step, sample_rows, prompt_rows)
 
 
+def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's element type for --kv-cache-dtype `name` (vLLM's values): auto is the model's."""
+    if name == "auto":
+        return model_dtype
+    dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in dtypes:
+        raise ValueError(f"--kv-cache-dtype {name!r} is not supported; choose auto, float16 or bfloat16")
+    return dtypes[name]
+
+
 class ModelRunner:
     """Holds a (possibly sharded) model and its KV cache on one device."""
 
@@ -183,6 +193,7 @@ class ModelRunner:
         stage_decode_context: bool = True, decode_kernel: Callable[..., None] | None = None,
         prefill_kernel: Callable[..., None] | None = None, decoder: PackedDecoder | None = None,
         cache_writer: Callable[..., None] | None = None, vision: VisionEncoder | None = None,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.vision = vision  # a vision-language model's image encoder (models.vision), or None
@@ -195,6 +206,7 @@ class ModelRunner:
         self.cache_writer = cache_writer  # None: torch's index_copy_
         self.device = device
         self.dtype = dtype
+        self.kv_dtype = dtype if kv_dtype is None else kv_dtype  # --kv-cache-dtype (kv_cache_dtype())
         self.is_driver = is_driver
         config = model.config.get_text_config()
         self.num_layers = config.num_hidden_layers
@@ -225,14 +237,14 @@ class ModelRunner:
             )
 
     def kv_bytes_per_token(self, num_kv_heads_local: int) -> int:
-        return 2 * self.num_layers * num_kv_heads_local * self.head_dim * torch.finfo(self.dtype).bits // 8
+        return 2 * self.num_layers * num_kv_heads_local * self.head_dim * torch.finfo(self.kv_dtype).bits // 8
 
     def allocate_kv_cache(self, num_slots: int, num_kv_heads_local: int) -> None:
         # Zeroed, not empty: padded context slots are read (then masked), and NaN * 0 would still be NaN.
         shape = (num_kv_heads_local, num_slots, self.head_dim)  # head-major: see models.attention
         self.kv_caches = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            (torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+             torch.zeros(shape, dtype=self.kv_dtype, device=self.device))
             for _ in range(self.num_layers)
         ]
 

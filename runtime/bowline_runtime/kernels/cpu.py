@@ -42,6 +42,18 @@ _SOURCES = tuple(
         "paged_decode.c", "paged_prefill.c", "fused.c", "gemm.c", "quant_gemm.c", "lora.c", "decode_layers.c"
     )
 )
+_HEADERS = (Path(__file__).with_name("kv_cache.h"),)  # part of the library's identity, not compiled alone
+
+# The KV cache element types the C kernels read and write (kv_cache.h's KV_F32, KV_F16, KV_BF16).
+KV_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def kv_kind(dtype: torch.dtype) -> int:
+    """kv_cache.h's number for a cache of `dtype` (float32, float16 or bfloat16)."""
+    try:
+        return KV_KINDS[dtype]
+    except KeyError:
+        raise ValueError(f"the CPU kernels read float32, float16 or bfloat16 KV caches, not {dtype}") from None
 # -ffast-math lets the softmax's expf and the dot products vectorise; -fopenmp shares the libgomp torch loaded.
 _FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC")
 # Linked without -ffast-math: given at link time, gcc adds crtfastmath.o, whose constructor switches the
@@ -86,7 +98,7 @@ def _compiler() -> str | None:
 
 def library_key(compiler: str) -> str:
     """The library's identity: its sources, flags, compiler and CPU (the name of the cached build)."""
-    sources = [path.read_bytes() for path in _SOURCES]
+    sources = [path.read_bytes() for path in (*_SOURCES, *_HEADERS)]
     return hashlib.sha256(b"\0".join([*sources, " ".join(compile_flags() + _LINK_FLAGS).encode(), compiler.encode(),
                                       cpu_signature().encode()])).hexdigest()[:16]
 
@@ -138,10 +150,10 @@ def load() -> ctypes.CDLL | None:
         return None
     fn = lib.bowline_paged_decode_f32
     fn.restype = None
-    fn.argtypes = [_p, _i64, _p, _p, _p, _i64, _p, _i64, _i64, _i64, _i64, _i64, _i64, _f32, _p, _int]
+    fn.argtypes = [_p, _i64, _p, _p, _int, _p, _i64, _p, _i64, _i64, _i64, _i64, _i64, _i64, _f32, _p, _int]
     fn = lib.bowline_paged_prefill_f32
     fn.restype = None
-    fn.argtypes = [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64, _f32, _p, _int]
+    fn.argtypes = [_p, _p, _p, _int, _p, _i64, _i64, _i64, _i64, _i64, _i64, _f32, _p, _int]
     fn = lib.bowline_rms_norm_f32
     fn.restype = None
     fn.argtypes = [_p, _i64, _p, _p, _p, _i64, _i64, _f32, _int]
@@ -153,7 +165,7 @@ def load() -> ctypes.CDLL | None:
     fn.argtypes = [_p, _i64, _i64, _i64, _i64, _p, _p, _i64, _int]
     fn = lib.bowline_write_kv_f32
     fn.restype = None
-    fn.argtypes = [_p, _i64, _p, _i64, _p, _p, _p, _i64, _i64, _i64, _i64, _int]
+    fn.argtypes = [_p, _i64, _p, _i64, _p, _p, _int, _p, _i64, _i64, _i64, _i64, _int]
     lib.bowline_quant_panel_width.restype = _i64
     lib.bowline_quant_panel_width.argtypes = []
     fn = lib.bowline_q8_gemm_f32  # quantized Linear layers (quant_gemm.c, see kernels.quant_cpu)
@@ -195,6 +207,8 @@ def _library_for(k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor
         raise RuntimeError("CPU kernels are not available")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous() and out.is_contiguous()):
         raise ValueError("the KV cache and the output must be contiguous")
+    if k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"keys and values must share a dtype, got {k_cache.dtype} and {v_cache.dtype}")
     return lib
 
 
@@ -202,7 +216,8 @@ def paged_decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     lens: torch.Tensor, scale: float, block_size: int, out: torch.Tensor,
 ) -> None:
-    """out[i] = attention of q[:, i] over sequence i's cached context (float32, CPU).
+    """out[i] = attention of q[:, i] over sequence i's cached context (CPU; float32 queries and output, a
+    float32, float16 or bfloat16 cache read as float32).
 
     q: [H, n, D] (any strides; no copy where each token's heads are contiguous, as in a view of the
     fused q/k/v product); k_cache, v_cache: [Hkv, S, D] contiguous; block_tables: [n, W] int64;
@@ -216,7 +231,8 @@ def paged_decode_attention(
     tables = block_tables.contiguous()
     lens = lens.contiguous()
     lib.bowline_paged_decode_f32(
-        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.shape[1],
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), kv_kind(k_cache.dtype),
+        tables.data_ptr(), tables.shape[1],
         lens.data_ptr(), n, num_heads, k_cache.shape[0], head_dim, k_cache.shape[1], block_size,
         float(scale), out.data_ptr(), torch.get_num_threads(),
     )
@@ -225,7 +241,8 @@ def paged_decode_attention(
 def write_kv_cache(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
 ) -> None:
-    """k_cache[:, slots[t]] = k[:, t] and the same for v (float32, CPU), in one call.
+    """k_cache[:, slots[t]] = k[:, t] and the same for v (float32 in; the cache float32, float16 or
+    bfloat16, rounded to nearest even; CPU), in one call.
 
     k, v: [Hkv, T, D] (the layer's new keys and values as attention receives them; any row stride,
     but each token's heads contiguous); caches [Hkv, S, D] contiguous; slots [T] int64.
@@ -238,7 +255,7 @@ def write_kv_cache(
     slots = slots.contiguous()
     lib.bowline_write_kv_f32(
         kt.data_ptr(), kt.stride(0), vt.data_ptr(), vt.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-        slots.data_ptr(), tokens, num_kv_heads, head_dim, k_cache.shape[1], torch.get_num_threads(),
+        kv_kind(k_cache.dtype), slots.data_ptr(), tokens, num_kv_heads, head_dim, k_cache.shape[1], torch.get_num_threads(),
     )
 
 
@@ -246,7 +263,8 @@ def paged_prefill_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, scale: float,
     out: torch.Tensor,
 ) -> None:
-    """out = causal attention of one sequence's prefill chunk over its cached context (float32, CPU).
+    """out = causal attention of one sequence's prefill chunk over its cached context (CPU; float32
+    queries and output, a float32, float16 or bfloat16 cache).
 
     q: [H, n, D] (any strides), the chunk's queries at positions len(slots) - n .. len(slots) - 1;
     slots: [ctx_len] int64, the cache slot of every position so far, this chunk's included (its keys
@@ -257,7 +275,7 @@ def paged_prefill_attention(
     q = q.contiguous()
     slots = slots.contiguous()
     lib.bowline_paged_prefill_f32(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), slots.shape[0], n,
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), kv_kind(k_cache.dtype), slots.data_ptr(), slots.shape[0], n,
         num_heads, k_cache.shape[0], head_dim, k_cache.shape[1], float(scale), out.data_ptr(),
         torch.get_num_threads(),
     )

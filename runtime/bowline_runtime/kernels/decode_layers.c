@@ -40,11 +40,11 @@ void bowline_silu_mul_f32(const float *gate, int64_t gate_stride, const float *u
                           int64_t rows, int64_t dim, int num_threads);
 void bowline_rotary_f32(float *x, int64_t row_stride, int64_t rows, int64_t heads, int64_t head_dim,
                         const float *cos_t, const float *sin_t, int64_t rot_dim, int num_threads);
-void bowline_write_kv_f32(const float *k, int64_t k_stride, const float *v, int64_t v_stride, float *k_cache,
-                          float *v_cache, const int64_t *slots, int64_t tokens, int64_t kv_heads, int64_t head_dim,
-                          int64_t num_slots, int num_threads);
-void bowline_paged_decode_f32(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
-                              const int64_t *tables, int64_t table_stride, const int64_t *lens, int64_t n,
+void bowline_write_kv_f32(const float *k, int64_t k_stride, const float *v, int64_t v_stride, void *k_cache,
+                          void *v_cache, int kv_kind, const int64_t *slots, int64_t tokens, int64_t kv_heads,
+                          int64_t head_dim, int64_t num_slots, int num_threads);
+void bowline_paged_decode_f32(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache,
+                              int kv_kind, const int64_t *tables, int64_t table_stride, const int64_t *lens, int64_t n,
                               int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t num_slots,
                               int64_t block_size, float scale, float *out, int num_threads);
 
@@ -63,7 +63,7 @@ struct bl_linear {
 struct bl_layer {
     const float *in_norm, *post_norm;
     float in_eps, post_eps;
-    float *k_cache, *v_cache; /* [Hkv, S, D] */
+    void *k_cache, *v_cache; /* [Hkv, S, D] of the step's kv_kind */
     struct bl_linear qkv, o, gate_up, down;
 };
 
@@ -74,6 +74,7 @@ struct bl_step {
     const int64_t *slots;                   /* [T] cache slot of each token */
     const int64_t *tables, *lens;           /* [T, table_stride] block tables, [T] context lengths */
     int64_t table_stride, num_slots, block_size;
+    int64_t kv_kind;                        /* the cache's elements (kv_cache.h: KV_F32, KV_F16, KV_BF16) */
     float scale;
     float *residual;                        /* [T, hidden]: the embeddings in, the stream out */
     float *out;                             /* [T, hidden]: the last layer's down product out */
@@ -119,8 +120,8 @@ void bowline_decode_layers_f32(const struct bl_layer *layers, int64_t num_layers
         linear(&L->qkv, s->x, s->qkv, s->rounded, T, num_threads);
         bowline_rotary_f32(s->qkv, qkv_width, T, s->heads + s->kv_heads, D, s->cos, s->sin, s->rot_dim, num_threads);
         bowline_write_kv_f32(s->qkv + q_width, qkv_width, s->qkv + q_width + kv_width, qkv_width, L->k_cache,
-                             L->v_cache, s->slots, T, s->kv_heads, D, s->num_slots, num_threads);
-        bowline_paged_decode_f32(s->qkv, qkv_width, L->k_cache, L->v_cache, s->tables, s->table_stride, s->lens, T,
+                             L->v_cache, (int)s->kv_kind, s->slots, T, s->kv_heads, D, s->num_slots, num_threads);
+        bowline_paged_decode_f32(s->qkv, qkv_width, L->k_cache, L->v_cache, (int)s->kv_kind, s->tables, s->table_stride, s->lens, T,
                                  s->heads, s->kv_heads, D, s->num_slots, s->block_size, s->scale, s->attn,
                                  num_threads);
         linear(&L->o, s->attn, s->out, s->rounded, T, num_threads);

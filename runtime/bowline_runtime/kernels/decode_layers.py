@@ -47,7 +47,7 @@ class _Step(ctypes.Structure):
     _fields_ = [("tokens", _i64), ("hidden", _i64), ("heads", _i64), ("kv_heads", _i64), ("head_dim", _i64),
                 ("intermediate", _i64), ("rot_dim", _i64), ("cos", _p), ("sin", _p), ("slots", _p),
                 ("tables", _p), ("lens", _p), ("table_stride", _i64), ("num_slots", _i64), ("block_size", _i64),
-                ("scale", _f32), ("residual", _p), ("out", _p), ("x", _p), ("qkv", _p), ("attn", _p),
+                ("kv_kind", _i64), ("scale", _f32), ("residual", _p), ("out", _p), ("x", _p), ("qkv", _p), ("attn", _p),
                 ("gate_up", _p), ("act", _p), ("rounded", _p)]
 
 
@@ -123,11 +123,12 @@ class DecodeLayers:
 
     def _bind_caches(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         for layer, (k_cache, v_cache) in zip(self._layers, caches, strict=True):
-            if not (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == torch.float32):
-                raise ValueError("the KV cache must be contiguous float32")
+            if not (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == v_cache.dtype):
+                raise ValueError("the KV cache must be contiguous, keys and values of one dtype")
             layer.k_cache, layer.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
         self._caches = caches
         self._cache_ptr = caches[0][0].data_ptr()
+        self._kv_kind = kernels.kv_kind(caches[0][0].dtype)
 
     def __call__(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  meta: AttentionMetadata) -> torch.Tensor:
@@ -153,7 +154,7 @@ class DecodeLayers:
         step = _Step(
             tokens, w["hidden"], w["heads"], w["kv_heads"], w["head_dim"], inter, cos.shape[-1],
             cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), tables.data_ptr(), lens.data_ptr(), tables.shape[1],
-            k_cache.shape[1], meta.block_size, self._scale, hidden.data_ptr(), *offsets,
+            k_cache.shape[1], meta.block_size, self._kv_kind, self._scale, hidden.data_ptr(), *offsets,
         )
         self._lib.bowline_decode_layers_f32(self._layers, self._num_layers, ctypes.byref(step),
                                             torch.get_num_threads())

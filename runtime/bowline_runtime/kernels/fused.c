@@ -13,6 +13,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kv_cache.h"
+
 /* Below this many floats a call runs on the calling thread alone. */
 #define PARALLEL_MIN 65536
 
@@ -89,19 +91,21 @@ void bowline_rotary_f32(float *x, int64_t row_stride, int64_t rows, int64_t head
 
 /*
  * The new keys and values of a step into the paged cache: k, v [T, Hkv, D] with rows `k_stride` /
- * `v_stride` floats apart (heads contiguous: views of the q/k/v product), caches [Hkv, S, D].
+ * `v_stride` floats apart (heads contiguous: views of the q/k/v product), caches [Hkv, S, D] of
+ * float32, float16 or bfloat16 elements (kv_kind, kv_cache.h), rounded to nearest even.
  * One call for both, where torch's index_copy_ is two of ~15 us each at decode sizes.
  */
-void bowline_write_kv_f32(const float *k, int64_t k_stride, const float *v, int64_t v_stride, float *k_cache,
-                          float *v_cache, const int64_t *slots, int64_t tokens, int64_t kv_heads, int64_t head_dim,
-                          int64_t num_slots, int num_threads)
+void bowline_write_kv_f32(const float *k, int64_t k_stride, const float *v, int64_t v_stride, void *k_cache,
+                          void *v_cache, int kv_kind, const int64_t *slots, int64_t tokens, int64_t kv_heads,
+                          int64_t head_dim, int64_t num_slots, int num_threads)
 {
+    const int64_t rb = head_dim * kv_elem_size(kv_kind);
 #pragma omp parallel for num_threads(num_threads) if (tokens * kv_heads * head_dim >= PARALLEL_MIN) schedule(static)
     for (int64_t t = 0; t < tokens; ++t) {
         for (int64_t h = 0; h < kv_heads; ++h) {
-            const int64_t dst = (h * num_slots + slots[t]) * head_dim;
-            memcpy(k_cache + dst, k + t * k_stride + h * head_dim, sizeof(float) * (size_t)head_dim);
-            memcpy(v_cache + dst, v + t * v_stride + h * head_dim, sizeof(float) * (size_t)head_dim);
+            const int64_t dst = (h * num_slots + slots[t]) * rb;
+            kv_store_row((char *)k_cache + dst, kv_kind, head_dim, k + t * k_stride + h * head_dim);
+            kv_store_row((char *)v_cache + dst, kv_kind, head_dim, v + t * v_stride + h * head_dim);
         }
     }
 }

@@ -6,12 +6,16 @@
  * attends to every key at or before its own position. One task is (key/value head, block of BQ query positions): the query
  * heads sharing that key/value head are all rows of the task, so every key block is loaded and
  * transposed once for all of them. Keys go BK at a time with an online softmax, so no score matrix
- * larger than RB x BK ever exists. Cache layout as in paged_decode.c; q is [H, n, D], out [n, H, D].
+ * larger than RB x BK ever exists. Cache layout as in paged_decode.c (float32, float16 or bfloat16
+ * elements, kv_cache.h: a key block is converted as it is transposed, a value block into a float32
+ * copy); q is [H, n, D], out [n, H, D].
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "kv_cache.h"
 
 #define BQ 64 /* query positions per task */
 #define BK 64 /* keys per step of the online softmax */
@@ -19,12 +23,12 @@
 #define VL 16 /* floats per step of the inner loops (one AVX-512 register); head_dim must be a multiple */
 
 void bowline_paged_prefill_f32(
-    const float *q, const float *k_cache, const float *v_cache, const int64_t *slots, int64_t ctx_len,
+    const float *q, const void *k_cache, const void *v_cache, int kv_kind, const int64_t *slots, int64_t ctx_len,
     int64_t n, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t num_slots,
     float scale, float *out, int num_threads)
 {
     const int64_t G = num_heads / num_kv_heads;
-    const int64_t D = head_dim;
+    const int64_t D = head_dim, rb = D * kv_elem_size(kv_kind); /* bytes of a cache row */
     const int64_t q_blocks = (n + BQ - 1) / BQ;
     const int64_t rows_max = (G * BQ + RB - 1) / RB * RB;
     const int64_t first_pos = ctx_len - n;
@@ -32,6 +36,8 @@ void bowline_paged_prefill_f32(
 #pragma omp parallel num_threads(num_threads)
     {
         float *kt = malloc(sizeof(float) * (size_t)(D * BK));
+        float *krow = malloc(sizeof(float) * (size_t)D);
+        float *vblock = kv_kind == KV_F32 ? NULL : malloc(sizeof(float) * (size_t)(BK * D)); /* values as float32 */
         float *acc = malloc(sizeof(float) * (size_t)(rows_max * D));
         float *zero_row = calloc((size_t)D, sizeof(float));
         float *m = malloc(sizeof(float) * (size_t)rows_max);
@@ -45,7 +51,7 @@ void bowline_paged_prefill_f32(
             /* Later query blocks see more keys: hand them out first. */
             const int64_t h = task % num_kv_heads, qb = q_blocks - 1 - task / num_kv_heads;
             const int64_t i0 = qb * BQ, i1 = i0 + BQ < n ? i0 + BQ : n;
-            const float *kh = k_cache + h * num_slots * D, *vh = v_cache + h * num_slots * D;
+            const char *kh = (const char *)k_cache + h * num_slots * rb, *vh = (const char *)v_cache + h * num_slots * rb;
             int64_t rows = 0;
             for (int64_t g = 0; g < G; ++g)
                 for (int64_t i = i0; i < i1; ++i, ++rows) {
@@ -68,8 +74,15 @@ void bowline_paged_prefill_f32(
                 for (int64_t k = 0; k < BK; ++k) {
                     if (k < tn) {
                         const int64_t slot = slots[k0 + k];
-                        const float *kr = kh + slot * D;
-                        vrow[k] = vh + slot * D;
+                        const float *kr = krow;
+                        if (kv_kind == KV_F32) {
+                            kr = (const float *)(kh + slot * rb);
+                            vrow[k] = (const float *)(vh + slot * rb);
+                        } else {
+                            kv_load_row(kh + slot * rb, kv_kind, D, krow);
+                            kv_load_row(vh + slot * rb, kv_kind, D, vblock + k * D);
+                            vrow[k] = vblock + k * D;
+                        }
                         for (int64_t d = 0; d < D; ++d) kt[d * BK + k] = kr[d];
                     } else {
                         for (int64_t d = 0; d < D; ++d) kt[d * BK + k] = 0.0f;
@@ -160,6 +173,8 @@ void bowline_paged_prefill_f32(
         free(m);
         free(zero_row);
         free(acc);
+        free(vblock);
+        free(krow);
         free(kt);
     }
 }

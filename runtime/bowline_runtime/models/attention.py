@@ -92,12 +92,12 @@ def attend(
     """The step's new keys/values into layer's cache, then attention: q [H, T, D], k/v [Hkv, T, D] (views
     of any strides) -> [T, H, D]. What the packed decoder calls directly, without transformers' batch
     dimension to add and take off again (seven view operations per layer, each a few us of Python)."""
-    k_cache, v_cache = attn_meta.kv_caches[layer]  # [Hkv, slots, D]
+    k_cache, v_cache = attn_meta.kv_caches[layer]  # [Hkv, slots, D], of --kv-cache-dtype
     if attn_meta.cache_writer is not None:
         attn_meta.cache_writer(k, v, k_cache, v_cache, attn_meta.slot_mapping)
     else:
-        k_cache.index_copy_(1, attn_meta.slot_mapping, k)
-        v_cache.index_copy_(1, attn_meta.slot_mapping, v)
+        k_cache.index_copy_(1, attn_meta.slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(1, attn_meta.slot_mapping, v.to(v_cache.dtype))
 
     num_heads, num_tokens, head_dim = q.shape
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
@@ -120,12 +120,12 @@ def attend(
             continue
         qs = q[:, span.q_start : span.q_end].unsqueeze(0)  # [1, H, q, D]
         if span.context_slots is None:
-            ks = k[:, span.q_start : span.q_end].unsqueeze(0)
-            vs = v[:, span.q_start : span.q_end].unsqueeze(0)
+            ks = _as_stored(k[:, span.q_start : span.q_end], k_cache).unsqueeze(0)
+            vs = _as_stored(v[:, span.q_start : span.q_end], v_cache).unsqueeze(0)
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling, enable_gqa=True)
         else:
-            ks = k_cache.index_select(1, span.context_slots).unsqueeze(0)  # [1, Hkv, ctx, D]
-            vs = v_cache.index_select(1, span.context_slots).unsqueeze(0)
+            ks = k_cache.index_select(1, span.context_slots).to(q.dtype).unsqueeze(0)  # [1, Hkv, ctx, D]
+            vs = v_cache.index_select(1, span.context_slots).to(q.dtype).unsqueeze(0)
             q_len = span.q_end - span.q_start
             offset = span.context_len - q_len
             rows = torch.arange(q_len, device=q.device).unsqueeze(1) + offset
@@ -133,6 +133,12 @@ def attend(
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scaling, enable_gqa=True)
         out[span.q_start : span.q_end] = o[0].transpose(0, 1)
     return out
+
+
+def _as_stored(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """x as the cache holds it: rounded to a half-precision cache's dtype (--kv-cache-dtype) and back, so
+    that attention over this step's fresh keys and values sees what later steps will read back."""
+    return x if x.dtype == cache.dtype else x.to(cache.dtype).to(x.dtype)
 
 
 def _staged_context(layer: int, k, v, k_cache, v_cache, group: DecodeGroup, block_size: int):
@@ -143,8 +149,8 @@ def _staged_context(layer: int, k, v, k_cache, v_cache, group: DecodeGroup, bloc
     if staged is not None:
         keys, values = staged
         rows = torch.arange(n, device=keys.device)
-        keys[:, rows, group.lens - 1] = k[:, group.start : group.end]
-        values[:, rows, group.lens - 1] = v[:, group.start : group.end]
+        keys[:, rows, group.lens - 1] = _as_stored(k[:, group.start : group.end], k_cache)
+        values[:, rows, group.lens - 1] = _as_stored(v[:, group.start : group.end], v_cache)
     else:
         num_kv_heads, _, head_dim = k_cache.shape
         # Gather whole blocks (rows of block_size * D values), not single slots: fewer, longer copies.
@@ -153,8 +159,9 @@ def _staged_context(layer: int, k, v, k_cache, v_cache, group: DecodeGroup, bloc
         by_block = (num_kv_heads, -1, block_size * head_dim)
         shape = (num_kv_heads, n, group.capacity, head_dim)
         # Zeroed, not empty: the padding beyond each context is masked, but NaN * 0 would still be NaN.
-        keys = torch.zeros(shape, dtype=k_cache.dtype, device=k_cache.device)
-        values = torch.zeros(shape, dtype=v_cache.dtype, device=v_cache.device)
+        # In the compute dtype: a half-precision cache (--kv-cache-dtype) is widened as it is gathered.
+        keys = torch.zeros(shape, dtype=k.dtype, device=k_cache.device)
+        values = torch.zeros(shape, dtype=v.dtype, device=v_cache.device)
         gathered = (num_kv_heads, n, gathered_len, head_dim)
         keys[:, :, :gathered_len] = k_cache.view(by_block).index_select(1, blocks).view(gathered)
         values[:, :, :gathered_len] = v_cache.view(by_block).index_select(1, blocks).view(gathered)

@@ -62,11 +62,12 @@ def _decode_group(tables: list[list[int]], lens: list[int]) -> DecodeGroup:
 class Sequences:
     """A few sequences in a paged cache: each prefilled alone, then decoding together greedily."""
 
-    def __init__(self, decoder: PackedDecoder) -> None:
+    def __init__(self, decoder: PackedDecoder, kv_dtype: torch.dtype = torch.float32) -> None:
         config = decoder.model.config
         blocks_each = -(-(max(PROMPT_LENS) + STEPS) // BLOCK)
         shape = (config.num_key_value_heads, BLOCK * blocks_each * len(PROMPT_LENS) + BLOCK, head_dim(config))
-        self.caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(config.num_hidden_layers)]
+        self.caches = [(torch.zeros(shape, dtype=kv_dtype), torch.zeros(shape, dtype=kv_dtype))
+                       for _ in range(config.num_hidden_layers)]
         # Blocks handed out backwards, so no table is the identity.
         free = list(range(shape[1] // BLOCK - 1, 0, -1))
         self.tables = [[free.pop(0) for _ in range(blocks_each)] for _ in PROMPT_LENS]
@@ -140,6 +141,17 @@ def test_c_loop_gives_the_python_loops_logits_and_cache(models, name):
     for _ in range(STEPS):
         seqs.advance(seqs.both_loops_step(decoder, fast))
     assert fast.calls == STEPS
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16])
+def test_c_loop_reads_and_writes_a_half_precision_cache_as_the_python_loop_does(models, kv_dtype):
+    decoder = _decoder(models["float32"][0])
+    fast = Counting(decoder.decode_layers)
+    seqs = Sequences(decoder, kv_dtype)
+    for _ in range(STEPS):
+        seqs.advance(seqs.both_loops_step(decoder, fast))
+    assert fast.calls == STEPS
+    assert seqs.caches[0][0].dtype == kv_dtype and seqs.caches[0][0].abs().sum() > 0
 
 
 def test_a_new_cache_is_bound_again(models):

@@ -167,3 +167,68 @@ def test_prefill_kernel_is_offered_for_head_sizes_its_loops_step_through():
         assert CpuDevice().paged_prefill_kernel(torch.bfloat16, 64) is None
     finally:
         kernels.load.cache_clear()
+
+
+# --kv-cache-dtype float16 / bfloat16: the kernels store keys and values rounded as torch's .to() rounds
+# them and attend over exactly those values in float32.
+HALF_KV = [torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("kv_dtype", HALF_KV)
+def test_cache_writer_rounds_as_torch_does(kernel_isa, kv_dtype):
+    torch.manual_seed(3)
+    kv_heads, head_dim, slots_total = 2, 64, 48
+    k = torch.randn(5, kv_heads * 3, head_dim)[:, :kv_heads].transpose(0, 1)  # [Hkv, T, D], strided rows
+    v = torch.randn(5, kv_heads, head_dim).transpose(0, 1) * 1e3
+    k_cache = torch.zeros(kv_heads, slots_total, head_dim, dtype=kv_dtype)
+    v_cache = torch.zeros(kv_heads, slots_total, head_dim, dtype=kv_dtype)
+    slots = torch.tensor([7, 0, 33, 47, 12])
+    kernels.write_kv_cache(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache[:, slots], k.to(kv_dtype)) and torch.equal(v_cache[:, slots], v.to(kv_dtype))
+    untouched = torch.ones(slots_total, dtype=torch.bool)
+    untouched[slots] = False
+    assert k_cache[:, untouched].abs().sum() == 0 and v_cache[:, untouched].abs().sum() == 0
+
+
+@pytest.mark.parametrize("kv_dtype", HALF_KV)
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(8, 4, 64), (4, 4, 32), (8, 1, 128), (6, 2, 80)])
+def test_decode_kernel_reads_a_half_precision_cache(kernel_isa, kv_dtype, heads, kv_heads, head_dim):
+    torch.manual_seed(heads + head_dim)
+    block_size, num_blocks = 16, 64
+    k_cache = torch.randn(kv_heads, num_blocks * block_size, head_dim).to(kv_dtype)
+    v_cache = torch.randn(kv_heads, num_blocks * block_size, head_dim).to(kv_dtype)
+    lens = torch.tensor([1, 16, 17, 109, 160])
+    tables = torch.randperm(num_blocks)[: len(lens) * 12].view(len(lens), 12)
+    q = torch.randn(len(lens), heads, head_dim).transpose(0, 1)
+    out = torch.full((len(lens), heads, head_dim), float("nan"))
+    kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, head_dim**-0.5, block_size, out)
+    expected = reference(q, k_cache.float(), v_cache.float(), tables, lens, head_dim**-0.5, block_size)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_dtype", HALF_KV)
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(8, 4, 64), (4, 4, 16)])
+@pytest.mark.parametrize(("ctx", "n"), [(65, 65), (300, 37)])
+def test_prefill_kernel_reads_a_half_precision_cache(kernel_isa, kv_dtype, heads, kv_heads, head_dim, ctx, n):
+    torch.manual_seed(ctx + n + head_dim)
+    block_size, num_blocks = 16, 32
+    k_cache = torch.randn(kv_heads, num_blocks * block_size, head_dim).to(kv_dtype)
+    v_cache = torch.randn(kv_heads, num_blocks * block_size, head_dim).to(kv_dtype)
+    pos = torch.arange(ctx)
+    table = torch.randperm(num_blocks)[: -(-ctx // block_size)]
+    slots = table[pos // block_size] * block_size + pos % block_size
+    q = torch.randn(n, heads, head_dim).transpose(0, 1)
+    out = torch.full((n, heads, head_dim), float("nan"))
+    kernels.paged_prefill_attention(q, k_cache, v_cache, slots, head_dim**-0.5, out)
+    expected = prefill_reference(q, k_cache.float(), v_cache.float(), slots, head_dim**-0.5)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_kernels_refuse_a_cache_of_another_dtype():
+    q, out = torch.randn(2, 1, 16), torch.empty(1, 2, 16)
+    cache = torch.zeros(1, 16, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        kernels.paged_decode_attention(q, cache, cache, torch.tensor([[0]]), torch.tensor([1]), 0.25, 16, out)
+    with pytest.raises(ValueError, match="share a dtype"):
+        kernels.paged_decode_attention(q, cache.float(), cache.half(), torch.tensor([[0]]), torch.tensor([1]), 0.25,
+                                       16, out)
