@@ -172,6 +172,7 @@ def runtime_args(owner: Owner, spec: InferenceServiceSpec, model_path: str) -> l
     optional = [
         ("--dtype", engine.dtype),
         ("--quantization", engine.quantization),
+        ("--kv-cache-dtype", engine.kv_cache_dtype),
         ("--max-num-seqs", engine.max_num_seqs),
         ("--max-num-batched-tokens", engine.max_num_batched_tokens),
         ("--block-size", engine.block_size),

@@ -75,6 +75,7 @@ class AcceleratorSpec(_Model):
 class EngineSpec(_Model):
     dtype: Literal["auto", "float16", "bfloat16", "float32"] | None = None
     quantization: Literal["auto", "none", "awq", "w8a8", "smoothquant", "compressed-tensors", "int8"] | None = None
+    kv_cache_dtype: Literal["auto", "float16", "bfloat16"] | None = None
     max_num_seqs: int | None = Field(default=None, ge=1)
     max_num_batched_tokens: int | None = Field(default=None, ge=1)
     memory_utilization: float | None = Field(default=None, gt=0, le=1)
