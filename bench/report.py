@@ -17,8 +17,8 @@ from bench import cpu_info
 TARGET_CONCURRENCY = 16
 TARGET_RATIO = 4.0
 
-SYSTEM_ORDER = ["hf-seq", "hf-batch", "vllm", "bowline", "bowline-core"]
-BOWLINE_SYSTEMS = ["bowline", "bowline-core"]
+SYSTEM_ORDER = ["hf-seq", "hf-batch", "vllm", "bowline", "bowline-core", "bowline-kv16"]
+BOWLINE_SYSTEMS = ["bowline", "bowline-core", "bowline-kv16"]
 
 
 def _ms(v: float | None) -> str:
@@ -148,7 +148,7 @@ def write_plot(path: Path, points: list[dict]) -> bool:
     except ImportError:
         return False
     fig, (ax_tps, ax_ttft) = plt.subplots(1, 2, figsize=(11, 4.2))
-    colors = {"bowline": "tab:blue", "bowline-core": "tab:purple", "vllm": "tab:orange", "hf-batch": "tab:green", "hf-seq": "tab:gray"}
+    colors = {"bowline": "tab:blue", "bowline-core": "tab:purple", "bowline-kv16": "tab:cyan", "vllm": "tab:orange", "hf-batch": "tab:green", "hf-seq": "tab:gray"}
     styles = {"short": "-", "mixed": "--"}
     concs = sorted({p["concurrency"] for p in points})
     for system in SYSTEM_ORDER:

@@ -33,8 +33,8 @@ from bowline_runtime.tools.tiny_model import PRESETS
 
 from bench import cpu_info, hf_baseline, loadgen, report, servers
 
-ALL_SYSTEMS = ["hf-seq", "hf-batch", "vllm", "bowline", "bowline-core"]
-SERVER_SYSTEMS = {"bowline", "bowline-core", "vllm"}
+ALL_SYSTEMS = ["hf-seq", "hf-batch", "vllm", "bowline", "bowline-core", "bowline-kv16"]
+SERVER_SYSTEMS = {"bowline", "bowline-core", "bowline-kv16", "vllm"}
 RESULTS = Path("bench/results")
 
 
@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--systems", help="comma list of bowline, bowline-core (the engine core in its own process), "
-                                     "vllm, hf-seq, hf-batch (hf = both hf ones)")
+                                     "bowline-kv16 (--kv-cache-dtype float16), vllm, hf-seq, hf-batch "
+                                     "(hf = both hf ones)")
     p.add_argument("--workloads", help="comma list of short, mixed")
     p.add_argument("--concurrency", help="comma list of concurrency levels")
     p.add_argument("--requests", type=int, help="requests per point (default 32)")
@@ -227,9 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in [s for s in systems if s in SERVER_SYSTEMS]:
             port = servers.free_port()
-            if name in ("bowline", "bowline-core"):
+            if name in report.BOWLINE_SYSTEMS:
                 spec = servers.bowline_spec(model_dir, port, kv_bytes, args.max_num_seqs, args.device, args.dtype,
-                                            engine_process=name == "bowline-core")
+                                            engine_process=name == "bowline-core",
+                                            kv_cache_dtype="float16" if name == "bowline-kv16" else "auto")
             else:
                 spec = servers.vllm_spec(model_dir, port, kv_bytes, args.max_num_seqs, dtype=args.dtype)
             _log(f"starting {name} ...")
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                 _log(str(exc))
                 continue
             meta[f"{name}_startup_s"] = round(running[name].started_s or 0.0, 1)
-            if name in ("bowline", "bowline-core"):  # its start measured the model's Linear shapes
+            if name in report.BOWLINE_SYSTEMS:  # its start measured the model's Linear shapes
                 meta["cpu"] = cpu_info.cpu_facts(model_dir=model_dir, dtype=args.dtype)
             _log(f"{name} ready in {running[name].started_s:.0f} s")
         hf = None

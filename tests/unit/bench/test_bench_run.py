@@ -65,3 +65,16 @@ def test_the_engine_core_process_is_its_own_system_with_its_own_ratio_row():
 
     rows = report.ratios([point("vllm", 100.0), point("bowline", 150.0), point("bowline-core", 180.0)])
     assert [(r["system"], r["vs_vllm"]) for r in rows] == [("bowline", 1.5), ("bowline-core", 1.8)]
+
+
+def test_the_half_precision_cache_is_its_own_system_and_row():
+    kv16 = servers.bowline_spec("m", 8000, 2**30, 64, kv_cache_dtype="float16")
+    assert kv16.name == "bowline-kv16" and kv16.argv[kv16.argv.index("--kv-cache-dtype") + 1] == "float16"
+    assert "--kv-cache-dtype" not in servers.bowline_spec("m", 8000, 2**30, 64).argv
+    systems, *_ = run.resolve_plan(run.parse_args(["--systems", "bowline-kv16,vllm,bowline"]))
+    assert systems == ["vllm", "bowline", "bowline-kv16"]
+    rows = report.ratios([
+        {"system": s, "workload": "mixed", "concurrency": 16, "output_tokens_per_s": t, "errors": 0}
+        for s, t in (("vllm", 100.0), ("bowline", 150.0), ("bowline-kv16", 170.0))
+    ])
+    assert [(r["system"], r["vs_vllm"]) for r in rows] == [("bowline", 1.5), ("bowline-kv16", 1.7)]
