@@ -27,10 +27,6 @@ from bowline_runtime.engine.step_watchdog import EngineDeadError, EngineIteratio
 from bowline_runtime.lora.manager import LoRAManager
 from bowline_runtime.lora.modules import LoRAModule
 
-# How long the engine thread, on the CPU, waits after a step for the event loop to stream that step's
-# tokens before it starts the next one (see AsyncEngine._hand_over).
-CPU_HANDOFF_WAIT_S = 0.002
-
 __all__ = ["AsyncEngine", "EngineDeadError", "EngineIterationTimeout", "EngineStepError", "deliver_by_loop"]
 
 T = TypeVar("T")
@@ -67,7 +63,6 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._dead: BaseException | None = None
         self._watchdog: StepWatchdog | None = None
-        self._handoff_wait_s = CPU_HANDOFF_WAIT_S if self.device.type == "cpu" else 0.0
         if config.engine_iteration_timeout_s is not None:
             self._watchdog = StepWatchdog(config.engine_iteration_timeout_s, self._step_timed_out)
         self._thread = threading.Thread(target=self._run, name="bowline-engine", daemon=True)
@@ -215,25 +210,6 @@ class AsyncEngine:
     def _deliver_many(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
         deliver_by_loop(self._streams, items)
 
-    def _hand_over(self, outputs: list[RequestOutput]) -> None:
-        """Deliver a step's outputs; on the CPU, wait (at most CPU_HANDOFF_WAIT_S) until the event loop
-        has streamed them before the next step starts.
-
-        Why wait: the loop's per-token work (detokenize, the SSE chunk, the socket write) needs the GIL,
-        and so does the next step's Python (scheduling, preparing, the forward's calls between kernels).
-        Left to overlap on a CPU whose cores the compute threads fill, the loop thread is descheduled
-        while it holds the GIL and the engine thread waits for it: in a served batch-1 step the
-        preparation and sampling took 0.72 ms against 0.09 ms in process. Handing over in turn gives the
-        loop the GIL and a free core for its ~0.1 ms per stream; the bound keeps a busy loop from holding
-        up the engine. Accelerators keep overlapping: the host has cores to spare there."""
-        items: list[tuple[str, RequestOutput | BaseException]] = [(o.request_id, o) for o in outputs]
-        if not self._handoff_wait_s or not items:
-            self._deliver_many(items)
-            return
-        settled = threading.Event()
-        deliver_by_loop(self._streams, items, settled.set)
-        settled.wait(self._handoff_wait_s)
-
     def _fail_in_flight(self, exc: Exception) -> None:
         """A step raised: fail (and free) the requests it was serving, keep serving new ones."""
         logger.exception("engine step failed; failing the %d requests in flight", len(self.engine.requests))
@@ -271,7 +247,10 @@ class AsyncEngine:
                 if self._dead is not None:  # the watchdog gave up on this step while it ran
                     return
                 failures = 0
-                self._hand_over(outputs)
+                # Straight on to the next step while the event loop streams these: since a decode step
+                # is one C call (kernels.decode_layers) it barely needs the GIL, and waiting for the loop
+                # first measured slower at c=1, 8 and 16 (docs/benchmarks.md, change 29).
+                self._deliver_many([(o.request_id, o) for o in outputs])
         except BaseException as exc:  # noqa: BLE001 - anything here kills serving; tell every waiter
             logger.exception("engine step loop crashed")
             self._dead = exc
@@ -287,12 +266,10 @@ class AsyncEngine:
 def deliver_by_loop(
     streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]],
     items: list[tuple[str, RequestOutput | BaseException]],
-    settled: Callable[[], None] | None = None,
 ) -> None:
     """Hand a step's outputs to their requests' queues with one wake-up per event loop, not one per
     request: each wake-up is a syscall and a GIL hand-over that the next forward pass waits behind.
-    Called from a thread that is not the loops' own (the engine thread, or the core client's reader).
-    `settled`, if given, is called on each loop once the consumers these outputs woke have run."""
+    Called from a thread that is not the loops' own (the engine thread, or the core client's reader)."""
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput | BaseException]]] = {}
     for request_id, item in items:
         target = streams.get(request_id)
@@ -300,14 +277,11 @@ def deliver_by_loop(
             by_loop.setdefault(target[0], []).append((target[1], item))
     for loop, batch in by_loop.items():
         try:
-            loop.call_soon_threadsafe(_put_all, batch, settled)
+            loop.call_soon_threadsafe(_put_all, batch)
         except RuntimeError:  # that loop is closed
             pass
 
 
-def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput | BaseException]],
-             settled: Callable[[], None] | None = None) -> None:
+def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput | BaseException]]) -> None:
     for stream, item in batch:
         stream.put_nowait(item)
-    if settled is not None:  # queued behind the consumers' wake-ups, so it runs after them
-        asyncio.get_running_loop().call_soon(settled)
