@@ -31,7 +31,7 @@ from pathlib import Path
 
 from bowline_runtime.tools.tiny_model import PRESETS
 
-from bench import cpu_info, hf_baseline, loadgen, report, servers
+from bench import cpu_info, hf_baseline, loadgen, quiet, report, servers
 
 ALL_SYSTEMS = ["hf-seq", "hf-batch", "vllm", "bowline", "bowline-core", "bowline-kv16"]
 SERVER_SYSTEMS = {"bowline", "bowline-core", "bowline-kv16", "vllm"}
@@ -179,9 +179,12 @@ def _log(msg: str) -> None:
 def _one_line(p: dict) -> str:
     ttft = p["ttft_mean_s"]
     tpot = p["tpot_mean_s"]
+    waited = p.get("quiet_wait_s", 0.0)
+    quiet_note = f", after {waited:.0f} s waiting for quiet" if waited > quiet.WINDOW_S else ""
     return (f"  {p['system']:9s} {p['workload']:6s} c={p['concurrency']:<3d} {p['output_tokens_per_s']:8.1f} tok/s"
             f"  TTFT {'-' if ttft is None else f'{ttft * 1000:.0f} ms'}"
-            f"  TPOT {'-' if tpot is None else f'{tpot * 1000:.1f} ms'}  errors {p['errors']}  ({p['wall_s']:.1f} s)")
+            f"  TPOT {'-' if tpot is None else f'{tpot * 1000:.1f} ms'}  errors {p['errors']}  ({p['wall_s']:.1f} s"
+            f"{quiet_note})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,8 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         for system, workload, conc in point_schedule(systems, workloads, concs):
             if system in SERVER_SYSTEMS and system not in running:
                 continue
+            quiet_wait_s = quiet.wait_until_quiet()
             records, wall = _run_point(system, running, hf, specs[workload], conc)
-            point = {"system": system, "workload": workload, "concurrency": conc,
+            point = {"system": system, "workload": workload, "concurrency": conc, "quiet_wait_s": quiet_wait_s,
                      **loadgen.summarize(records, wall), "records": [loadgen.record_to_dict(r) for r in records]}
             points.append(point)
             _log(_one_line(point))
