@@ -14,7 +14,7 @@ from bowline_runtime.engine.model_runner import kv_cache_dtype
 from bowline_runtime.engine.outputs import OutputAccumulator
 from bowline_runtime.engine.sampling_params import SamplingParams
 
-from tests.integration.runtime.test_engine import PROMPTS, assert_same_greedy
+from tests.integration.runtime.test_engine import PROMPTS, assert_same_greedy, hf_greedy
 
 MAX_NEW = 24
 # float32 sums in another order; rounding the cache to float16 moves these by ~1e-3 (bfloat16 ~1e-2)
@@ -36,15 +36,6 @@ def rounded_kv_reference(model_dir, kv_dtype: torch.dtype):
 
     AttentionInterface.register(name, attention)
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=name).eval()
-
-
-def hf_greedy(model, ids: list[int], max_new: int) -> tuple[list[int], list[torch.Tensor]]:
-    with torch.inference_mode():
-        out = model.generate(
-            torch.tensor([ids]), max_new_tokens=max_new, do_sample=False, output_logits=True,
-            return_dict_in_generate=True, eos_token_id=None, pad_token_id=0,
-        )
-    return out.sequences[0, len(ids) :].tolist(), [step[0] for step in out.logits]
 
 
 async def generate_all(engine: AsyncEngine, prompts: list[list[int]]):

@@ -90,3 +90,15 @@ def transition_failures(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             if cel.evaluate(rule, {"self": values[0], "oldSelf": values[1]}) is not True:
                 failures.append(message)
     return failures
+
+
+def runtime_args(obj: dict[str, Any]) -> list[str]:
+    """The runtime container's args the operator renders for `obj` (schema defaults applied, spec checked)."""
+    from bowline_operator.render import Owner, render_children
+    from bowline_operator.validation import validate_spec
+
+    checked = validate_spec(apply_defaults(schema(), obj)["spec"])
+    assert checked.ok, checked.problems
+    _, deployment = render_children(Owner(name="svc", namespace="ml", uid="1234-abcd"), checked.spec)
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container["args"]

@@ -6,20 +6,9 @@ import copy
 from typing import get_args
 
 import pytest
-from bowline_operator.render import Owner, render_children
 from bowline_operator.validation import validate_spec
 from bowline_runtime.config import KVCacheDType
-from operator_crd_tools import apply_defaults, example, schema, schema_errors
-
-OWNER = Owner(name="svc", namespace="ml", uid="1234-abcd")
-
-
-def _args(obj) -> list[str]:
-    checked = validate_spec(apply_defaults(schema(), obj)["spec"])
-    assert checked.ok, checked.problems
-    _, deployment = render_children(OWNER, checked.spec)
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    return container["args"]
+from operator_crd_tools import example, runtime_args, schema, schema_errors
 
 
 def test_the_crd_offers_what_the_runtime_accepts() -> None:
@@ -32,14 +21,14 @@ def test_kv_cache_dtype_is_rendered_into_the_flag(dtype: str) -> None:
     obj = copy.deepcopy(example("cpu-tiny"))
     obj["spec"].setdefault("engine", {})["kvCacheDtype"] = dtype
     assert schema_errors(obj) == []
-    args = _args(obj)
+    args = runtime_args(obj)
     assert args[args.index("--kv-cache-dtype") + 1] == dtype
 
 
 def test_unset_kv_cache_dtype_renders_no_flag() -> None:
     obj = copy.deepcopy(example("cpu-tiny"))
     obj["spec"].setdefault("engine", {}).pop("kvCacheDtype", None)
-    assert "--kv-cache-dtype" not in _args(obj)
+    assert "--kv-cache-dtype" not in runtime_args(obj)
 
 
 def test_an_fp8_cache_is_refused_by_schema_and_operator() -> None:

@@ -5,19 +5,8 @@ from __future__ import annotations
 import copy
 
 import pytest
-from bowline_operator.render import Owner, render_children
 from bowline_operator.validation import validate_spec
-from operator_crd_tools import apply_defaults, example, schema, schema_errors
-
-OWNER = Owner(name="svc", namespace="ml", uid="1234-abcd")
-
-
-def _args(obj) -> list[str]:
-    checked = validate_spec(apply_defaults(schema(), obj)["spec"])
-    assert checked.ok, checked.problems
-    _, deployment = render_children(OWNER, checked.spec)
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    return container["args"]
+from operator_crd_tools import example, runtime_args, schema_errors
 
 
 @pytest.mark.parametrize("method", ["awq", "w8a8", "smoothquant", "int8", "auto"])
@@ -25,14 +14,14 @@ def test_quantization_is_rendered_into_the_flag(method: str) -> None:
     obj = copy.deepcopy(example("nvidia-gpu"))
     obj["spec"]["engine"]["quantization"] = method
     assert schema_errors(obj) == []
-    args = _args(obj)
+    args = runtime_args(obj)
     assert args[args.index("--quantization") + 1] == method
 
 
 def test_unset_quantization_renders_no_flag() -> None:
     obj = copy.deepcopy(example("cpu-tiny"))
     obj["spec"].setdefault("engine", {}).pop("quantization", None)
-    assert "--quantization" not in _args(obj)
+    assert "--quantization" not in runtime_args(obj)
 
 
 def test_an_unknown_method_is_refused_by_schema_and_operator() -> None:
