@@ -233,8 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             port = servers.free_port()
             if name in report.BOWLINE_SYSTEMS:
                 spec = servers.bowline_spec(model_dir, port, kv_bytes, args.max_num_seqs, args.device, args.dtype,
-                                            engine_process=name == "bowline-core",
-                                            kv_cache_dtype="float16" if name == "bowline-kv16" else "auto")
+                                            engine_process=name == "bowline-core", half_kv_cache=name == "bowline-kv16")
             else:
                 spec = servers.vllm_spec(model_dir, port, kv_bytes, args.max_num_seqs, dtype=args.dtype)
             _log(f"starting {name} ...")

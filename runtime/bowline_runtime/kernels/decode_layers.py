@@ -47,8 +47,8 @@ class _Step(ctypes.Structure):
     _fields_ = [("tokens", _i64), ("hidden", _i64), ("heads", _i64), ("kv_heads", _i64), ("head_dim", _i64),
                 ("intermediate", _i64), ("rot_dim", _i64), ("cos", _p), ("sin", _p), ("slots", _p),
                 ("tables", _p), ("lens", _p), ("table_stride", _i64), ("num_slots", _i64), ("block_size", _i64),
-                ("kv_kind", _i64), ("scale", _f32), ("residual", _p), ("out", _p), ("x", _p), ("qkv", _p), ("attn", _p),
-                ("gate_up", _p), ("act", _p), ("rounded", _p)]
+                ("kv_kind", _i64), ("scale", _f32), ("residual", _p), ("out", _p), ("x", _p), ("qkv", _p),
+                ("attn", _p), ("gate_up", _p), ("act", _p), ("rounded", _p)]
 
 
 def _linear(layer: object, out_features: int, in_features: int) -> _Linear | None:

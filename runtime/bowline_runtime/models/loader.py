@@ -35,6 +35,15 @@ def resolve_dtype(requested: str, hf_config, device) -> torch.dtype:
     return dtype
 
 
+def resolve_kv_cache_dtype(requested: str, model_dtype: torch.dtype) -> torch.dtype:
+    """--kv-cache-dtype (vLLM's values): auto is the model's dtype; float16 or bfloat16 by name."""
+    if requested == "auto":
+        return model_dtype
+    if requested not in ("float16", "bfloat16"):
+        raise ValueError(f"--kv-cache-dtype {requested!r} is not supported; choose auto, float16 or bfloat16")
+    return _DTYPES[requested]
+
+
 def load_config(model_path: str, trust_remote_code: bool):
     from transformers import AutoConfig
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from bowline_runtime.config import EngineConfig, build_parser, config_from_args
 from bowline_runtime.engine.async_engine import AsyncEngine
-from bowline_runtime.engine.model_runner import kv_cache_dtype
 from bowline_runtime.engine.outputs import OutputAccumulator
 from bowline_runtime.engine.sampling_params import SamplingParams
+from bowline_runtime.models.loader import resolve_kv_cache_dtype
 
 from tests.integration.runtime.test_engine import PROMPTS, assert_same_greedy, hf_greedy
 
@@ -107,7 +107,7 @@ def test_the_flag_and_its_variable_take_vllm_names_and_refuse_the_rest():
     assert config_from_args(parse(), {}).kv_cache_dtype == "auto"
     with pytest.raises(ValueError, match=r"BOWLINE_KV_CACHE_DTYPE.*'fp8'.*auto.*float16.*bfloat16"):
         config_from_args(parse(), {"BOWLINE_KV_CACHE_DTYPE": "fp8"})
-    assert kv_cache_dtype("auto", torch.bfloat16) is torch.bfloat16
-    assert kv_cache_dtype("float16", torch.float32) is torch.float16
+    assert resolve_kv_cache_dtype("auto", torch.bfloat16) is torch.bfloat16
+    assert resolve_kv_cache_dtype("float16", torch.float32) is torch.float16
     with pytest.raises(ValueError, match="fp8_e5m2"):
-        kv_cache_dtype("fp8_e5m2", torch.float32)
+        resolve_kv_cache_dtype("fp8_e5m2", torch.float32)

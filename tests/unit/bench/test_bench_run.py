@@ -68,7 +68,7 @@ def test_the_engine_core_process_is_its_own_system_with_its_own_ratio_row():
 
 
 def test_the_half_precision_cache_is_its_own_system_and_row():
-    kv16 = servers.bowline_spec("m", 8000, 2**30, 64, kv_cache_dtype="float16")
+    kv16 = servers.bowline_spec("m", 8000, 2**30, 64, half_kv_cache=True)
     assert kv16.name == "bowline-kv16" and kv16.argv[kv16.argv.index("--kv-cache-dtype") + 1] == "float16"
     assert "--kv-cache-dtype" not in servers.bowline_spec("m", 8000, 2**30, 64).argv
     systems, *_ = run.resolve_plan(run.parse_args(["--systems", "bowline-kv16,vllm,bowline"]))
