@@ -15,11 +15,12 @@ needs_kernel = pytest.mark.skipif(
 
 
 @needs_kernel
-# one row block (3 on AVX2, 6 on AVX-512), several of unequal sizes, past one chunk
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 15, 16, 17, 20, 48, 49, 97, 300])
+# one row block (3 on AVX2, 6 on AVX-512), several of unequal sizes, past one chunk (96 / 144 rows)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 15, 16, 17, 20, 48, 49, 97, 145, 300])
 # one column, a partial last vector and panel (63, 200), whole panels only (64, 1152); an odd K (33) leaves
-# the one-row loop, which takes k in pairs, one k over
-@pytest.mark.parametrize(("out_features", "in_features"), [(1, 8), (63, 33), (64, 64), (200, 512), (1152, 896)])
+# the one-row loop, which takes k in pairs, one k over; K = 1100 is three slices of AVX2's packed prefill
+# path (512, 512, 76), partial sums carried between them
+@pytest.mark.parametrize(("out_features", "in_features"), [(1, 8), (63, 33), (64, 64), (200, 512), (1152, 896), (40, 1100)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_kernel_matches_torch_linear(kernel_isa, rows, out_features, in_features, bias):
     assert kernels.gemm_available(), f"the {kernel_isa} build has the Linear kernel"
