@@ -27,6 +27,18 @@ class SampleResult:
 # --- pure tensor maths ---------------------------------------------------------------------------
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over the vocabulary of each row: on the CPU by the C pass (kernels.cpu.argmax_rows, ~10x
+    faster than torch's element-at-a-time CPU argmax), elsewhere, or where that declines, by torch."""
+    if logits.device.type == "cpu":
+        from bowline_runtime.kernels.cpu import argmax_rows
+
+        fast = argmax_rows(logits)
+        if fast is not None:
+            return fast
+    return logits.argmax(dim=-1)
+
+
 def apply_penalties(
     logits: torch.Tensor,
     output_counts: torch.Tensor,
@@ -91,7 +103,7 @@ class Sampler:
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         raw, logits, scaled, greedy = self.distributions(logits, seqs)
-        sampled = logits.argmax(dim=-1)
+        sampled = greedy_tokens(logits)
         if not bool(greedy.all()):
             drawn = exponential_race(torch.softmax(scaled, dim=-1), [s.generator for s in seqs])
             sampled = torch.where(greedy, sampled, drawn)
