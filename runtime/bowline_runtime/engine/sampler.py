@@ -14,6 +14,7 @@ import torch
 
 from bowline_runtime.engine.outputs import TokenLogprob
 from bowline_runtime.engine.sequence import Sequence
+from bowline_runtime.kernels.cpu import argmax_rows
 
 _NEG_INF = float("-inf")
 
@@ -28,11 +29,9 @@ class SampleResult:
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
-    """argmax over the vocabulary of each row: on the CPU by the C pass (kernels.cpu.argmax_rows, ~10x
-    faster than torch's element-at-a-time CPU argmax), elsewhere, or where that declines, by torch."""
+    """argmax over the vocabulary of each row: on the CPU by the C pass (kernels.cpu.argmax_rows, 4x faster
+    than torch's element-at-a-time CPU argmax at 16 rows), elsewhere, or where that declines, by torch."""
     if logits.device.type == "cpu":
-        from bowline_runtime.kernels.cpu import argmax_rows
-
         fast = argmax_rows(logits)
         if fast is not None:
             return fast

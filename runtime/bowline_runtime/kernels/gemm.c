@@ -9,8 +9,8 @@
  * The weight is packed once into panels of NR = 64 output columns, each panel K rows of 64 floats
  * (zero-padded past N): a panel streams through memory in order while MR = 6 rows of x are
  * broadcast against it, 6 x 4 vector accumulators held in registers for the whole of K. Threads split
- * the panels. Up to 48 rows every panel is read once; beyond, rows go in chunks of 96, so a chunk's x
- * stays in cache while the panels stream past it.
+ * the panels. Up to 48 rows every panel is read once; beyond, rows go in chunks (96 rows; 144 on AVX2),
+ * so a chunk's x stays in cache while the panels stream past it.
  *
  * Past MR rows a panel is read by several row blocks: the first from memory, the others from L2. Each
  * block then prefetches its share of the next panel, so the memory stream runs under the arithmetic
