@@ -197,6 +197,18 @@ static inline __attribute__((always_inline)) void rows_by_panel(
  * accumulators, so each k step loads 2 vectors of the panel for 12 FMAs where 3 x 4 loads 4. */
 #define MR_HALF 6
 #define HALF_MIN_M 16
+
+/* One k step of a 6 x 2 block: row m's x value at xk[m * m_stride] times the half panel's two vectors. */
+static inline __attribute__((always_inline)) void half_fma(__m256 acc[][2], const float *xk, int64_t m_stride,
+                                                          __m256 w0, __m256 w1, const int mr)
+{
+#pragma GCC unroll 8
+    for (int m = 0; m < mr; ++m) {
+        const __m256 xb = _mm256_broadcast_ss(xk + m * m_stride);
+        acc[m][0] = _mm256_fmadd_ps(xb, w0, acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(xb, w1, acc[m][1]);
+    }
+}
 static inline __attribute__((always_inline)) void rows_by_half(
     const float *x, int64_t xs, const float *half, int64_t k, const float *bias, float *out, int64_t os,
     int64_t ncols, const int mr, const char *pf, const char *pf_end, const int64_t pf_step)
@@ -208,12 +220,7 @@ static inline __attribute__((always_inline)) void rows_by_half(
     for (int64_t kk = 0; kk < k; ++kk) {
         PREFETCH_NEXT(pf, pf_end, due, pf_step);
         const __m256 w0 = _mm256_loadu_ps(half + kk * NR), w1 = _mm256_loadu_ps(half + kk * NR + 8);
-#pragma GCC unroll 8
-        for (int m = 0; m < mr; ++m) {
-            const __m256 xb = _mm256_broadcast_ss(x + m * xs + kk);
-            acc[m][0] = _mm256_fmadd_ps(xb, w0, acc[m][0]);
-            acc[m][1] = _mm256_fmadd_ps(xb, w1, acc[m][1]);
-        }
+        half_fma(acc, x + kk, xs, w0, w1, mr);
     }
 #pragma GCC unroll 2
     for (int v = 0; v < 2; ++v) {
@@ -273,12 +280,7 @@ static inline __attribute__((always_inline)) void packed_by_half(
     }
     for (int64_t kk = 0; kk < kc; ++kk) {
         const __m256 w0 = _mm256_loadu_ps(half + kk * NR), w1 = _mm256_loadu_ps(half + kk * NR + 8);
-#pragma GCC unroll 8
-        for (int m = 0; m < mr; ++m) {
-            const __m256 xb = _mm256_broadcast_ss(ap + kk * PB + m);
-            acc[m][0] = _mm256_fmadd_ps(xb, w0, acc[m][0]);
-            acc[m][1] = _mm256_fmadd_ps(xb, w1, acc[m][1]);
-        }
+        half_fma(acc, ap + kk * PB, 1, w0, w1, mr);
     }
     if (bias) {
         const __m256 b0 = full ? _mm256_loadu_ps(bias) : _mm256_maskload_ps(bias, mask0);
