@@ -31,11 +31,8 @@ class SampleResult:
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """argmax over the vocabulary of each row: on the CPU by the C pass (kernels.cpu.argmax_rows, 4x faster
     than torch's element-at-a-time CPU argmax at 16 rows), elsewhere, or where that declines, by torch."""
-    if logits.device.type == "cpu":
-        fast = argmax_rows(logits)
-        if fast is not None:
-            return fast
-    return logits.argmax(dim=-1)
+    fast = argmax_rows(logits)
+    return fast if fast is not None else logits.argmax(dim=-1)
 
 
 def apply_penalties(

@@ -354,8 +354,7 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor | None:
     lib = load()
     if lib is None:
         return None
-    if x.stride(1) != 1:
-        x = x.contiguous()
+    x = _rows(x)
     rows, n = x.shape
     out = torch.empty(rows, dtype=torch.int64)
     lib.bowline_argmax_rows_f32(x.data_ptr(), x.stride(0), rows, n, out.data_ptr())

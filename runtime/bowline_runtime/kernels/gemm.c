@@ -120,6 +120,13 @@ static inline __attribute__((always_inline)) void rows_by_panel(
 
 int64_t bowline_gemm_panel_width(void) { return NR; }
 
+/* The lanes of a vector of 8 floats that hold one of the `left` real columns from its first (none if left <= 0):
+ * the mask of a partial panel's masked loads and stores. */
+static inline __attribute__((always_inline)) __m256i lane_mask(int64_t left)
+{
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(left < 8 ? left : 8)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
 void bowline_gemm_pack_f32(const float *w, int64_t n, int64_t k, float *wp, int num_threads)
 {
     const int64_t panels = (n + NR - 1) / NR;
@@ -185,8 +192,7 @@ static inline __attribute__((always_inline)) void rows_by_panel(
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
         const int64_t left = ncols - 8 * v;
-        const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(left < 8 ? left : 8)),
-                                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        const __m256i mask = lane_mask(left);
         const __m256 b = bias ? _mm256_maskload_ps(bias + 8 * v, mask) : _mm256_setzero_ps();
 #pragma GCC unroll 8
         for (int m = 0; m < mr; ++m) _mm256_maskstore_ps(out + m * os + 8 * v, mask, _mm256_add_ps(acc[m][v], b));
@@ -226,8 +232,7 @@ static inline __attribute__((always_inline)) void rows_by_half(
     for (int v = 0; v < 2; ++v) {
         const int64_t left = ncols - 8 * v;
         if (left <= 0) break;
-        const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(left < 8 ? left : 8)),
-                                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        const __m256i mask = lane_mask(left);
         const __m256 b = bias ? _mm256_maskload_ps(bias + 8 * v, mask) : _mm256_setzero_ps();
 #pragma GCC unroll 8
         for (int m = 0; m < mr; ++m) _mm256_maskstore_ps(out + m * os + 8 * v, mask, _mm256_add_ps(acc[m][v], b));
@@ -263,9 +268,7 @@ static inline __attribute__((always_inline)) void packed_by_half(
 {
     __m256 acc[PB][2];
     const int full = ncols == 16;
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i mask0 = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(ncols < 8 ? ncols : 8)), lane);
-    const __m256i mask1 = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(ncols > 8 ? ncols - 8 : 0)), lane);
+    const __m256i mask0 = lane_mask(ncols), mask1 = lane_mask(ncols - 8);
 #pragma GCC unroll 8
     for (int m = 0; m < mr; ++m) {
         if (first) {
