@@ -207,6 +207,30 @@ def test_logit_bias_does_not_leak_to_other_rows():
     assert sampler()(logits, seqs).token_ids == [6, 2]
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.8, seed=3),
+        SamplingParams(temperature=0.0, logit_bias={6: 10.0}),
+        SamplingParams(temperature=0.0, repetition_penalty=1.5, presence_penalty=0.5),
+        SamplingParams(temperature=0.0, min_tokens=2),
+        SamplingParams(temperature=0.0, logprobs=2),
+    ],
+    ids=["greedy", "sampled", "logit_bias", "penalties", "min_tokens", "logprobs"],
+)
+def test_the_callers_logits_are_never_changed(params):
+    """Rows no processor touches are read in place, the others on a copy: the model's logits stay as given."""
+    logits = torch.log(torch.tensor([[0.4, 0.1, 0.2, 0.05, 0.05, 0.1, 0.05, 0.05]] * 2))
+    before = logits.clone()
+    seqs = [make_seq(params, output=(2,)), make_seq(SamplingParams(temperature=0.0), seq_id=1)]
+    result = sampler()(logits, seqs)
+    assert torch.equal(logits, before)
+    assert result.token_ids[1] == 0  # the plain greedy row beside it: argmax of the model's logits
+    if params.logit_bias:
+        assert result.token_ids[0] == 6
+
+
 def test_single_token_bad_word_is_never_produced():
     logits = torch.arange(VOCAB, dtype=torch.float32).unsqueeze(0)  # argmax 7, then 6
     seq = make_seq(SamplingParams(temperature=0.0))
