@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from bowline_runtime.engine.outputs import TokenLogprob
+from bowline_runtime.engine.sampling_params import SamplingParams
 from bowline_runtime.engine.sequence import Sequence
 from bowline_runtime.kernels.cpu import argmax_rows
 
@@ -94,17 +95,20 @@ def token_logprobs(logprobs_row: torch.Tensor, token_id: int, num_top: int) -> T
 def _unprocessed(seq: Sequence) -> bool:
     """No processor or penalty changes this sequence's logits this step (the common greedy or plain
     sampled request). When that holds for every row, the step's logits are read as the model gave
-    them, without a copy: 16 greedy rows of 16,000 took 463 -> 335 us (samplers alternated step by step)."""
+    them, without a copy: 16 greedy rows of 16,000 took 505 -> 391 us (samplers alternated step by step)."""
     p = seq.params
     return not (
         p.logit_bias
         or seq.bad_word_ids
         or seq.constraint is not None
         or (p.min_tokens and seq.num_output_tokens < p.min_tokens)
-        or p.repetition_penalty != 1.0
-        or p.frequency_penalty
-        or p.presence_penalty
+        or _penalised(p)
     )
+
+
+def _penalised(p: SamplingParams) -> bool:
+    """The request asks for a repetition, frequency or presence penalty."""
+    return p.repetition_penalty != 1.0 or bool(p.frequency_penalty) or bool(p.presence_penalty)
 
 
 class Sampler:
@@ -134,10 +138,7 @@ class Sampler:
         params = [s.params for s in seqs]
         dev = logits.device
         all_greedy = all(p.greedy for p in params)
-        if all_greedy:
-            greedy = torch.ones(len(params), dtype=torch.bool, device=dev)
-        else:
-            greedy = torch.tensor([p.greedy for p in params], device=dev)
+        greedy = torch.tensor([p.greedy for p in params], device=dev)
         scaled = logits
         if not all_greedy:
             temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=dev)
@@ -178,10 +179,7 @@ class Sampler:
                     logits[row, stop_ids] = _NEG_INF
             if seq.constraint is not None:
                 seq.constraint.mask_logits(logits[row])
-        penalised = [
-            i for i, s in enumerate(seqs)
-            if s.params.repetition_penalty != 1.0 or s.params.frequency_penalty or s.params.presence_penalty
-        ]
+        penalised = [i for i, s in enumerate(seqs) if _penalised(s.params)]
         if penalised:
             logits[penalised] = self._penalise(logits[penalised], [seqs[i] for i in penalised])
         return logits
